@@ -1,0 +1,36 @@
+"""VQ-VQ: VQ codes in (understanding adapter), VQ codes out (generation head), as in 2505.23043.
+
+Presets (``--config=configs/vqvq.py:<preset>``):
+- ``tiny`` (default): a small Llama-style decoder trained from scratch on the Smart Watch data, CPU.
+- ``smoke``: seconds-long version for tests and CI.
+"""
+from uvjax.config import base_config
+
+
+def get_config(arg: str | None = None):
+    preset = (arg or "tiny").strip()
+    c = base_config()
+    c.name = f"vqvq-{preset}"
+    c.model.image.input_kind = "codes"
+    c.model.image.output_kind = "codes"
+    c.model.image.und_adapter = "linear"
+    c.model.image.gen_adapter = "linear"
+    c.loss.w_image = 0.2  # the paper's alpha for VQ outputs
+    c.loss.image_loss = "ce"
+    c.data.system_prompt = ""  # a from-scratch model needs no system prompt; it would cost ~100 tokens
+    if preset == "tiny":
+        m = c.model
+        m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 2048, 256, 4, 8, 8, 688
+        m.image.num_codes, m.image.code_dim = 512, 8
+        c.train.steps, c.train.batch_size, c.train.seq_len = 1500, 32, 128
+        c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1e-3, 100, 0.1
+    elif preset == "smoke":
+        m = c.model
+        m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 512, 64, 2, 4, 2, 128
+        m.image.num_codes, m.image.code_dim = 64, 8
+        c.train.steps, c.train.batch_size, c.train.seq_len = 20, 8, 192
+        c.train.log_every, c.train.checkpoint_every = 1, 5
+        c.optim.lr, c.optim.warmup_steps = 3e-3, 5
+    else:
+        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, smoke")
+    return c

@@ -1,0 +1,124 @@
+"""Per-modality loss against an independent float64 NumPy computation."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import random_batch
+from reference import log_softmax
+from uvjax.training import loss as L
+
+V, K, E = 11, 7, 5
+
+
+def _reference(batch, h, W_text, W_img, w_text, w_image, z=0.0, image_kind="ce", feats=None):
+    """Straight loops over every (t, t+1) pair, float64."""
+    B, T = batch["tokens"].shape
+    text, img = [], []
+    zt, zi = [], []
+    for b in range(B):
+        for t in range(T - 1):
+            s0, s1 = batch["segment_ids"][b, t], batch["segment_ids"][b, t + 1]
+            if s1 == 0 or s0 != s1:
+                continue
+            y = batch["tokens"][b, t + 1]
+            hv = h[b, t].astype(np.float64)
+            if batch["text_target"][b, t + 1]:
+                lg = hv @ W_text
+                text.append(-log_softmax(lg)[y])
+                zt.append(np.log(np.exp(lg).sum()) ** 2)
+            if batch["image_target"][b, t + 1]:
+                lg = hv @ W_img
+                if image_kind == "ce":
+                    img.append(-log_softmax(lg)[y])
+                    zi.append(np.log(np.exp(lg).sum()) ** 2)
+                else:
+                    tgt = feats[b, t + 1].astype(np.float64)
+                    if image_kind == "cosine":
+                        img.append(1 - lg @ tgt / (np.linalg.norm(lg) * np.linalg.norm(tgt)))
+                    else:
+                        img.append(np.mean((lg - tgt) ** 2))
+    tl = np.mean(text) if text else 0.0
+    il = np.mean(img) if img else 0.0
+    total = w_text * tl + w_image * il
+    if z:
+        total += z * (w_text * (np.mean(zt) if zt else 0) + w_image * (np.mean(zi) if zi else 0))
+    return total, tl, il, len(text), len(img)
+
+
+def _fns(W_text, W_img):
+    return (lambda x: jnp.dot(x, jnp.asarray(W_text, jnp.float32)),
+            lambda x: jnp.dot(x, jnp.asarray(W_img, jnp.float32)))
+
+
+@pytest.mark.parametrize("case", ["mixed", "no_image", "no_text", "empty_rows"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_loss_matches_float64(case, dense):
+    rng = np.random.default_rng(hash(case) % 1000)
+    batch = random_batch(rng, 4, 12, K, V)
+    if case == "no_image":
+        batch["image_target"][:] = 0
+    if case == "no_text":
+        batch["text_target"][:] = 0
+    if case == "empty_rows":
+        batch["text_target"][1:] = 0
+        batch["image_target"][:3] = 0
+    h = rng.normal(size=(4, 12, E)).astype(np.float32)
+    W_text, W_img = rng.normal(size=(E, V)), rng.normal(size=(E, K))
+    ft, fi = _fns(W_text, W_img)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    sums = L.loss_sums(jnp.asarray(h), jb, ft, fi, dense=dense)
+    counts = L.global_counts(jb)
+    got = float(L.total_loss(sums, counts, w_text=1.0, w_image=0.2, z_loss=1e-3))
+    want, tl, il, nt, ni = _reference(batch, h, W_text, W_img, 1.0, 0.2, z=1e-3)
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    m = L.metrics_from_sums(sums, w_text=1.0, w_image=0.2)
+    assert float(m["tokens/text_targets"]) == nt and float(m["tokens/image_targets"]) == ni
+    np.testing.assert_allclose(float(m["loss/text"]), tl, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m["loss/image"]), il, rtol=1e-5, atol=1e-6)
+
+
+def test_gathered_equals_dense_and_capacity_overflow_is_reported():
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(rng, 3, 16, K, V).items()}
+    h = jnp.asarray(rng.normal(size=(3, 16, E)), jnp.float32)
+    ft, fi = _fns(rng.normal(size=(E, V)), rng.normal(size=(E, K)))
+    dense = L.loss_sums(h, batch, ft, fi, dense=True)
+    n = 3 * 15
+    nt = int(dense["text_count"])
+    frac = (nt + 1) / n
+    gathered = L.loss_sums(h, batch, ft, fi, text_capacity=frac, image_capacity=1.0)
+    for k in ("text_loss", "text_count", "image_loss", "image_count", "text_correct"):
+        np.testing.assert_allclose(float(gathered[k]), float(dense[k]), rtol=1e-6)
+    assert float(gathered["text_dropped"]) == 0
+    small = L.loss_sums(h, batch, ft, fi, text_capacity=(nt - 2) / n)
+    assert float(small["text_dropped"]) == 2
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_continuous_image_loss(kind):
+    rng = np.random.default_rng(1)
+    batch = random_batch(rng, 2, 10, K, V)
+    F = 6
+    feats = rng.normal(size=(2, 10, F)).astype(np.float32)
+    h = rng.normal(size=(2, 10, E)).astype(np.float32)
+    W_text, W_img = rng.normal(size=(E, V)), rng.normal(size=(E, F))
+    ft, fi = _fns(W_text, W_img)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    jb["features"] = jnp.asarray(feats)
+    sums = L.loss_sums(jnp.asarray(h), jb, ft, fi, image_output="features", image_loss=kind)
+    got = float(L.total_loss(sums, L.global_counts(jb), w_text=1.0, w_image=1.0))
+    want = _reference(batch, h, W_text, W_img, 1.0, 1.0, image_kind=kind, feats=feats)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_accumulated_sums_equal_whole_batch():
+    rng = np.random.default_rng(4)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(rng, 4, 12, K, V).items()}
+    h = jnp.asarray(rng.normal(size=(4, 12, E)), jnp.float32)
+    ft, fi = _fns(rng.normal(size=(E, V)), rng.normal(size=(E, K)))
+    counts = L.global_counts(batch)
+    whole = L.total_loss(L.loss_sums(h, batch, ft, fi), counts, w_text=1.0, w_image=0.2)
+    parts = sum(L.total_loss(L.loss_sums(h[i:i + 2], {k: v[i:i + 2] for k, v in batch.items()}, ft, fi),
+                             counts, w_text=1.0, w_image=0.2) for i in (0, 2))
+    np.testing.assert_allclose(float(parts), float(whole), rtol=1e-6)

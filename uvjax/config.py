@@ -1,0 +1,141 @@
+"""Config building blocks shared by ``configs/*.py`` (ml_collections, config files as code).
+
+``base_config()`` holds every knob with its default; variant files (vqvq, siglipvq, ...) change a few
+and add presets. ``validate(cfg)`` runs at start and names the bad key. ``model_config(cfg)`` turns the
+``model`` section into the frozen dataclasses the Flax modules take.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from uvjax.models.llama import DecoderConfig
+from uvjax.models.lora import PROJECTIONS, LoRAConfig
+from uvjax.models.partitioning import DEFAULT_RULES
+from uvjax.models.unified import IMAGE_LOSSES, ImageConfig, UnifiedConfig
+
+# Paper (2505.23043): LoRA 2e-4, projectors/heads 1e-4.
+ADAPTER_PATTERN = r"params/(understanding_adapter|generation_adapter|generation_head|image_codebook)/.*"
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.name = "uvjax"
+    c.workdir = ""  # empty: runs/<name>
+
+    c.model = m = mlc.ConfigDict()
+    m.vocab_size = 4096
+    m.hidden = 256
+    m.layers = 4
+    m.heads = 8
+    m.kv_heads = 8
+    m.head_dim = 0
+    m.intermediate = 688
+    m.rope_base = 10000.0
+    m.rope_scaling = ()
+    m.norm_eps = 1e-5
+    m.tie_embeddings = False
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.remat = "none"
+    m.lora = mlc.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=tuple(PROJECTIONS)))
+    m.image = mlc.ConfigDict(dict(num_codes=1024, code_dim=8, feature_dim=0, input_kind="codes",
+                                  output_kind="codes", und_adapter="linear", gen_adapter="linear",
+                                  share_adapters=False))
+
+    c.loss = l = mlc.ConfigDict()
+    l.w_text = 1.0
+    l.w_image = 0.2  # alpha of the paper for VQ outputs
+    l.image_loss = "ce"  # ce for codes; cosine | mse for continuous outputs
+    l.z_loss = 0.0
+    l.text_target_capacity = 1.0  # fraction of positions whose text logits are computed
+    l.image_target_capacity = 1.0
+    l.dense_logits = False
+
+    c.optim = o = mlc.ConfigDict()
+    o.lr = 1e-3
+    o.lr_rules = ()  # ((regex, peak lr), ...)
+    o.warmup_steps = 100
+    o.schedule = "cosine"
+    o.min_lr_ratio = 0.1
+    o.weight_decay = 0.0
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+    o.clip_norm = 1.0
+
+    c.train = t = mlc.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 32  # global
+    t.grad_accum = 1
+    t.seq_len = 128
+    t.seed = 0
+    t.trainable = (".*",)  # full fine-tuning; LoRA presets: ("lora/.*", ADAPTER_PATTERN)
+    t.nonfinite = "skip"  # skip | halt
+    t.log_every = 10
+    t.checkpoint_every = 200
+    t.keep_checkpoints = 2
+    t.async_checkpoint = True
+    t.progress = True
+
+    c.mesh = mlc.ConfigDict(dict(shape=(1, -1, 1)))
+    c.sharding = mlc.ConfigDict(dict(rules=tuple(DEFAULT_RULES)))
+
+    c.data = data_config()
+    c.data.tokenizer = ""  # directory holding tokenizer.json ("" = <workdir>/tokenizer)
+    return c
+
+
+def data_config() -> mlc.ConfigDict:
+    try:
+        from uvjax.data.pipeline import default_data_config
+    except ImportError:  # the data package is optional for model-only use
+        return mlc.ConfigDict()
+    return default_data_config()
+
+
+def lora_preset(c: mlc.ConfigDict, rank: int, alpha: float, lr: float = 2e-4, adapter_lr: float = 1e-4):
+    c.model.lora.rank, c.model.lora.alpha = rank, alpha
+    c.train.trainable = ("lora/.*", ADAPTER_PATTERN)
+    c.optim.lr = lr
+    c.optim.lr_rules = ((ADAPTER_PATTERN, adapter_lr),)
+
+
+def model_config(cfg) -> UnifiedConfig:
+    m = cfg.model
+    lora = LoRAConfig(rank=int(m.lora.rank), alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
+                      targets=tuple(m.lora.targets))
+    dec = DecoderConfig(
+        vocab_size=int(m.vocab_size), hidden=int(m.hidden), layers=int(m.layers), heads=int(m.heads),
+        kv_heads=int(m.kv_heads), head_dim=int(m.head_dim), intermediate=int(m.intermediate),
+        rope_base=float(m.rope_base), rope_scaling=tuple(m.rope_scaling), norm_eps=float(m.norm_eps),
+        tie_embeddings=bool(m.tie_embeddings), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+        lora=lora)
+    im = ImageConfig(**{k: m.image[k] for k in m.image.keys()})
+    return UnifiedConfig(dec, im)
+
+
+def validate(cfg) -> None:
+    """Checks cross-field constraints; every message names the offending key."""
+    try:
+        model_config(cfg).validate()
+    except TypeError as e:
+        raise ValueError(f"config.model: {e}") from e
+    bad = [t for t in cfg.model.lora.targets if t not in PROJECTIONS]
+    if bad:
+        raise ValueError(f"model.lora.targets: unknown {bad}; expected a subset of {list(PROJECTIONS)}")
+    if cfg.loss.image_loss not in IMAGE_LOSSES:
+        raise ValueError(f"loss.image_loss={cfg.loss.image_loss!r}; expected one of {IMAGE_LOSSES}")
+    if cfg.model.image.output_kind == "codes" and cfg.loss.image_loss != "ce":
+        raise ValueError("loss.image_loss must be 'ce' when model.image.output_kind='codes'")
+    if cfg.model.image.output_kind == "features" and cfg.loss.image_loss == "ce":
+        raise ValueError("loss.image_loss must be 'cosine' or 'mse' for continuous outputs")
+    for k in ("text_target_capacity", "image_target_capacity"):
+        if not 0 < cfg.loss[k] <= 1:
+            raise ValueError(f"loss.{k}={cfg.loss[k]} must be in (0, 1]")
+    if cfg.train.nonfinite not in ("skip", "halt"):
+        raise ValueError(f"train.nonfinite={cfg.train.nonfinite!r}; expected 'skip' or 'halt'")
+    for k in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "checkpoint_every"):
+        if int(cfg.train[k]) <= 0:
+            raise ValueError(f"train.{k}={cfg.train[k]} must be positive")
+    if cfg.model.lora.rank < 0:
+        raise ValueError("model.lora.rank must be >= 0")
+    if cfg.model.lora.rank == 0 and any(p.startswith("lora") for p in cfg.train.trainable):
+        raise ValueError("train.trainable selects lora/... but model.lora.rank is 0")

@@ -1,0 +1,190 @@
+"""Records on disk: ArrayRecord shards of msgpack records, and image files for path-based records.
+
+ArrayRecord gives random access (what grain's global shuffle and per-host index sharding need) and
+``group_size:1`` makes every record its own chunk so a random read decodes one record only. Errors
+name the shard file and the record's index inside it, because that is what a person fixing the data
+needs to open.
+"""
+from __future__ import annotations
+
+import bisect
+import glob
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from uvjax.data.records import Record, record_from_bytes, record_to_bytes
+
+SUFFIX = ".array_record"
+
+
+class ShardWriter:
+    """Streams records into ``{out_dir}/{prefix}-00000.array_record``, ``-00001`` ... of at most
+    ``records_per_shard`` records each (the total need not be known in advance)."""
+
+    def __init__(self, out_dir: str, prefix: str, records_per_shard: int = 2000):
+        if records_per_shard < 1:
+            raise ValueError("records_per_shard must be >= 1")
+        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, records_per_shard
+        os.makedirs(out_dir, exist_ok=True)
+        self.paths: list[str] = []
+        self._writer = None
+        self._count = 0
+
+    def _open(self) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+        path = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):05d}{SUFFIX}")
+        self._writer = ArrayRecordWriter(path, "group_size:1")
+        self.paths.append(path)
+        self._count = 0
+
+    def write(self, record: Record) -> None:
+        self.write_bytes(record_to_bytes(record.validate()))
+
+    def write_bytes(self, data: bytes) -> None:
+        if self._writer is None or self._count >= self.per_shard:
+            self._close_current()
+            self._open()
+        self._writer.write(data)
+        self._count += 1
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        self._close_current()
+        return list(self.paths)
+
+
+def write_records(records: Iterable[Record], out_dir: str, prefix: str,
+                  records_per_shard: int = 2000) -> list[str]:
+    w = ShardWriter(out_dir, prefix, records_per_shard)
+    try:
+        for r in records:
+            w.write(r)
+    finally:
+        paths = w.close()
+    return paths
+
+
+def expand_paths(spec: str | Sequence[str]) -> list[str]:
+    """A directory, a glob, a file, or a list of those -> sorted, de-duplicated shard paths."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        item = str(item)
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, f"*{SUFFIX}")))
+        elif any(ch in item for ch in "*?["):
+            found = sorted(glob.glob(item))
+        elif os.path.exists(item):
+            found = [item]
+        else:
+            raise ValueError(f"record shard path {item!r} does not exist")
+        out.extend(p for p in found if p not in out)
+    return out
+
+
+class RecordReader:
+    """Random access to the records of several shards through ``grain.sources.ArrayRecordDataSource``.
+
+    Picklable (the open source is dropped and reopened lazily), so it can live in grain map
+    functions that run in worker processes.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = [str(p) for p in paths]
+        if not self.paths:
+            raise ValueError("RecordReader needs at least one shard path")
+        from array_record.python.array_record_module import ArrayRecordReader
+        self._starts = [0]
+        for p in self.paths:
+            if not os.path.exists(p):
+                raise ValueError(f"record shard {p!r} does not exist")
+            r = ArrayRecordReader(p)
+            try:
+                self._starts.append(self._starts[-1] + r.num_records())
+            finally:
+                r.close()
+        self._source = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_source"] = None
+        return d
+
+    @property
+    def source(self):
+        if self._source is None:
+            import grain
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        return self._source
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """Global index -> (shard path, index of the record inside that shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} outside 0..{len(self) - 1}")
+        f = bisect.bisect_right(self._starts, index) - 1
+        return self.paths[f], index - self._starts[f]
+
+    def where(self, index: int) -> str:
+        path, local = self.locate(index)
+        return f"{path} record {local}"
+
+    def read_bytes(self, index: int) -> bytes:
+        return self.source[index]
+
+    def read(self, index: int) -> Record:
+        return record_from_bytes(self.read_bytes(index), self.where(index))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.read(i)
+
+
+def host_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The contiguous share [lo, hi) of ``n`` records read by one host; shares are disjoint and
+    cover 0..n-1 (sizes differ by at most one). Contiguous shares mostly touch whole shards."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    return n * process_index // process_count, n * (process_index + 1) // process_count
+
+
+# ----------------------------------------------------------------------------------------- images
+def check_pixels(pixels: np.ndarray, where: str, size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """Validates an RGB image array: uint8, [H, W, 3], and H x W == size when given."""
+    a = np.asarray(pixels)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"{where}: image must be uint8 [H, W, 3] RGB, got {a.dtype} {list(a.shape)}")
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if a.shape[:2] != hw:
+            raise ValueError(f"{where}: image is {a.shape[0]}x{a.shape[1]}, expected {hw[0]}x{hw[1]}")
+    return a
+
+
+def load_image(path: str, image_dir: str = "", *, where: str = "image",
+               size: int | tuple[int, int] | None = None, convert: bool = False) -> np.ndarray:
+    """Reads an image file as uint8 RGB. Missing files, undecodable bytes, a mode other than RGB
+    (unless ``convert``) or a size other than ``size`` raise ValueError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+    full = os.path.join(image_dir, path) if image_dir else path
+    if not os.path.isfile(full):
+        raise ValueError(f"{where}: image file {full!r} not found")
+    try:
+        with Image.open(full) as im:
+            im.load()
+            if im.mode != "RGB":
+                if not convert:
+                    raise ValueError(f"{where}: image file {full!r} has mode {im.mode}, expected RGB")
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{where}: image file {full!r} is corrupt or not an image ({e})") from e
+    return check_pixels(arr, f"{where} ({full})", size)

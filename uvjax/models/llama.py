@@ -1,0 +1,234 @@
+"""A Llama-family decoder in Flax Linen: RMSNorm, RoPE, SwiGLU, GQA, scanned layers, KV cache.
+
+The decoder takes input *embeddings* (the unified model decides per position whether they come from
+the text embedding or an image adapter) plus ``segment_ids``/``positions`` from the sequence arrays,
+and returns final-norm hidden states. Logits are computed by the caller only where needed.
+
+Decoding uses a ``"cache"`` collection: per layer the keys/values, the segment id of every cached slot
+and a write index. A chunk of C tokens (C = prompt length at prefill, 1 per decode step) is written at
+the index and attends to every earlier slot of its segment, so cached logits equal the full forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uvjax.models.lora import Dense, LoRAConfig
+from uvjax.models.partitioning import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "dots_saveable",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int = 32000
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 0  # 0: hidden // heads
+    intermediate: int = 688
+    rope_base: float = 10000.0
+    rope_scaling: tuple = ()  # () | ("linear", factor) | ("llama3", factor, low, high, original_max_pos)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    lora: LoRAConfig = LoRAConfig()
+    max_cache_len: int = 0  # set by the decoding code when a cache is initialised
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def validate(self) -> "DecoderConfig":
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model.heads={self.heads} must be a multiple of model.kv_heads={self.kv_heads}")
+        if self.dim_head % 2:
+            raise ValueError(f"head dim {self.dim_head} must be even for RoPE")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+            raise ValueError(f"model.dtype/param_dtype must be in {sorted(DTYPES)}")
+        return self
+
+
+def rope_frequencies(cfg: DecoderConfig) -> jnp.ndarray:
+    """Inverse frequencies [D/2], with optional linear or Llama-3 scaling."""
+    d = cfg.dim_head
+    inv = 1.0 / (cfg.rope_base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if not cfg.rope_scaling:
+        return inv
+    kind = cfg.rope_scaling[0]
+    if kind == "linear":
+        return inv / float(cfg.rope_scaling[1])
+    if kind == "llama3":
+        factor, low, high, orig = (float(v) for v in cfg.rope_scaling[1:5])
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = orig / low, orig / high
+        scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unknown rope_scaling {cfg.rope_scaling!r}")
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
+    """Rotate-half RoPE (the HF Llama layout): x [B, T, H, D], positions [B, T]."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, deterministic=True, decode=False):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, D = cfg.heads, cfg.kv_heads, cfg.dim_head
+        dense = functools.partial(Dense, lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        q = dense(H * D, ("embed", "heads"), "q", name="q")(x, deterministic).reshape(B, T, H, D)
+        k = dense(K * D, ("embed", "kv_heads"), "k", name="k")(x, deterministic).reshape(B, T, K, D)
+        v = dense(K * D, ("embed", "kv_heads"), "v", name="v")(x, deterministic).reshape(B, T, K, D)
+        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
+        inv = rope_frequencies(cfg)
+        q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+
+        q_index = jnp.arange(T)
+        kv_seg, kv_index = segment_ids, jnp.arange(T)
+        if decode:
+            L = cfg.max_cache_len
+            ck = self.variable("cache", "key", jnp.zeros, (B, L, K, D), k.dtype)
+            cv = self.variable("cache", "value", jnp.zeros, (B, L, K, D), v.dtype)
+            cs = self.variable("cache", "segment", jnp.zeros, (B, L), jnp.int32)
+            ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+            idx = ci.value
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, idx, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, idx, 0, 0))
+            cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, idx))
+            ci.value = idx + T
+            k, v, kv_seg = ck.value, cv.value, cs.value
+            q_index, kv_index = idx + jnp.arange(T), jnp.arange(L)
+
+        # mask[b, t, s]: causal within the same (non-padding on the key side) segment
+        mask = (kv_index[None, None, :] <= q_index[None, :, None]) & (
+            segment_ids[:, :, None] == kv_seg[:, None, :])
+        out = dot_product_attention(q, k, v, mask)
+        out = constrain(out.reshape(B, T, H * D), ("act_batch", "act_length", "act_heads"))
+        return dense(cfg.hidden, ("heads", "embed"), "o", name="o")(out, deterministic)
+
+
+def dot_product_attention(q, k, v, mask):
+    """GQA attention with fp32 softmax. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] bool."""
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    G = H // K
+    qg = q.reshape(B, T, K, G, D)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, D)
+
+
+class MLP(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        cfg = self.cfg
+        dense = functools.partial(Dense, lora=cfg.lora, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        g = dense(cfg.intermediate, ("embed", "mlp"), "gate", name="gate")(x, deterministic)
+        u = dense(cfg.intermediate, ("embed", "mlp"), "up", name="up")(x, deterministic)
+        h = constrain(nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+        return dense(cfg.hidden, ("mlp", "embed"), "down", name="down")(h, deterministic)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; signature fits ``nn.scan`` (carry, per-layer nothing)."""
+
+    cfg: DecoderConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions):
+        cfg = self.cfg
+        norm = functools.partial(RMSNorm, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+        h = Attention(cfg, name="attn")(norm(name="attn_norm")(x), segment_ids, positions,
+                                        self.deterministic, self.decode)
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x), self.deterministic)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        return x, None
+
+
+class Decoder(nn.Module):
+    """Stack of scanned blocks + final norm (no embedding: callers pass input embeddings)."""
+
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, segment_ids, positions, deterministic=True, decode=False):
+        cfg = self.cfg
+        block = Block
+        policy = REMAT_POLICIES[cfg.remat]
+        if policy is not None:
+            block = nn.remat(Block, prevent_cse=False, policy=getattr(jax.checkpoint_policies, policy),
+                             static_argnums=())
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0, "lora": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=cfg.layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x = x.astype(cfg.compute_dtype)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        x, _ = stack(cfg, deterministic, decode, name="layers")(x, segment_ids, positions)
+        return RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x)

@@ -1,0 +1,106 @@
+"""LoRA: low-rank deltas in their own ``"lora"`` variable collection.
+
+The frozen base kernel lives in ``"params"``; its low-rank factors A [in, r] and B [r, out] live in
+``"lora"`` so the trainer can differentiate and optimise them as a separate pytree. B starts at zero,
+so a fresh LoRA model computes exactly its base model. ``merge_lora`` folds ``scale·A@B`` into the
+kernels for export (scale = alpha / rank, as in PEFT).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+# Names of the projections LoRA can target (the seven Llama linear layers).
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = PROJECTIONS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+    def applies_to(self, proj: str) -> bool:
+        return self.rank > 0 and proj in self.targets
+
+
+def _lora_a_init(key, shape, dtype):
+    # PEFT's default (kaiming_uniform with a=sqrt(5)) is U(±1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Dense(nn.Module):
+    """A bias-free projection ``x @ W`` with an optional LoRA delta; W named by logical axes."""
+
+    features: int
+    axes: tuple[str, str]
+    proj: str = ""
+    lora: LoRAConfig = LoRAConfig()
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (in_features, self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.lora.applies_to(self.proj):
+            r = self.lora.rank
+            a = self.variable("lora", "a", nn.with_logical_partitioning(
+                lambda: _lora_a_init(self.make_rng("params"), (in_features, r), self.param_dtype),
+                (self.axes[0], "lora_rank"))).value
+            b = self.variable("lora", "b", nn.with_logical_partitioning(
+                lambda: jnp.zeros((r, self.features), self.param_dtype),
+                ("lora_rank", self.axes[1]))).value
+            xl = x
+            if self.lora.dropout > 0 and not deterministic:
+                xl = nn.Dropout(self.lora.dropout)(x, deterministic=False)
+            delta = jnp.dot(jnp.dot(xl.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
+            y = y + self.lora.scale * delta
+        return y
+
+
+def merge_lora(params: dict, lora: dict, cfg: LoRAConfig) -> dict:
+    """Returns base params with every ``kernel += scale · A @ B`` folded in (stacked layers too)."""
+    flat_p = traverse_util.flatten_dict(params)
+    flat_l = traverse_util.flatten_dict(lora)
+    out = dict(flat_p)
+    groups: dict[tuple, dict[str, Any]] = {}
+    for path, v in flat_l.items():
+        groups.setdefault(path[:-1], {})[path[-1]] = v
+    for prefix, ab in groups.items():
+        if set(ab) != {"a", "b"}:
+            raise ValueError(f"LoRA entry {'/'.join(prefix)} must hold exactly a and b, got {sorted(ab)}")
+        kpath = prefix + ("kernel",)
+        if kpath not in out:
+            raise ValueError(f"LoRA factors at {'/'.join(prefix)} have no base kernel")
+        a, b = ab["a"], ab["b"]
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+        k = out[kpath]
+        out[kpath] = (k.astype(jnp.float32) + cfg.scale * delta).astype(k.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def lora_param_count(lora: dict) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(lora)))
+
+
+def lora_targets_from(names: Sequence[str]) -> tuple[str, ...]:
+    bad = [n for n in names if n not in PROJECTIONS]
+    if bad:
+        raise ValueError(f"unknown LoRA targets {bad}; expected a subset of {PROJECTIONS}")
+    return tuple(names)

@@ -1,0 +1,192 @@
+"""``python -m uvjax.train --config=configs/vqvq.py[:preset] --workdir=DIR [--config.a.b=v ...]``
+
+One readable loop: config → mesh → model + sharded state → data iterator → restore (if the work dir
+has a checkpoint) → steps with logging, checkpoints and a progress bar → final checkpoint.
+SIGTERM/SIGINT save a checkpoint and exit 0; rerunning the same command resumes exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqvq.py:tiny", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir or runs/<config.name>)")
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self):
+        def handler(signum, frame):
+            self.signal = signum
+            logging.warning("received signal %d: will checkpoint and stop after this step", signum)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handler)
+
+    def __bool__(self):
+        return self.signal is not None
+
+
+def resolve_workdir(cfg, workdir: str | None) -> str:
+    return os.path.abspath(workdir or cfg.workdir or os.path.join("runs", cfg.name))
+
+
+def load_text_tokenizer(cfg, workdir: str):
+    from uvjax.data.tokenizer import TextTokenizer
+    path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"no tokenizer.json in {path} (config.data.tokenizer); the first-run stages "
+                                f"train one, or point config.data.tokenizer at a directory that has it")
+    tok = TextTokenizer.load(path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size} tokens ({path})")
+    return tok
+
+
+def build_data_iterator(cfg, workdir: str, local_batch: int):
+    """The real pipeline: grain over ArrayRecord shards of pre-tokenised records, this host's share."""
+    import jax
+    from uvjax.data import pipeline
+    tok = load_text_tokenizer(cfg, workdir)
+    data_cfg = cfg.data.copy_and_resolve_references()
+    with data_cfg.unlocked():
+        data_cfg.codebook_size = int(cfg.model.image.num_codes)
+        if "features" in (cfg.model.image.input_kind, cfg.model.image.output_kind):
+            data_cfg.feature_dim = int(cfg.model.image.feature_dim)
+    return pipeline.make_train_iterator(
+        data_cfg, tok, seq_len=int(cfg.train.seq_len), local_batch_size=local_batch,
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=int(cfg.train.seed))
+
+
+def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:
+    """Trains to ``cfg.train.steps`` (resuming if possible). Returns a summary dict."""
+    import jax
+    import numpy as np
+
+    from uvjax.config import model_config, validate
+    from uvjax.models.unified import UnifiedModel
+    from uvjax.training.checkpoint import Checkpointer, abstract_like
+    from uvjax.training.metrics import MetricWriter
+    from uvjax.training.optimizer import learning_rates
+    from uvjax.training.sharding import check_batch_divisibility, global_batch_from_local, make_mesh
+    from uvjax.training.step import create_trainer, make_train_step
+
+    validate(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    stop = _StopFlag()
+    stop.install()
+
+    mesh = make_mesh(cfg.mesh.shape)
+    local_batch = check_batch_divisibility(cfg.train.batch_size, cfg.train.grad_accum, mesh, jax.process_count())
+    model = UnifiedModel(model_config(cfg).validate())
+    t0 = time.time()
+    trainer, state = create_trainer(model, cfg, mesh, cfg.sharding.rules)
+    it = data_iterator if data_iterator is not None else build_data_iterator(cfg, workdir, local_batch)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoint)
+    start = ckpt.latest_step() or 0
+    if start:
+        restored = ckpt.restore(start, abstract_like(state, trainer.state_shardings), it)
+        state = restored["state"]
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir, enabled=primary)
+    meta = {"config": json.loads(cfg.to_json_best_effort())}
+
+    total = int(cfg.train.steps)
+    step_fn = None
+    bar = None
+    show = cfg.train.progress if progress is None else progress
+    if show and primary and start < total:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    last_saved = start
+    halted = None
+    step = start
+    compile_s = None
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    t_log, n_log = time.time(), 0
+    while step < total and not stop:
+        local = next(it)
+        batch = global_batch_from_local(local, mesh)
+        if step_fn is None:
+            step_fn = make_train_step(trainer, batch)
+            tc = time.time()
+        state, metrics = step_fn(state, batch)
+        if compile_s is None:
+            jax.block_until_ready(metrics)
+            compile_s = time.time() - tc
+            t_log, n_log = time.time(), 0
+        step += 1
+        n_log += 1
+        if step % cfg.train.log_every == 0 or step == total or stop:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.time() - t_log
+            m["tokens_per_s"] = n_log * tokens_per_step / max(dt, 1e-9)
+            m.update(learning_rates(cfg.optim, total, step - 1))
+            for k, v in getattr(it, "counts", {}).items():
+                m[f"data/{k}"] = float(v)
+            t_log, n_log = time.time(), 0
+            writer.write(step, m)
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.4f}", text=f"{m['loss/text']:.3f}", image=f"{m['loss/image']:.3f}")
+            if m["tokens/dropped_targets"] > 0:
+                halted = (f"step {step}: {int(m['tokens/dropped_targets'])} targets exceeded the logits capacity; "
+                          f"raise loss.text_target_capacity / loss.image_target_capacity")
+            if cfg.train.nonfinite == "halt" and not np.isfinite(m["loss"]):
+                halted = f"step {step}: non-finite loss {m['loss']} (train.nonfinite='halt')"
+            if halted:
+                break
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.train.checkpoint_every == 0 and step < total:
+            ckpt.save(step, state, it, meta)
+            last_saved = step
+    if bar is not None:
+        bar.close()
+    if halted:
+        ckpt.close()
+        writer.close()
+        raise RuntimeError(halted + f"; last good checkpoint: step {last_saved} in {ckpt.directory}")
+    if step > last_saved:
+        ckpt.save(step, state, it, meta)
+    ckpt.close()
+    writer.close()
+    if data_iterator is None and hasattr(it, "close"):
+        it.close()
+    if stop and primary:
+        logging.warning("stopped by signal %s at step %d; checkpoint saved", stop.signal, step)
+    return {"step": step, "stopped_by_signal": bool(stop), "compile_s": compile_s,
+            "wall_s": time.time() - t0, "workdir": workdir}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.verbosity <= 0:  # orbax logs every save at INFO; keep the console for the progress bar
+        logging.set_verbosity(logging.WARNING)
+    cfg = FLAGS.config
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/vqvq.py")
+    workdir = resolve_workdir(cfg, FLAGS.workdir)
+    summary = run(cfg, workdir)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)
