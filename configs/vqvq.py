@@ -4,7 +4,7 @@ Presets (``--config=configs/vqvq.py:<preset>``):
 - ``tiny`` (default): a small Llama-style decoder trained from scratch on the Smart Watch data, CPU.
 - ``smoke``: seconds-long version for tests and CI.
 """
-from uvjax.config import base_config
+from uvjax.config import base_config, load_config_file
 
 
 def get_config(arg: str | None = None):
@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
     c.loss.w_image = 0.2  # the paper's alpha for VQ outputs
     c.loss.image_loss = "ce"
     c.data.system_prompt = ""  # a from-scratch model needs no system prompt; it would cost ~100 tokens
+    c.stages.build = True  # render data, train tokenizer + VQ, pre-tokenise (cached), then train
     if preset == "tiny":
         m = c.model
         m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 2048, 256, 4, 8, 8, 688
@@ -31,6 +32,13 @@ def get_config(arg: str | None = None):
         c.train.steps, c.train.batch_size, c.train.seq_len = 20, 8, 192
         c.train.log_every, c.train.checkpoint_every = 1, 5
         c.optim.lr, c.optim.warmup_steps = 3e-3, 5
+        sd = c.stages.data
+        sd.num_train, sd.num_test, sd.image_size, sd.records_per_shard = 48, 16, 32, 24
+        c.stages.tokenizer.vocab_size, c.stages.tokenizer.corpus_images = 400, 200
+        c.stages.vq = load_config_file("vq_tokenizer", "smoke")
+        c.stages.vq.model.ch_mult = (1, 2, 2, 2)  # downsample 8: 4x4 = 16 codes per 32 px image
+        c.stages.vq.data.num_train, c.stages.vq.data.num_eval = 48, 16
+        c.stages.evaluate.quick = True
     else:
         raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, smoke")
     return c

@@ -24,7 +24,7 @@ def _cmd(ds, workdir, steps=30, every=5, extra=()):
             f"--config.data.streams.understanding.paths=('{ds['paths']['understanding']}',)",
             f"--config.data.streams.generation.paths=('{ds['paths']['generation']}',)",
             f"--config.train.steps={steps}", f"--config.train.checkpoint_every={every}",
-            "--config.train.log_every=1", "--config.train.progress=False", *extra]
+            "--config.train.log_every=1", "--config.train.progress=False", "--config.stages.build=False", *extra]
 
 
 def _env():

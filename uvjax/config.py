@@ -80,7 +80,23 @@ def base_config() -> mlc.ConfigDict:
 
     c.data = data_config()
     c.data.tokenizer = ""  # directory holding tokenizer.json ("" = <workdir>/tokenizer)
+    from uvjax.stages import stages_config
+    c.stages = stages_config()
+    c.stages.build = False  # variant presets that render their own data switch this on
     return c
+
+
+def load_config_file(name: str, arg: str | None = None) -> mlc.ConfigDict:
+    """``configs/<name>.py:get_config(arg)`` loaded by path (``configs/`` is not an installed package)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} not found (uvjax expects its source checkout)")
+    spec = importlib.util.spec_from_file_location(f"uvjax_configs_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
 
 
 def data_config() -> mlc.ConfigDict:

@@ -171,8 +171,73 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
         it.close()
     if stop and primary:
         logging.warning("stopped by signal %s at step %d; checkpoint saved", stop.signal, step)
-    return {"step": step, "stopped_by_signal": bool(stop), "compile_s": compile_s,
+    return {"step": step, "steps_run": step - start, "stopped_by_signal": bool(stop), "compile_s": compile_s,
             "wall_s": time.time() - t0, "workdir": workdir}
+
+
+LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                                    "async_checkpoint", "progress")}
+
+
+def lm_fingerprint(cfg) -> str:
+    """What the trained LM depends on; extending ``train.steps`` or logging knobs keeps the run."""
+    from uvjax.stages import fingerprint
+    d = json.loads(cfg.to_json_best_effort(sort_keys=True))
+    for section, keys in LM_FINGERPRINT_EXCLUDE.items():
+        for k in keys:
+            d.get(section, {}).pop(k, None)
+    d.pop("stages", None)
+    d.pop("workdir", None)
+    d.get("data", {}).pop("workers", None)
+    return fingerprint("lm", d)
+
+
+def check_workdir_matches(cfg, workdir: str) -> str:
+    """Refuses to resume a work dir that holds a run of a different model/data config."""
+    fp = lm_fingerprint(cfg)
+    path = os.path.join(workdir, "lm_fingerprint.json")
+    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    if os.path.exists(path) and has_ckpt:
+        with open(path) as f:
+            old = json.load(f)["fingerprint"]
+        if old != fp:
+            raise ValueError(f"{workdir} holds a run of a different config (fingerprint {old}, now {fp}); "
+                             f"use another --workdir, or delete it to retrain")
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"fingerprint": fp}, f)
+    return fp
+
+
+def run_all(cfg, workdir: str) -> dict:
+    """The whole first run: cached stages (if ``stages.build``), the LM, then evaluation."""
+    from uvjax.stages import StageLog
+    times, paths = {}, {}
+    t = time.time()
+    if cfg.stages.build:
+        from uvjax.stages import prepare
+        cfg, paths = prepare(cfg, workdir)
+        times["stages"] = time.time() - t
+    fp = check_workdir_matches(cfg, workdir)
+    t = time.time()
+    summary = run(cfg, workdir)
+    times["train"] = time.time() - t
+    StageLog(workdir).write(stage="lm", fingerprint=fp, reused=summary.get("steps_run", 1) == 0,
+                            seconds=times["train"], path=workdir)
+    summary.update(stage_seconds=times, stage_paths=paths)
+    if cfg.stages.build and cfg.stages.evaluate.enabled and not summary["stopped_by_signal"]:
+        t = time.time()
+        try:
+            from uvjax.evaluate import evaluate_run
+        except ImportError:
+            evaluate_run = None
+        if evaluate_run is not None:
+            summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick))
+            times["evaluate"] = time.time() - t
+            StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
+                                    path=workdir)
+    return summary
 
 
 def main(argv):
@@ -184,8 +249,8 @@ def main(argv):
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/vqvq.py")
     workdir = resolve_workdir(cfg, FLAGS.workdir)
-    summary = run(cfg, workdir)
-    print(json.dumps(summary))
+    summary = run_all(cfg, workdir)
+    print(json.dumps({k: v for k, v in summary.items() if k != "evaluation"}, default=str))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""Config validation names the offending key; presets build valid models."""
+import pytest
+
+from uvjax.config import validate
+
+
+def _cfg(preset="smoke"):
+    from configs.vqvq import get_config
+    return get_config(preset)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.kv_heads", 3, "model.kv_heads"),
+    ("model.image.und_adapter", "conv", "model.image.und_adapter"),
+    ("loss.image_loss", "cosine", "loss.image_loss"),
+    ("loss.text_target_capacity", 1.5, "loss.text_target_capacity"),
+    ("train.nonfinite", "ignore", "train.nonfinite"),
+    ("train.steps", 0, "train.steps"),
+    ("model.lora.targets", ("q", "qkv"), "model.lora.targets"),
+    ("model.remat", "some", "model.remat"),
+])
+def test_bad_values_name_the_key(key, value, match):
+    c = _cfg()
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+        validate(c)
+
+
+def test_lora_trainable_without_rank_is_rejected():
+    c = _cfg()
+    c.train.trainable = ("lora/.*",)
+    with pytest.raises(ValueError, match="model.lora.rank"):
+        validate(c)
+
+
+def test_unknown_key_is_rejected_by_the_locked_config():
+    c = _cfg()
+    c.lock()
+    with pytest.raises(AttributeError, match="stepz"):
+        c.train.stepz = 3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smoke"])
+def test_presets_validate(preset):
+    validate(_cfg(preset))
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        _cfg("huge")
