@@ -35,5 +35,7 @@ setup(
     extras_require={
         "test": ["pytest==9.0.3", "hypothesis==6.155.2"],
         "torch": ["torch==2.13.0", "peft==0.21.2"],
+        # deviceless AOT compilation for TPU topologies (uvjax.plan); keep it out of normal envs
+        "tpu-aot": ["libtpu==0.0.42.*"],
     },
 )

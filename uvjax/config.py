@@ -62,7 +62,8 @@ def base_config() -> mlc.ConfigDict:
     o.clip_norm = 1.0
 
     c.train = t = mlc.ConfigDict()
-    t.steps = 1000
+    t.steps = 1000  # also the horizon of the learning-rate schedule
+    t.stop_at = 0  # stop (with a checkpoint) at this step; 0 = train.steps. The schedule is unchanged.
     t.batch_size = 32  # global
     t.grad_accum = 1
     t.seq_len = 128
@@ -80,6 +81,9 @@ def base_config() -> mlc.ConfigDict:
 
     c.data = data_config()
     c.data.tokenizer = ""  # directory holding tokenizer.json ("" = <workdir>/tokenizer)
+    # records: each host reads a disjoint share of the records (scales); rows: every host builds the
+    # global batch and keeps its rows (identical batches for any host count; resumable across counts)
+    c.data.host_sharding = "records"
     from uvjax.stages import stages_config
     c.stages = stages_config()
     c.stages.build = False  # variant presets that render their own data switch this on

@@ -18,6 +18,11 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqvq.py:tiny", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir or runs/<config.name>)")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs; TPU/SLURM detect it)")
+flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
+flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)")
+flags.DEFINE_integer("cpu_devices", None, "CPU devices per process (CPU testing of meshes)")
+flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes to join")
 
 
 class _StopFlag:
@@ -54,6 +59,38 @@ def load_text_tokenizer(cfg, workdir: str):
     return tok
 
 
+class RowShardIterator:
+    """``data.host_sharding='rows'``: every host runs the whole pipeline and keeps its rows of each
+    global batch. Batches (and so losses) are then identical for any number of hosts, and the
+    iterator state is the same on every host (saved once as JSON), so a checkpoint resumes on a
+    different host count. Costs every host the full tokenisation; 'records' (default) scales instead."""
+
+    state_is_global = True
+
+    def __init__(self, it, process_index: int, process_count: int, local_batch: int):
+        self.it, self.lo, self.hi = it, process_index * local_batch, (process_index + 1) * local_batch
+
+    def __next__(self):
+        return {k: v[self.lo:self.hi] for k, v in next(self.it).items()}
+
+    def __iter__(self):
+        return self
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+    @property
+    def counts(self):
+        return getattr(self.it, "counts", {})
+
+    def close(self):
+        if hasattr(self.it, "close"):
+            self.it.close()
+
+
 def build_data_iterator(cfg, workdir: str, local_batch: int):
     """The real pipeline: grain over ArrayRecord shards of pre-tokenised records, this host's share."""
     import jax
@@ -64,6 +101,13 @@ def build_data_iterator(cfg, workdir: str, local_batch: int):
         data_cfg.codebook_size = int(cfg.model.image.num_codes)
         if "features" in (cfg.model.image.input_kind, cfg.model.image.output_kind):
             data_cfg.feature_dim = int(cfg.model.image.feature_dim)
+    mode = cfg.data.get("host_sharding", "records")
+    if mode == "rows":
+        full = pipeline.make_train_iterator(data_cfg, tok, seq_len=int(cfg.train.seq_len),
+                                            local_batch_size=int(cfg.train.batch_size), seed=int(cfg.train.seed))
+        return RowShardIterator(full, jax.process_index(), jax.process_count(), local_batch)
+    if mode != "records":
+        raise ValueError(f"data.host_sharding={mode!r}; expected 'records' or 'rows'")
     return pipeline.make_train_iterator(
         data_cfg, tok, seq_len=int(cfg.train.seq_len), local_batch_size=local_batch,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=int(cfg.train.seed))
@@ -100,6 +144,8 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
     start = ckpt.latest_step() or 0
     if start:
         restored = ckpt.restore(start, abstract_like(state, trainer.state_shardings), it)
+        if "data_json" in restored:
+            it.set_state(restored["data_json"])
         state = restored["state"]
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     if primary:
@@ -109,6 +155,8 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
     meta = {"config": json.loads(cfg.to_json_best_effort())}
 
     total = int(cfg.train.steps)
+    if int(cfg.train.get("stop_at", 0) or 0) > 0:
+        total = min(total, int(cfg.train.stop_at))
     step_fn = None
     bar = None
     show = cfg.train.progress if progress is None else progress
@@ -138,7 +186,7 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = time.time() - t_log
             m["tokens_per_s"] = n_log * tokens_per_step / max(dt, 1e-9)
-            m.update(learning_rates(cfg.optim, total, step - 1))
+            m.update(learning_rates(cfg.optim, int(cfg.train.steps), step - 1))
             for k, v in getattr(it, "counts", {}).items():
                 m[f"data/{k}"] = float(v)
             t_log, n_log = time.time(), 0
@@ -175,7 +223,7 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
             "wall_s": time.time() - t0, "workdir": workdir}
 
 
-LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "log_every", "checkpoint_every", "keep_checkpoints",
+LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
                                     "async_checkpoint", "progress")}
 
 
@@ -245,6 +293,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.verbosity <= 0:  # orbax logs every save at INFO; keep the console for the progress bar
         logging.set_verbosity(logging.WARNING)
+    from uvjax.training.distributed import initialize
+    initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id, cpu_devices=FLAGS.cpu_devices,
+               timeout_s=FLAGS.distributed_timeout)
     cfg = FLAGS.config
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/vqvq.py")

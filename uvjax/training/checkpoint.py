@@ -17,6 +17,12 @@ def _grain_args():
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
+def _json_state(it) -> bool:
+    """Iterators whose state is identical on every host (row-sharded) are saved once, as JSON, so the
+    checkpoint restores on any host count; grain's own handler writes one file per process."""
+    return getattr(it, "state_is_global", False)
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
@@ -33,7 +39,9 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator=None, meta: dict | None = None, *, force: bool = True) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
+        if data_iterator is not None and _json_state(data_iterator):
+            items["data_json"] = ocp.args.JsonSave(data_iterator.get_state())
+        elif data_iterator is not None:
             save_cls, _ = _grain_args()
             items["data"] = save_cls(data_iterator)
         if meta is not None:
@@ -42,7 +50,9 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator=None, *, with_meta: bool = False):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and _json_state(data_iterator):
+            items["data_json"] = ocp.args.JsonRestore()
+        elif data_iterator is not None:
             _, restore_cls = _grain_args()
             items["data"] = restore_cls(data_iterator)
         if with_meta:

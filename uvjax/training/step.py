@@ -59,14 +59,14 @@ class Trainer:
     cfg: Any  # the full ml_collections config
 
     def batch_shardings(self, batch_like: dict):
-        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch_like.items()}
+        return {k: batch_sharding(self.mesh, len(getattr(v, "shape", np.shape(v)))) for k, v in batch_like.items()}
 
 
-def create_trainer(model: UnifiedModel, cfg, mesh, rules, *, seed: int | None = None):
-    """Builds the optimizer and a sharded initial state. Returns (trainer, state)."""
+def plan_trainer(model: UnifiedModel, cfg, mesh, rules, *, seed: int | None = None):
+    """Optimizer, shardings and the *abstract* initial state (ShapeDtypeStructs carrying shardings);
+    allocates nothing, so it also serves AOT planning of models that do not fit this host."""
     seed = cfg.train.seed if seed is None else seed
-    rng = jax.random.key(seed)
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng = jax.random.split(jax.random.key(seed))
     with activation_sharding(mesh, rules):
         boxed = jax.eval_shape(functools.partial(_init_variables, model), init_rng)
     var_sh = variable_shardings(boxed, mesh, rules)
@@ -84,6 +84,18 @@ def create_trainer(model: UnifiedModel, cfg, mesh, rules, *, seed: int | None = 
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     state_sh = TrainState(step=replicated(mesh), trainable=tr_sh, frozen=fr_sh, opt_state=opt_sh,
                           rng=replicated(mesh))
+    abs_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=tr_abs, frozen=fr_abs,
+                           opt_state=opt_abs, rng=jax.eval_shape(lambda: state_rng))
+    abs_state = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                       abs_state, state_sh)
+    trainer = Trainer(model=model, tx=tx, mesh=mesh, rules=rules, state_shardings=state_sh, cfg=cfg)
+    return trainer, abs_state, (init_rng, state_rng)
+
+
+def create_trainer(model: UnifiedModel, cfg, mesh, rules, *, seed: int | None = None):
+    """Builds the optimizer and a sharded initial state. Returns (trainer, state)."""
+    trainer, _, (init_rng, state_rng) = plan_trainer(model, cfg, mesh, rules, seed=seed)
+    tx = trainer.tx
 
     def init_state(init_rng, state_rng):
         variables = nn.unbox(_init_variables(model, init_rng))
@@ -92,8 +104,8 @@ def create_trainer(model: UnifiedModel, cfg, mesh, rules, *, seed: int | None = 
                           rng=state_rng)
 
     with activation_sharding(mesh, rules):
-        state = jax.jit(init_state, out_shardings=state_sh)(init_rng, state_rng)
-    return Trainer(model=model, tx=tx, mesh=mesh, rules=rules, state_shardings=state_sh, cfg=cfg), state
+        state = jax.jit(init_state, out_shardings=trainer.state_shardings)(init_rng, state_rng)
+    return trainer, state
 
 
 def abstract_state(trainer: Trainer, state_like=None):
