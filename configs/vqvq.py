@@ -4,7 +4,7 @@ Presets (``--config=configs/vqvq.py:<preset>``):
 - ``tiny`` (default): a small Llama-style decoder trained from scratch on the Smart Watch data, CPU.
 - ``smoke``: seconds-long version for tests and CI.
 """
-from uvjax.config import base_config, load_config_file
+from uvjax.config import base_config, load_config_file, lora_preset
 
 
 def get_config(arg: str | None = None):
@@ -21,9 +21,10 @@ def get_config(arg: str | None = None):
     c.stages.build = True  # render data, train tokenizer + VQ, pre-tokenise (cached), then train
     if preset == "tiny":
         m = c.model
-        m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 2048, 256, 4, 8, 8, 688
+        m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 1024, 256, 4, 8, 8, 688
         m.image.num_codes, m.image.code_dim = 512, 8
-        c.train.steps, c.train.batch_size, c.train.seq_len = 1500, 32, 128
+        c.stages.tokenizer.vocab_size = 1024  # the synthetic corpus needs ~800 tokens
+        c.train.steps, c.train.batch_size, c.train.seq_len = 1200, 32, 128
         c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1e-3, 100, 0.1
     elif preset == "smoke":
         m = c.model
@@ -39,6 +40,19 @@ def get_config(arg: str | None = None):
         c.stages.vq.model.ch_mult = (1, 2, 2, 2)  # downsample 8: 4x4 = 16 codes per 32 px image
         c.stages.vq.data.num_train, c.stages.vq.data.num_eval = 48, 16
         c.stages.evaluate.quick = True
+    elif preset == "vicuna7b":
+        # The paper's recipe: Vicuna-7B (Llama-2 shapes) + LoRA r=128 on all 7 projections, VQ-16 (16384 codes,
+        # 256 per image), bf16 compute, full remat, sequences of 2048, FSDP over every device.
+        m = c.model
+        m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 32064, 4096, 32, 32, 32, 11008
+        m.rope_base, m.norm_eps, m.dtype, m.remat = 10000.0, 1e-5, "bfloat16", "full"
+        m.image.num_codes, m.image.code_dim = 16384, 8
+        lora_preset(c, 128, 256.0)
+        c.train.batch_size, c.train.seq_len, c.train.steps = 64, 2048, 459
+        c.optim.warmup_steps, c.optim.min_lr_ratio = 14, 0.0
+        c.loss.text_target_capacity = c.loss.image_target_capacity = 0.5
+        c.data.template, c.data.system_prompt = "vicuna_v1", None
+        c.stages.build = False
     else:
-        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, smoke")
+        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, smoke, vicuna7b")
     return c

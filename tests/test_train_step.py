@@ -114,3 +114,28 @@ def test_batch_not_divisible_is_a_clear_error():
         check_batch_divisibility(8, 3, make_mesh((1, 8, 1)), 1)
     with pytest.raises(ValueError, match="does not divide|uses"):
         make_mesh((3, -1, 1))
+
+
+def test_remat_policy_gives_the_same_step(batch):
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    _, l0, _ = _run(_lora_cfg(), mesh, batch, steps=2)
+    _, l1, _ = _run(_lora_cfg(**{"model.remat": "full"}), mesh, batch, steps=2)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(batch):
+    from uvjax.models.unified import UnifiedModel as UM
+    cfg = _lora_cfg(**{"model.dtype": "bfloat16"})
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    state, losses, _ = _run(cfg, mesh, batch, steps=1)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.trainable))
+    assert all(np.isfinite(losses))
+    _, ref, _ = _run(_lora_cfg(), mesh, batch, steps=1)
+    assert abs(losses[0] - ref[0]) < 0.05 * abs(ref[0])  # bf16 matmuls, same model
+    model = UM(model_config(cfg).validate())
+    v = {"params": jax.device_get(state.trainable["params"])}
+    v["params"].update(jax.device_get(state.frozen["params"]))
+    v["lora"] = jax.device_get(state.trainable["lora"])
+    h = model.apply(v, {k: jnp.asarray(x) for k, x in batch.items()})
+    assert h.dtype == jnp.bfloat16
+    assert model.apply(v, h, method=UM.text_logits).dtype == jnp.float32

@@ -57,7 +57,8 @@ class Encoded(NamedTuple):
 
 
 _IMAGE_TASKS_USER = ("vqa", "caption")
-_IMAGE_TASKS_ASSISTANT = ("generation",)
+_IMAGE_TASKS_ASSISTANT = ("generation", "gen_reasoning")
+_IMAGE_TASKS_BOTH = ("edit", "correct", "mm_reasoning")  # reasoning subsets: an input and an output image
 
 
 def _image_values(seg, where: str, cfg: SequenceConfig) -> tuple[np.ndarray, np.ndarray | None]:
@@ -127,6 +128,9 @@ def validate_record(record: Record, tokenizer: TextTokenizer, cfg: SequenceConfi
                              f"image, got {n_user} user / {n_asst} assistant images")
         if record.task in _IMAGE_TASKS_ASSISTANT and n_asst < 1:
             raise ValueError(f"{where}: task {record.task!r} expects >=1 assistant image, got {n_asst}")
+        if record.task in _IMAGE_TASKS_BOTH and (n_user < 1 or n_asst < 1):
+            raise ValueError(f"{where}: task {record.task!r} expects >=1 user and >=1 assistant image, got "
+                             f"{n_user} user / {n_asst} assistant images")
 
 
 def encode_record(record: Record, tokenizer: TextTokenizer, template: ChatTemplate,

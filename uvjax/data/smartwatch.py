@@ -404,8 +404,13 @@ GENERATION_TASKS = ("generation",)
 
 
 def stream_of(record: Record) -> str:
-    """Which mixing stream a Smart Watch record belongs to."""
-    return "generation" if record.task in GENERATION_TASKS else "understanding"
+    """Which mixing stream a record belongs to: plain generation → generation; an assistant image in
+    any other task (reasoning, editing, correction, interleaved) → interleaved; else understanding."""
+    if record.task in GENERATION_TASKS:
+        return "generation"
+    if record.images("assistant"):
+        return "interleaved"
+    return "understanding"
 
 
 def write_split(spec: SmartWatchSpec, out_dir: str, records_per_shard: int = 2000,
@@ -414,7 +419,7 @@ def write_split(spec: SmartWatchSpec, out_dir: str, records_per_shard: int = 200
     ``{out_dir}/{spec.name}-understanding-00000.array_record`` and ``...-generation-...``."""
     from uvjax.data import storage
     writers = {s: storage.ShardWriter(out_dir, f"{spec.name}-{s}", records_per_shard)
-               for s in ("understanding", "generation")}
+               for s in ("understanding", "generation", "interleaved")}
     try:
         for rec in (generate(spec) if records is None else records):
             writers[stream_of(rec)].write(rec)
