@@ -1,0 +1,178 @@
+"""``python -m uvjax.generate --workdir=RUN (--prompt=TEXT | --image=PNG --question=TEXT | --batch=FILE.jsonl) --out=PATH``
+
+Generates with a trained run: text-to-image (``--prompt``), image question answering (``--image`` +
+``--question``) or a JSONL batch (one ``{"prompt": ...}`` or ``{"image": ..., "question": ...}`` per
+line, optional ``"id"``). Images go through the run's VQ tokenizer (``<workdir>/vq/vq.safetensors`` or
+a config path, see :func:`~uvjax.inference.decode.find_vq`): input PNGs are resized to its training
+size and encoded to codes; generated codes are decoded to PNGs. Without a VQ tokenizer, requests that
+need images fail with a clear message (``--no_force_image`` text-only prompts still work).
+
+``--out``: a ``.png`` path (first image there, further ones ``<stem>_<k>.png``, JSON ``<stem>.json``)
+or a directory (``<i>.png`` per request image, ``generations.json``). The JSON lists per request the
+prompt, the generated text, the PNG paths and the codes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+import uvjax.train  # noqa: F401  (load_trained imports it; it owns the --workdir flag we share)
+
+F = flags.FLAGS
+flags.DEFINE_string("prompt", None, "text-to-image prompt")
+flags.DEFINE_string("image", None, "input PNG (with --question)")
+flags.DEFINE_string("question", None, "question about --image")
+flags.DEFINE_string("batch", None, "JSONL file of requests")
+flags.DEFINE_string("out", None, "output .png path or directory")
+flags.DEFINE_integer("max_new_tokens", 0, "decoding budget (0: 64 text tokens + one image)")
+flags.DEFINE_float("temperature", 0.0, "text temperature (0 = greedy)")
+flags.DEFINE_integer("top_k", 0, "text top-k (0 = off)")
+flags.DEFINE_float("top_p", 1.0, "text nucleus mass (1 = off)")
+flags.DEFINE_float("image_temperature", 1.0, "image code temperature (0 = greedy)")
+flags.DEFINE_integer("image_top_k", 0, "image code top-k (0 = off)")
+flags.DEFINE_float("cfg_scale", 0.0, "classifier-free guidance s: logits = cond + s (cond - uncond)")
+flags.DEFINE_integer("max_images", 1, "images per answer")
+flags.DEFINE_bool("force_image", True, "text-to-image prompts: force <boi> if the model has not opened "
+                  "an image after 32 text tokens")
+flags.DEFINE_integer("image_tokens", 0, "codes per image (0: from the VQ tokenizer's grid)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_integer("batch_size", 16, "requests per decoding batch")
+
+
+def read_requests(prompt, image, question, batch) -> list[dict]:
+    given = [x is not None for x in (prompt, image or question, batch)]
+    if sum(given) != 1:
+        raise app.UsageError("give exactly one of --prompt, --image with --question, or --batch")
+    if batch:
+        out = []
+        with open(batch) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    r = json.loads(line)
+                    if not ("prompt" in r) ^ ("image" in r and "question" in r):
+                        raise ValueError(f"{batch}:{n}: expected {{'prompt': ...}} or {{'image': ..., 'question': ...}}")
+                    out.append(r)
+        return out
+    if prompt is not None:
+        return [{"prompt": prompt}]
+    if not (image and question):
+        raise app.UsageError("--image needs --question (and --question needs --image)")
+    return [{"image": image, "question": question}]
+
+
+def load_png(path: str, size: int) -> np.ndarray:
+    from PIL import Image
+    im = Image.open(path)
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    im = im.convert("RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BOX if im.size[0] > size else Image.Resampling.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
+def _vq_image_size(vq_path: str, cfg) -> int:
+    p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
+    if os.path.exists(p):
+        with open(p) as f:
+            s = json.load(f).get("data", {}).get("image_size")
+        if s:
+            return int(s)
+    return int(cfg.data.get("image_size", 0) or 128)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not F.workdir or not F.out:
+        raise app.UsageError("--workdir and --out are required")
+    from uvjax.data.records import Record, Segment
+    from uvjax.data.tokenizer import get_template
+    from uvjax.inference.decode import (DecodeSettings, Generator, SpecialIds, VQCodec, encode_prompt,
+                                        find_vq, null_prompt)
+    from uvjax.inference.loading import load_trained
+    from uvjax.models.vq import save_png
+
+    reqs = read_requests(F.prompt, F.image, F.question, F.batch)
+    run = load_trained(F.workdir)
+    cfg, tok = run.cfg, run.tokenizer
+    vq_path, looked = find_vq(run.workdir, cfg)
+    needs_vq = any("image" in r for r in reqs) or (F.force_image and any("prompt" in r for r in reqs))
+    if needs_vq and vq_path is None:
+        raise SystemExit(f"this request needs the run's VQ tokenizer (image inputs/outputs) but none was found; "
+                         f"looked at {looked}. Train one with `python -m uvjax.training.vq_train ... "
+                         f"--workdir={run.workdir}/vq`, or use --no_force_image for text-only prompts")
+    if run.model.cfg.image.output_kind != "codes" and F.force_image:
+        raise SystemExit("this run generates continuous features, which have no pixel decoder; "
+                         "use --no_force_image")
+    codec = VQCodec(vq_path) if vq_path else None
+    size = _vq_image_size(vq_path, cfg) if codec else 0
+    n_codes = F.image_tokens or (int(np.prod(codec.cfg.grid(size))) if codec else 0)
+    if not codec:
+        n_codes = 0  # no decoder: never open an image
+    template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
+    prompts, nulls = [], []
+    for r in reqs:
+        if "prompt" in r:
+            rec = Record("prompt", "generation", [Segment("user", "text", text=r["prompt"])])
+        else:
+            codes = codec.encode(load_png(r["image"], size)[None])[0]
+            rec = Record("question", "vqa", [Segment("user", "image", codes=codes),
+                                             Segment("user", "text", text=r["question"])])
+        prompts.append(encode_prompt(rec, tok, template))
+        nulls.append(encode_prompt(null_prompt(rec), tok, template))
+    base = DecodeSettings(
+        max_new_tokens=F.max_new_tokens or (64 + (n_codes + 2) * F.max_images if n_codes else 64),
+        temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, image_tokens=n_codes,
+        image_temperature=F.image_temperature, image_top_k=F.image_top_k,
+        max_images=F.max_images if n_codes else 0)
+    # text-to-image rows may get <boi> forced; image questions never do (separate batches)
+    t2i = dataclasses.replace(base, force_image_within=32 if (F.force_image and n_codes) else 0)
+    ids = SpecialIds.from_tokenizer(tok)
+    gen = Generator(run.model, run.variables, ids)
+
+    single = F.out.lower().endswith(".png")
+    out_dir = os.path.dirname(os.path.abspath(F.out)) if single else F.out
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.abspath(F.out))[0] if single else None
+    results, k_img = [None] * len(reqs), 0
+    groups = [([i for i, r in enumerate(reqs) if "prompt" in r], t2i),
+              ([i for i, r in enumerate(reqs) if "prompt" not in r], base)]
+    for idx, settings in groups:
+        for start in range(0, len(idx), F.batch_size):
+            rows = idx[start:start + F.batch_size]
+            out = gen.generate([prompts[i] for i in rows], settings,
+                               null_prompts=[nulls[i] for i in rows] if F.cfg_scale else None,
+                               cfg_scale=F.cfg_scale, seed=F.seed + rows[0])
+            for row, i in enumerate(rows):
+                r = reqs[i]
+                imgs = [c for c in out.images(row, ids) if len(c) == n_codes]
+                paths = []
+                for j, c in enumerate(imgs):
+                    if single:
+                        path = F.out if k_img == 0 else f"{stem}_{k_img}.png"
+                    else:
+                        path = os.path.join(out_dir, f"{r.get('id', i)}" + (f"_{j}" if j else "") + ".png")
+                    save_png(codec.decode(np.asarray(c)[None])[0], path)
+                    paths.append(path)
+                    k_img += 1
+                results[i] = {**r, "text": out.text(row, ids, tok).strip(), "images": paths,
+                              "codes": [np.asarray(c).tolist() for c in imgs]}
+    meta = {"workdir": run.workdir, "step": run.step, "vq": vq_path, "image_tokens": n_codes,
+            "cfg_scale": F.cfg_scale, "seed": F.seed, "settings": dataclasses.asdict(t2i), "results": results}
+    json_path = stem + ".json" if single else os.path.join(out_dir, "generations.json")
+    with open(json_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    for r in results:
+        print(f"{r.get('prompt') or r.get('question')!r} -> {r['text']!r} {r['images']}")
+    print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
