@@ -29,6 +29,7 @@ setup(
         "matplotlib==3.11.2",
         "gguf==0.19.0",
         "psutil==7.2.2",
+        "ml-dtypes==0.6.0",
         "pyarrow==26.0.1",
         "scipy==1.17.1",
     ],

