@@ -21,6 +21,9 @@ def get_config(arg: str | None = None):
     c.loss.w_image = 0.2  # the paper's alpha for VQ outputs
     c.loss.image_loss = "ce"
     c.data.system_prompt = ""  # a from-scratch model needs no system prompt; it would cost ~100 tokens
+    c.data.cfg_dropout = 0.1  # generation prompts dropped to the null prompt: classifier-free guidance
+    # the paper's mix: every image gives a VQA, a caption (understanding) and a generation record
+    c.data.streams.understanding.weight, c.data.streams.generation.weight = 2.0, 1.0
     c.stages.build = True  # render data, train tokenizer + VQ, pre-tokenise (cached), then train
     if preset == "tiny":
         m = c.model

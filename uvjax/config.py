@@ -40,7 +40,8 @@ def base_config() -> mlc.ConfigDict:
     m.lora = mlc.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=tuple(PROJECTIONS)))
     m.image = mlc.ConfigDict(dict(num_codes=1024, code_dim=8, feature_dim=0, input_kind="codes",
                                   output_kind="codes", und_adapter="linear", gen_adapter="linear",
-                                  share_adapters=False))
+                                  share_adapters=False, codebook_from="", align_strength=0.0, align_seed=42,
+                                  align_translation=False))
 
     c.loss = l = mlc.ConfigDict()
     l.w_text = 1.0
@@ -69,7 +70,9 @@ def base_config() -> mlc.ConfigDict:
     t.seq_len = 128
     t.seed = 0
     t.trainable = (".*",)  # full fine-tuning; LoRA presets: ("lora/.*", ADAPTER_PATTERN)
-    t.nonfinite = "skip"  # skip | halt
+    t.nonfinite = "skip"  # skip | halt (both never apply a non-finite update; halt also stops the run)
+    t.spike_factor = 0.0  # > 1: skip updates whose loss exceeds this x the running median (0 = off)
+    t.spike_window = 100  # steps in that running median (training/guard.py)
     t.log_every = 10
     t.checkpoint_every = 200
     t.eval_every = 0  # quick evaluation every N steps (0 = only the final evaluation of the stages)
@@ -129,7 +132,7 @@ def model_config(cfg) -> UnifiedConfig:
         rope_base=float(m.rope_base), rope_scaling=tuple(m.rope_scaling), norm_eps=float(m.norm_eps),
         tie_embeddings=bool(m.tie_embeddings), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
         lora=lora)
-    im = ImageConfig(**{k: m.image[k] for k in m.image.keys()})
+    im = ImageConfig(**{k: m.image[k] for k in m.image.keys() if k != "codebook_from"})
     return UnifiedConfig(dec, im)
 
 
@@ -153,7 +156,9 @@ def validate(cfg) -> None:
             raise ValueError(f"loss.{k}={cfg.loss[k]} must be in (0, 1]")
     if cfg.train.nonfinite not in ("skip", "halt"):
         raise ValueError(f"train.nonfinite={cfg.train.nonfinite!r}; expected 'skip' or 'halt'")
-    for k in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "checkpoint_every"):
+    if cfg.train.spike_factor and cfg.train.spike_factor <= 1:
+        raise ValueError(f"train.spike_factor={cfg.train.spike_factor} must be 0 (off) or > 1")
+    for k in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "checkpoint_every", "spike_window"):
         if int(cfg.train[k]) <= 0:
             raise ValueError(f"train.{k}={cfg.train[k]} must be positive")
     if cfg.model.lora.rank < 0:

@@ -373,10 +373,13 @@ def main(argv):
     if F.inception:
         raise SystemExit("FID with Inception weights is not supported yet; the report's Fréchet distance uses "
                          "the attribute judge's features (frechet_judge)")
+    from uvjax.inference.loading import load_config
+    from uvjax.stages_features import evaluation_kwargs
+    extra = evaluation_kwargs(F.workdir, load_config(F.workdir))  # SigLIP inputs: the run's own tower
     report = evaluate_run(F.workdir, quick=F.quick, num_images=F.num_images or None, judge_dir=F.judge_dir,
                           batch_size=F.batch_size, cfg_scale=F.cfg_scale, image_temperature=F.image_temperature,
                           image_top_k=F.image_top_k, seed=F.seed, tasks=tuple(F.tasks), out_dir=F.out,
-                          image_size=F.image_size or None, progress=True)
+                          image_size=F.image_size or None, progress=True, **extra)
     print(format_table(report))
     print(f"\nwrote {report['files']['report']}")
 

@@ -239,6 +239,9 @@ def _bar(desc: str, total: int):
 def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict, dict]:
     """Builds or reuses the stages before the LM; returns the config pointed at their outputs
     (tokenizer, data shards, image token count) and a summary of the stage paths."""
+    from uvjax.stages_features import needs_feature_stages, prepare_features
+    if needs_feature_stages(cfg):  # SigLIP variants: + the tower stage, per-role encoding
+        return prepare_features(cfg, workdir, progress=progress)
     sc = cfg.stages
     cache = os.path.abspath(sc.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache"))
     os.makedirs(cache, exist_ok=True)
@@ -263,6 +266,8 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         for stream in ("understanding", "generation"):
             cfg.data.streams[stream].paths = (os.path.join(ds_dir, "train", f"train-{stream}-*.array_record"),)
         cfg.data.image_tokens = int(ds_info["image_tokens"])
+        if "codes" in (cfg.model.image.input_kind, cfg.model.image.output_kind):
+            cfg.model.image.codebook_from = vq_dir  # fresh runs start their code vectors from the VQ's
         if cfg.model.image.num_codes != ds_info["codebook_size"] or cfg.model.image.code_dim != ds_info["code_dim"]:
             raise ValueError(f"model.image.num_codes/code_dim ({cfg.model.image.num_codes}/{cfg.model.image.code_dim}) "
                              f"must match the VQ tokenizer ({ds_info['codebook_size']}/{ds_info['code_dim']}): "

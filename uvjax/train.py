@@ -117,6 +117,30 @@ def build_data_iterator(cfg, workdir: str, local_batch: int):
         process_index=jax.process_index(), process_count=jax.process_count(), seed=int(cfg.train.seed))
 
 
+def init_codebook_from_vq(state, trainer, cfg):
+    """Fresh runs: the model's code vectors (``params/image_codebook``, what the adapters read) start
+    as the VQ tokenizer's own l2-normalised codebook, as in the paper (VQ features → adapter), instead
+    of random unit vectors; codes that look alike then start alike. Needs ``model.image.codebook_from``
+    (set by the stages to the VQ directory)."""
+    src = cfg.model.image.get("codebook_from", "") if hasattr(cfg.model.image, "get") else ""
+    if not src:
+        return state
+    import jax
+    import numpy as np
+    from uvjax.stages import VQCodec
+    book = VQCodec(src).codebook().astype(np.float32)
+    for part in ("trainable", "frozen"):
+        tree = getattr(state, part)
+        if "params" in tree and "image_codebook" in tree["params"]:
+            old = tree["params"]["image_codebook"]
+            if old.shape != book.shape:
+                raise ValueError(f"model.image codebook {old.shape} != VQ codebook {book.shape} in {src}")
+            new = jax.device_put(book.astype(old.dtype), old.sharding)
+            tree = {**tree, "params": {**tree["params"], "image_codebook": new}}
+            state = state.replace(**{part: tree})
+    return state
+
+
 def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
     """The quick evaluation (a few test images) on the in-memory parameters, logged as eval/...;
     needs the stages' VQ tokenizer (and a cached judge for generation scores)."""
@@ -136,13 +160,22 @@ def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
 
 
 def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:
-    """Trains to ``cfg.train.steps`` (resuming if possible). Returns a summary dict."""
+    """Trains to ``cfg.train.steps`` (resuming if possible). Returns a summary dict. Holds the work
+    directory's lock (``training/lock.py``): a second run on the same directory is refused."""
+    import jax
+    from uvjax.training.lock import workdir_lock
+    with workdir_lock(workdir, enabled=jax.process_index() == 0):
+        return _run(cfg, workdir, data_iterator=data_iterator, progress=progress)
+
+
+def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:
     import jax
     import numpy as np
 
     from uvjax.config import model_config, validate
     from uvjax.models.unified import UnifiedModel
     from uvjax.training.checkpoint import Checkpointer, abstract_like
+    from uvjax.training.guard import StepGuard, data_position, nonfinite_leaves
     from uvjax.training.metrics import MetricWriter
     from uvjax.training.optimizer import learning_rates
     from uvjax.training.sharding import check_batch_divisibility, global_batch_from_local, make_mesh
@@ -163,16 +196,25 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpoint)
-    start = ckpt.latest_step() or 0
+    guard = StepGuard.from_config(cfg, workdir, primary)
+
+    def finite_params(restored):  # a checkpoint holding NaN/Inf parameters is not a good step
+        bad = nonfinite_leaves(restored["state"].trainable)
+        if bad:
+            raise ValueError(f"non-finite parameters in {bad}")
+
+    start, restored, unreadable = ckpt.restore_latest(abstract_like(state, trainer.state_shardings), it,
+                                                      with_meta=True, validate=finite_params)
     if start:
-        restored = ckpt.restore(start, abstract_like(state, trainer.state_shardings), it)
         if "data_json" in restored:
             it.set_state(restored["data_json"])
+        state = restored["state"]
+        guard.load_state_dict((restored.get("meta") or {}).get("guard"))
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:  # a fresh run starts from the pretrained LLM when config.model.pretrained is set
         from uvjax.weights.pretrained import load_base_into_state
         state = load_base_into_state(state, trainer, cfg)
-        state = restored["state"]
-        logging.info("resumed from %s at step %d", ckpt.directory, start)
+        state = init_codebook_from_vq(state, trainer, cfg)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
@@ -195,12 +237,16 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     t_log, n_log = time.time(), 0
     while step < total and not stop:
+        position = data_position(it)  # names the batch if its update is skipped (training/guard.py)
         local = next(it)
         batch = global_batch_from_local(local, mesh)
         if step_fn is None:
             step_fn = make_train_step(trainer, batch)
             tc = time.time()
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, guard.max_loss(step + 1))
+        halted = guard.push(step + 1, position, metrics)
+        if halted:
+            break
         if compile_s is None:
             jax.block_until_ready(metrics)
             compile_s = time.time() - tc
@@ -208,7 +254,9 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
         step += 1
         n_log += 1
         if step % cfg.train.log_every == 0 or step == total or stop:
+            halted = guard.flush()
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m.update({f"skipped/{k}_total": float(v) for k, v in guard.counts.items()})
             dt = time.time() - t_log
             m["tokens_per_s"] = n_log * tokens_per_step / max(dt, 1e-9)
             m.update(learning_rates(cfg.optim, int(cfg.train.steps), step - 1))
@@ -221,38 +269,71 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
             if m["tokens/dropped_targets"] > 0:
                 halted = (f"step {step}: {int(m['tokens/dropped_targets'])} targets exceeded the logits capacity; "
                           f"raise loss.text_target_capacity / loss.image_target_capacity")
-            if cfg.train.nonfinite == "halt" and not np.isfinite(m["loss"]):
-                halted = f"step {step}: non-finite loss {m['loss']} (train.nonfinite='halt')"
             if halted:
                 break
         if bar is not None:
             bar.update(1)
         if step % cfg.train.checkpoint_every == 0 and step < total:
-            ckpt.save(step, state, it, meta)
+            halted = guard.flush()
+            if halted:
+                break
+            meta["guard"] = guard.state_dict()
+            _save(ckpt, step, state, it, meta, writer)
             last_saved = step
         eval_every = int(cfg.train.get("eval_every", 0) or 0)
         if eval_every and step % eval_every == 0 and step < total and primary and cfg.stages.build:
             _quick_eval(cfg, model, state, workdir, step, writer)
     if bar is not None:
         bar.close()
+    halted = halted or guard.flush()
     if halted:
-        ckpt.close()
-        writer.close()
+        try:
+            ckpt.close()
+        finally:
+            writer.close()
         raise RuntimeError(halted + f"; last good checkpoint: step {last_saved} in {ckpt.directory}")
     if step > last_saved:
-        ckpt.save(step, state, it, meta)
-    ckpt.close()
-    writer.close()
+        meta["guard"] = guard.state_dict()
+        _save(ckpt, step, state, it, meta, writer)
+    _close(ckpt, writer)
     if data_iterator is None and hasattr(it, "close"):
         it.close()
     if stop and primary:
-        logging.warning("stopped by signal %s at step %d; checkpoint saved", stop.signal, step)
+        if step > start:
+            logging.warning("stopped by signal %s at step %d; checkpoint saved", stop.signal, step)
+        elif start:
+            logging.warning("stopped by signal %s before a step ran; the checkpoint of step %d is unchanged",
+                            stop.signal, start)
+        else:
+            logging.warning("stopped by signal %s before the first step completed: nothing to save yet",
+                            stop.signal)
     return {"step": step, "steps_run": step - start, "stopped_by_signal": bool(stop), "compile_s": compile_s,
-            "wall_s": time.time() - t0, "workdir": workdir}
+            "wall_s": time.time() - t0, "workdir": workdir, "checkpoint_step": step if step else None,
+            "unreadable_checkpoints": unreadable, "skipped_updates": dict(guard.counts)}
+
+
+def _save(ckpt, step, state, it, meta, writer) -> None:
+    """A failed save (disk full ...) stops the run with CheckpointError naming the last good step."""
+    from uvjax.training.checkpoint import CheckpointError
+    try:
+        ckpt.save(step, state, it, meta)
+    except CheckpointError:
+        _close(ckpt, writer, quiet=True)
+        raise
+
+
+def _close(ckpt, writer, quiet: bool = False) -> None:
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001
+        if not quiet:
+            raise
+    finally:
+        writer.close()
 
 
 LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
-                                    "async_checkpoint", "progress")}
+                                    "async_checkpoint", "progress", "spike_factor", "spike_window")}
 
 
 def lm_fingerprint(cfg) -> str:
@@ -309,7 +390,9 @@ def run_all(cfg, workdir: str) -> dict:
         except ImportError:
             evaluate_run = None
         if evaluate_run is not None:
-            summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick))
+            from uvjax.stages_features import evaluation_kwargs
+            summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick),
+                                                 **evaluation_kwargs(workdir, cfg))
             times["evaluate"] = time.time() - t
             StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
                                     path=workdir)
@@ -328,9 +411,18 @@ def main(argv):
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/vqvq.py")
     workdir = resolve_workdir(cfg, FLAGS.workdir)
-    summary = run_all(cfg, workdir)
+    import jax
+    from uvjax.training.lock import WorkdirLockedError, workdir_lock
+    try:  # the lock covers the stages too; run() takes it again (re-entrant)
+        with workdir_lock(workdir, enabled=jax.process_index() == 0):
+            summary = run_all(cfg, workdir)
+    except WorkdirLockedError as e:
+        raise SystemExit(f"uvjax.train: {e}") from None
     print(json.dumps({k: v for k, v in summary.items() if k != "evaluation"}, default=str))
 
 
 if __name__ == "__main__":
+    # Library code imports uvjax.train (e.g. loading a run for evaluation); make that the running
+    # module instead of a second copy that would define the absl flags again.
+    sys.modules.setdefault("uvjax.train", sys.modules["__main__"])
     app.run(main)

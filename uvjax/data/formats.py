@@ -176,7 +176,7 @@ class ImageOptions:
             return Segment(role, "image", path=rel)
         try:
             pixels = storage.load_image(rel, self.image_dir, where=where, size=self.image_size,
-                                        convert=True)
+                                        convert=True, max_pixels=limits.max_image_pixels)
         except ValueError as e:
             raise FormatError(where, f"cannot load image {rel!r}: {e}", "bad_image") from e
         return Segment(role, "image", pixels=pixels)

@@ -60,6 +60,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle = True
     c.num_epochs = config_dict.placeholder(int)            # None = repeat forever
     c.on_error = "raise"                                   # raise | skip (count + warn)
+    c.cfg_dropout = 0.0                                    # P(generation prompt -> null prompt), for CFG
     c.skip_warn_fraction = 0.01                            # warn once above this skipped fraction
     c.workers = 0                                          # mp_prefetch worker processes (0 = off)
     c.worker_buffer_size = 2
@@ -93,9 +94,10 @@ class ReadEncode:
     Module-level and picklable so ``mp_prefetch`` workers can run it."""
 
     def __init__(self, reader: RecordReader, tokenizer: TextTokenizer, template: ChatTemplate,
-                 cfg: SequenceConfig, on_error: str):
+                 cfg: SequenceConfig, on_error: str, cfg_dropout: float = 0.0, seed: int = 0):
         self.reader, self.tokenizer, self.template = reader, tokenizer, template
         self.cfg, self.on_error = cfg, on_error
+        self.cfg_dropout, self.seed = float(cfg_dropout), int(seed)
 
     def encode(self, index: int):
         where = self.reader.where(index)
@@ -105,6 +107,9 @@ class ReadEncode:
             raise ValueError(f"{where}: unreadable record ({type(e).__name__}: {e})") from e
         from uvjax.data.records import record_from_bytes
         rec = record_from_bytes(data, where)
+        if self.cfg_dropout > 0 and np.random.default_rng([self.seed, 4099, index]).random() < self.cfg_dropout:
+            from uvjax.data.records import null_prompt_record
+            rec = null_prompt_record(rec)  # classifier-free guidance: learn the unconditional image too
         return encode_record(rec, self.tokenizer, self.template, self.cfg, pad=False,
                              where=f"{where} (id {rec.id!r})")
 
@@ -261,7 +266,8 @@ def stream_dataset(paths: list[str], tokenizer: TextTokenizer, template: ChatTem
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=_stream_seed(seed, stream))
     ds = ds.repeat(data_cfg.num_epochs)
-    ds = ds.map(ReadEncode(reader, tokenizer, template, seq_cfg, data_cfg.on_error))
+    ds = ds.map(ReadEncode(reader, tokenizer, template, seq_cfg, data_cfg.on_error,
+                           float(data_cfg.get("cfg_dropout", 0.0) or 0.0), seed))
     return _AttachStats(ds.to_iter_dataset())
 
 

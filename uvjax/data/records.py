@@ -125,3 +125,27 @@ def record_from_bytes(b: bytes, where: str = "record") -> Record:
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
         raise ValueError(f"{where}: malformed record bytes ({type(e).__name__}: {e})") from e
     return rec.validate(where)
+
+
+def null_prompt(record: Record) -> Record:
+    """The unconditional version of a conversation: user text segments become empty strings and
+    user images are dropped (one empty text per user turn remains); everything else (system turn,
+    assistant answer and images, task, attributes) is kept. Inference builds the classifier-free
+    guidance null stream from the prompt record with this; training uses :func:`null_prompt_record`."""
+    segs: list[Segment] = []
+    for s in record.segments:
+        if s.role != "user":
+            segs.append(s)
+        elif not segs or segs[-1].role != "user":
+            segs.append(Segment("user", "text", text=""))
+    return Record(record.id, record.task, segs, dict(record.attributes))
+
+
+def null_prompt_record(record: Record) -> Record:
+    """Training-time prompt dropout for classifier-free guidance: :func:`null_prompt` of a record with
+    an assistant image (the image is still trained, after an uninformative prompt); records without
+    an assistant image are returned unchanged. The pipeline applies it with probability
+    ``data.cfg_dropout``, seeded by (seed, record index) so a resumed run replays the same choices."""
+    if not record.images("assistant"):
+        return record
+    return null_prompt(record)

@@ -84,6 +84,8 @@ def _image_values(seg, where: str, cfg: SequenceConfig) -> tuple[np.ndarray, np.
         if feats.shape[1] != cfg.feature_dim:
             raise ValueError(f"{where}: image features have F={feats.shape[1]}, expected "
                              f"feature_dim={cfg.feature_dim}")
+        if not np.isfinite(feats).all():  # would make the loss NaN (bad data, not a bad step)
+            raise ValueError(f"{where}: image features contain NaN or Inf")
         n = feats.shape[0]
         toks = np.zeros((n,), np.int32)
     if n == 0:

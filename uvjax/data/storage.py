@@ -169,22 +169,38 @@ def check_pixels(pixels: np.ndarray, where: str, size: int | tuple[int, int] | N
     return a
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # same bound as data.formats.Limits.max_image_pixels (decompression bombs)
+
+
 def load_image(path: str, image_dir: str = "", *, where: str = "image",
-               size: int | tuple[int, int] | None = None, convert: bool = False) -> np.ndarray:
+               size: int | tuple[int, int] | None = None, convert: bool = False,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Reads an image file as uint8 RGB. Missing files, undecodable bytes, a mode other than RGB
-    (unless ``convert``) or a size other than ``size`` raise ValueError naming the file."""
+    (unless ``convert``) or a size other than ``size`` raise ValueError naming the file. With an
+    ``image_dir``, a path that leaves it (absolute, ``..``, a symlink pointing out) is refused; an
+    image of more than ``max_pixels`` pixels is refused from its header, before it is decoded."""
     from PIL import Image, UnidentifiedImageError
-    full = os.path.join(image_dir, path) if image_dir else path
+    if image_dir:
+        root = os.path.realpath(image_dir)
+        full = os.path.join(image_dir, path)
+        if os.path.isabs(path) or os.path.commonpath([root, os.path.realpath(full)]) != root:
+            raise ValueError(f"{where}: image path {path!r} leaves the image folder {image_dir!r}; refused")
+    else:
+        full = path
     if not os.path.isfile(full):
         raise ValueError(f"{where}: image file {full!r} not found")
     try:
         with Image.open(full) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"{where}: image file {full!r} is {w}x{h} pixels, more than the "
+                                 f"{max_pixels} allowed (decompression bomb?); refused")
             im.load()
             if im.mode != "RGB":
                 if not convert:
                     raise ValueError(f"{where}: image file {full!r} has mode {im.mode}, expected RGB")
                 im = im.convert("RGB")
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"{where}: image file {full!r} is corrupt or not an image ({e})") from e
     return check_pixels(arr, f"{where} ({full})", size)

@@ -91,31 +91,7 @@ class SpecialIds:
 
 
 # ============================================================================ prompts
-def null_prompt(record: Record) -> Record:
-    """The unconditional version of a conversation: user text segments become empty strings and
-    user images are dropped (one empty text per user turn remains); everything else (system turn,
-    assistant answer and images, task, attributes) is kept. Inference builds the CFG null stream
-    from the prompt record with this, training via :func:`null_prompt_record`."""
-    segs: list[Segment] = []
-    for s in record.segments:
-        if s.role != "user":
-            segs.append(s)
-        elif not segs or segs[-1].role != "user":
-            segs.append(Segment("user", "text", text=""))
-    return Record(record.id, record.task, segs, dict(record.attributes))
-
-
-def null_prompt_record(record: Record) -> Record:
-    """Training-time prompt dropout for classifier-free guidance: :func:`null_prompt` of a record that
-    has an assistant image, so the sequence still trains the image after an uninformative prompt;
-    records without an assistant image are returned unchanged (only generation has a null stream).
-
-    Data-side hook (``uvjax/data/pipeline.py``, ``ReadEncode.encode``): after ``record_from_bytes``,
-    ``if p > 0 and rng.random() < p: rec = null_prompt_record(rec)`` with ``rng`` seeded from
-    (seed, global record index), so a resumed run replays the same choices."""
-    if not record.images("assistant"):
-        return record
-    return null_prompt(record)
+from uvjax.data.records import null_prompt, null_prompt_record  # noqa: E402  (re-exported)
 
 
 def encode_prompt(record: Record, tokenizer: TextTokenizer, template: ChatTemplate, *,

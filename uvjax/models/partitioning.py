@@ -31,7 +31,10 @@ DEFAULT_RULES = (
     ("code_dim", None),
     ("features", None),
     ("layers", None),
-    ("lora_rank", None),
+    # LoRA B [rank, out]: out is often a tensor-parallel dim (heads, mlp), so shard the rank over fsdp,
+    # or B is replicated on every FSDP device (2 GB per chip for Vicuna-7B r=128). In A [in, rank] the
+    # in dim already uses fsdp, so the rank stays whole there.
+    ("lora_rank", "fsdp"),
     ("norm", None),
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -28,6 +28,10 @@ class ImageConfig:
     und_adapter: str = "linear"
     gen_adapter: str = "linear"
     share_adapters: bool = False  # the reference silently shared them; here it is explicit
+    # alignment experiment: a fixed affine distortion (strength s, seed) of the understanding features
+    align_strength: float = 0.0
+    align_seed: int = 42
+    align_translation: bool = False
 
     def validate(self) -> "ImageConfig":
         for k in ("input_kind", "output_kind"):
@@ -91,6 +95,9 @@ class UnifiedModel(nn.Module):
         feats = batch.get("features")
         und_in = code_vec if im.input_kind == "codes" else feats
         gen_in = code_vec if im.output_kind == "codes" else feats
+        if im.align_strength and und_in is not None:
+            from uvjax.models import alignment
+            und_in = alignment.apply_config(und_in, im.align_strength, im.align_seed, im.align_translation)
         und = self.understanding_adapter(und_in)
         gen_adapter = self.understanding_adapter if im.share_adapters else self.generation_adapter
         gen = gen_adapter(gen_in)

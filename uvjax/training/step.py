@@ -2,7 +2,7 @@
 
 State = {step, trainable, frozen, opt_state, rng} (plain pytrees). Gradients and optimizer state cover
 ``trainable`` only. One step: global target counts from the whole batch → per microbatch loss sums
-normalised by those global counts → summed gradients (exact accumulation) → optional non-finite skip
+normalised by those global counts → summed gradients (exact accumulation) → non-finite / loss-spike skip
 → optax update. Initialisation goes eval_shape → shardings → jitted init with out_shardings, so no
 host ever materialises unsharded parameters.
 """
@@ -145,9 +145,8 @@ def make_train_step(trainer: Trainer, batch_like: dict):
     loss_fn = make_loss_fn(trainer.model, cfg)
     accum = int(cfg.train.grad_accum)
     weights = dict(w_text=cfg.loss.w_text, w_image=cfg.loss.w_image, z_loss=cfg.loss.z_loss)
-    skip_nonfinite = cfg.train.nonfinite == "skip"
 
-    def step_fn(state: TrainState, batch: dict):
+    def step_fn(state: TrainState, batch: dict, max_loss):
         counts = L.global_counts(batch)
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -171,22 +170,28 @@ def make_train_step(trainer: Trainer, batch_like: dict):
         metrics = L.metrics_from_sums(sums, **weights)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(gnorm)
+        spike = finite & (metrics["loss"] > max_loss)  # training/guard.py: train.spike_factor
+        apply = finite & ~spike
         updates, new_opt = trainer.tx.update(grads, state.opt_state, state.trainable)
         new_tr = optax.apply_updates(state.trainable, updates)
-        if skip_nonfinite:
-            keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-            new_tr, new_opt = keep(new_tr, state.trainable), keep(new_opt, state.opt_state)
-        metrics.update({"grad_norm": gnorm, "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)})
+        # a skipped update leaves params and optimizer state as they were (train.nonfinite='halt'
+        # also skips it, then stops the run), so parameters never become NaN
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(apply, a, b), new, old)
+        new_tr, new_opt = keep(new_tr, state.trainable), keep(new_opt, state.opt_state)
+        metrics.update({"grad_norm": gnorm, "skipped_nonfinite": 1.0 - finite.astype(jnp.float32),
+                        "skipped_spike": spike.astype(jnp.float32)})
         new_state = state.replace(step=state.step + 1, trainable=new_tr, opt_state=new_opt)
         return new_state, metrics
 
     b_sh = trainer.batch_shardings(batch_like)
-    jitted = jax.jit(step_fn, in_shardings=(trainer.state_shardings, b_sh),
+    jitted = jax.jit(step_fn, in_shardings=(trainer.state_shardings, b_sh, replicated(trainer.mesh)),
                      out_shardings=(trainer.state_shardings, replicated(trainer.mesh)), donate_argnums=(0,))
 
-    def run(state, batch):
+    def run(state, batch, max_loss=None):
+        """``max_loss``: skip the update when the loss exceeds it (loss-spike guard; None = never)."""
+        limit = np.float32(np.inf if max_loss is None else max_loss)
         with activation_sharding(trainer.mesh, trainer.rules):
-            return jitted(state, batch)
+            return jitted(state, batch, limit)
 
     run.jitted = jitted
     run.lower = lambda state, batch: _lower(trainer, jitted, state, batch)
@@ -195,4 +200,4 @@ def make_train_step(trainer: Trainer, batch_like: dict):
 
 def _lower(trainer, jitted, state, batch):
     with activation_sharding(trainer.mesh, trainer.rules):
-        return jitted.lower(state, batch)
+        return jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from uvjax.models.siglip import CLIP_MEAN, CLIP_STD, ViTConfig, clip_l14_336, param_shapes, siglip_b16
+from uvjax.models.siglip import CLIP_MEAN, CLIP_STD, ViTConfig, param_shapes, siglip_b16
 from uvjax.weights.llamagen_vq import _to_numpy, flatten_params, load_params, save_params, unflatten_params
 
 PREFIXES = ("vision_model.",)
@@ -95,8 +95,7 @@ def vit_config_from_hf(hf: Mapping[str, Any], **overrides) -> ViTConfig:
         hf = {"model_type": mt + "_vision_model", **dict(hf["vision_config"])}
         mt = hf["model_type"]
     if mt.startswith("siglip"):
-        base = siglip_b16()
-        d = dict(base.to_dict())
+        d = dict(siglip_b16().to_dict())
     elif mt.startswith("clip"):
         # transformers CLIPVisionConfig defaults (ViT-B/32 at 224), not the L/14-336 preset
         d = dict(siglip_b16().to_dict(), patch_size=32, act="quick_gelu", norm_eps=1e-5, class_token=True,
@@ -254,5 +253,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-
-clip_l14_336  # noqa: B018  (preset re-exported for callers converting the LLaVA CLIP tower)

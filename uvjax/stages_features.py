@@ -1,0 +1,351 @@
+"""First-run stages for the architectures with continuous (SigLIP) images: SigLIP-VQ, SigLIP-SigLIP, VQ-SigLIP.
+
+Why a separate module: ``uvjax.stages`` is the VQ-VQ chain (tokenizer → VQ → dataset); the feature variants
+add a tower stage and encode images *per role*, and ``uvjax.stages.prepare`` dispatches here when the model
+reads or writes features (:func:`needs_feature_stages`). The chain:
+
+    tokenizer (shared with vqvq)  →  vq (only when some image is codes; shared with vqvq)
+                                  →  siglip (``uvjax.training.siglip_pretrain``, cached)
+                                  →  dataset-features (pre-tokenisation, resumable by chunk)  →  LM
+
+Pre-tokenisation runs both frozen towers once (PRODUCT decision 5): a *user* image (understanding input)
+goes through the tower of ``model.image.input_kind`` and an *assistant* image (generation target) through
+that of ``model.image.output_kind`` — for SigLIP-VQ user images become SigLIP layer −2 features and
+assistant images VQ codes. Each distinct pixel array is encoded at most once per tower.
+
+Features are stored as ``[N, F]`` arrays in the records' image segments, by default **float16**
+(``stages.features.dtype``; ``float32`` also allowed): half the disk and read bandwidth, and a relative
+rounding error of ≤ 2^-11 (≈5e-4), far below what separates two Smart Watch images; the sequence encoder
+casts them back to float32 (``data/sequence.py``). Values beyond the float16 range would become inf, so the
+pass refuses them instead of storing them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import ml_collections as mlc
+import numpy as np
+
+FEATURE_DTYPES = ("float16", "float32")
+SIGLIP_FILE = "siglip.safetensors"
+
+
+def needs_feature_stages(cfg) -> bool:
+    im = cfg.model.image
+    return "features" in (im.input_kind, im.output_kind)
+
+
+def features_config(dtype: str = "float16") -> mlc.ConfigDict:
+    """``config.stages.features``: how pre-tokenised features are stored."""
+    return mlc.ConfigDict(dict(dtype=dtype))
+
+
+# --------------------------------------------------------------------------------------------- encoders
+class TowerEncoder:
+    """The frozen SigLIP tower trained by the ``siglip`` stage: uint8 images -> float32 [B, N, F]."""
+
+    kind = "features"
+
+    def __init__(self, siglip_dir_or_file: str):
+        from uvjax.models.siglip import FeatureExtractor
+        from uvjax.weights.hf_siglip import load_vit
+        path = siglip_dir_or_file
+        if os.path.isdir(path):
+            path = os.path.join(path, SIGLIP_FILE)
+        self.cfg, params = load_vit(path)
+        self._fx = FeatureExtractor(self.cfg, params)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.cfg.width
+
+    @property
+    def tokens(self) -> int:
+        return self.cfg.feature_tokens
+
+    def encode(self, images_u8: np.ndarray) -> np.ndarray:
+        return self._fx(images_u8)
+
+
+class CodesEncoder:
+    """A VQ codec (``uvjax.stages.VQCodec`` or anything with ``encode(u8) -> int [B, N]``) tagged as codes."""
+
+    kind = "codes"
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    def encode(self, images_u8: np.ndarray) -> np.ndarray:
+        return np.asarray(self.codec.encode(images_u8), np.int32)
+
+
+def _as_encoder(e):
+    return e if getattr(e, "kind", None) in ("codes", "features") else CodesEncoder(e)
+
+
+# ------------------------------------------------------------------------------------- pre-tokenisation
+def _store_features(f: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    out = np.asarray(f, np.float32).astype(dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{where}: non-finite features after casting to {dtype} (max |x| = "
+                         f"{np.abs(f).max():.3g}); set stages.features.dtype='float32'")
+    return out
+
+
+def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: str, *, chunk: int, batch: int,
+                               feature_dtype: str = "float16", progress=None) -> dict:
+    """Like ``uvjax.stages.pretokenise_split`` with one encoder per role (``{"user": ..., "assistant": ...}``;
+    each has ``kind`` "codes" | "features" and ``encode(uint8 [B,H,W,3])``). Renders ``spec``'s records
+    chunk by chunk, encodes every distinct image once per encoder it needs, writes per-stream shards, and
+    marks a chunk done last, so a killed pass resumes at the first unfinished chunk."""
+    from uvjax.data import smartwatch as sw
+    from uvjax.data import storage
+    from uvjax.data.records import Record, Segment
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"stages.features.dtype={feature_dtype!r}; expected one of {FEATURE_DTYPES}")
+    enc = {role: _as_encoder(e) for role, e in encoders.items()}
+    for role in ("user", "assistant"):
+        if role not in enc:
+            raise ValueError(f"no encoder for {role} images")
+    counts = {"understanding": 0, "generation": 0, "interleaved": 0}
+    n_chunks = (spec.num_images + chunk - 1) // chunk
+    for c in range(n_chunks):
+        marker = os.path.join(out_dir, f".{spec.name}-chunk{c:05d}.done")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                for k, v in json.load(f).items():
+                    counts[k] += v
+            if progress:
+                progress(min(chunk, spec.num_images - c * chunk))
+            continue
+        lo, hi = c * chunk, min(spec.num_images, (c + 1) * chunk)
+        per_image = [sw.records_for_image(spec.start_index + i, spec)[1] for i in range(lo, hi)]
+        # distinct pixel arrays each encoder needs (vqa/caption/generation records share one array)
+        need: dict[int, dict[int, np.ndarray]] = {}
+        for recs in per_image:
+            for r in recs:
+                for s in r.images():
+                    need.setdefault(id(enc[s.role]), {}).setdefault(id(s.pixels), s.pixels)
+        encoded: dict[tuple[int, int], np.ndarray] = {}
+        for e in {id(x): x for x in enc.values()}.values():
+            pix = need.get(id(e), {})
+            keys = list(pix)
+            for i in range(0, len(keys), batch):
+                out = np.asarray(e.encode(np.stack([pix[k] for k in keys[i:i + batch]])))
+                for k, o in zip(keys[i:i + batch], out):
+                    encoded[(id(e), k)] = o
+        streams: dict[str, list] = {"understanding": [], "generation": [], "interleaved": []}
+        for recs in per_image:
+            for r in recs:
+                segs = []
+                for s in r.segments:
+                    if s.kind != "image":
+                        segs.append(Segment(s.role, s.kind, text=s.text))
+                        continue
+                    e = enc[s.role]
+                    v = encoded[(id(e), id(s.pixels))]
+                    segs.append(Segment(s.role, "image", codes=v.reshape(-1).astype(np.int32)) if e.kind == "codes"
+                                else Segment(s.role, "image", features=_store_features(v, feature_dtype, r.id)))
+                streams[sw.stream_of(r)].append(Record(r.id, r.task, segs, r.attributes))
+        chunk_counts = {}
+        for name, recs in streams.items():
+            if recs:
+                prefix = f"{spec.name}-{name}-c{c:05d}"
+                for p in os.listdir(out_dir):  # leftovers of a killed attempt at this chunk
+                    if p.startswith(prefix):
+                        os.remove(os.path.join(out_dir, p))
+                storage.write_records(recs, out_dir, prefix, records_per_shard=10 ** 9)
+            chunk_counts[name] = len(recs)
+            counts[name] += len(recs)
+        with open(marker, "w") as f:
+            json.dump(chunk_counts, f)
+        if progress:
+            progress(hi - lo)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def build_siglip(sc, out: str) -> dict:
+    from uvjax.training.siglip_pretrain import train_siglip
+    scfg = sc.siglip.copy_and_resolve_references()
+    with scfg.unlocked():
+        scfg.data.image_size = int(sc.data.image_size)  # pretrain on the renders the dataset will hold
+    _, metrics = train_siglip(scfg, out, progress=True)
+    return {"retrieval": metrics["eval"], "train_time_s": metrics["train_time_s"],
+            "feature_tokens": metrics["feature_tokens"], "feature_dim": metrics["feature_dim"]}
+
+
+def _encoders(kinds: Mapping[str, str], vq_dir: str | None, siglip_dir: str | None) -> dict:
+    made = {}
+    if "codes" in kinds.values():
+        from uvjax.stages import VQCodec
+        made["codes"] = CodesEncoder(VQCodec(vq_dir))
+    if "features" in kinds.values():
+        made["features"] = TowerEncoder(siglip_dir)
+    return {role: made[k] for role, k in kinds.items()}
+
+
+def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, siglip_dir: str | None, out: str,
+                          progress_factory=None) -> dict:
+    import dataclasses
+    from uvjax.data import smartwatch as sw
+    enc = _encoders(kinds, vq_dir, siglip_dir)
+    d = sc.data
+    splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
+                               image_size=int(d.image_size))
+    info: dict = {}
+    for name, spec in splits.items():
+        if d.time_seconds:
+            spec = dataclasses.replace(spec, time_seconds=True)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        bar = progress_factory(f"pretokenise {name}", spec.num_images) if progress_factory else None
+        info[name] = pretokenise_split_features(spec, enc, os.path.join(out, name), chunk=int(d.records_per_shard),
+                                                batch=int(d.encode_batch), feature_dtype=str(sc.features.dtype),
+                                                progress=(bar.update if bar else None))
+        if bar:
+            bar.close()
+    tokens = {}
+    for role, e in enc.items():
+        if e.kind == "features":
+            tokens[role] = e.tokens
+            info["feature_dim"] = e.feature_dim
+        else:
+            h, w = e.codec.cfg.grid(int(d.image_size))
+            tokens[role] = int(h * w)
+            info.update(codebook_size=int(e.codec.cfg.codebook_size), code_dim=int(e.codec.cfg.code_dim))
+    info["image_tokens_by_role"] = tokens
+    info["kinds"] = dict(kinds)
+    info["feature_dtype"] = str(sc.features.dtype)
+    return info
+
+
+def prepare_features(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict, dict]:
+    """``uvjax.stages.prepare`` for feature architectures: builds or reuses tokenizer, VQ (if needed),
+    SigLIP tower and the pre-tokenised dataset; returns the config pointed at them and the stage paths."""
+    from uvjax.stages import StageLog, _bar, build_tokenizer, build_vq, cached_stage, fingerprint
+    sc = cfg.stages
+    if "siglip" not in sc:
+        raise ValueError("config.stages.siglip is missing: feature architectures need the SigLIP pretraining "
+                         "config there (configs/siglip_pretrain.py)")
+    feats = sc.get("features") or features_config()
+    cache = os.path.abspath(sc.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache"))
+    os.makedirs(cache, exist_ok=True)
+    log = StageLog(workdir)
+    say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
+    data_fp_parts = dict(sc.data)
+    # same fingerprints as uvjax.stages.prepare, so vqvq and the feature variants share these caches
+    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts, cfg.data.template)
+    tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache,
+                                     lambda out: build_tokenizer(sc, cfg.data.template, out), log, say)
+    im = cfg.model.image
+    kinds = {"user": str(im.input_kind), "assistant": str(im.output_kind)}
+    vq_fp = vq_dir = None
+    vq_info: dict = {}
+    if "codes" in kinds.values():
+        vq_fp = fingerprint("vq", sc.vq, int(sc.data.image_size))
+        vq_dir, vq_info = cached_stage("vq", vq_fp, cache, lambda out: build_vq(sc, out), log, say)
+    sg_fp = fingerprint("siglip", sc.siglip, int(sc.data.image_size))
+    sg_dir, sg_info = cached_stage("siglip", sg_fp, cache, lambda out: build_siglip(sc, out), log, say)
+    ds_fp = fingerprint("dataset-features", data_fp_parts, kinds, vq_fp, sg_fp, dict(feats))
+    sc_run = sc.copy_and_resolve_references()
+    with sc_run.unlocked():
+        sc_run.features = feats
+    ds_dir, ds_info = cached_stage(
+        "dataset", ds_fp, cache,
+        lambda out: build_feature_dataset(sc_run, kinds, vq_dir, sg_dir, out, _bar if progress else None), log, say)
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.data.tokenizer = tok_dir
+        for stream in ("understanding", "generation"):
+            cfg.data.streams[stream].paths = (os.path.join(ds_dir, "train", f"train-{stream}-*.array_record"),)
+        n = set(ds_info["image_tokens_by_role"].values())
+        cfg.data.image_tokens = n.pop() if len(n) == 1 else 0  # mixed counts (e.g. 196 vs 256): not checked
+        if int(cfg.model.image.feature_dim) != int(ds_info["feature_dim"]):
+            raise ValueError(f"model.image.feature_dim={cfg.model.image.feature_dim} must equal the SigLIP tower's "
+                             f"width {ds_info['feature_dim']} (stages.siglip.vit.width)")
+        if "codes" in kinds.values() and (cfg.model.image.num_codes != ds_info["codebook_size"]
+                                          or cfg.model.image.code_dim != ds_info["code_dim"]):
+            raise ValueError(f"model.image.num_codes/code_dim ({cfg.model.image.num_codes}/{cfg.model.image.code_dim}) "
+                             f"must match the VQ tokenizer ({ds_info['codebook_size']}/{ds_info['code_dim']})")
+        if cfg.model.vocab_size < tok_info["vocab_size"]:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < tokenizer vocab {tok_info['vocab_size']}")
+    return cfg, {"tokenizer": tok_dir, "vq": vq_dir, "siglip": sg_dir, "dataset": ds_dir, "vq_metrics": vq_info,
+                 "siglip_metrics": sg_info, "test_split": os.path.join(ds_dir, "test")}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def find_stage_dir(workdir: str, stage: str) -> str | None:
+    """The last ``stage`` directory recorded in ``<workdir>/stages.jsonl``."""
+    from uvjax.stages import read_stage_log
+    paths = [r["path"] for r in read_stage_log(workdir) if r.get("stage") == stage and r.get("path")]
+    return paths[-1] if paths else None
+
+
+def evaluation_kwargs(workdir: str, cfg) -> dict:
+    """Extra ``uvjax.evaluate.evaluate_run`` arguments for a run whose *understanding* images are SigLIP
+    features: test images go through the run's tower, generated codes (SigLIP-VQ) through its VQ. Empty
+    for VQ inputs (the evaluator's default VQ codec is right there, also for VQ-SigLIP)."""
+    if cfg.model.image.input_kind != "features":
+        return {}
+    sg = find_stage_dir(workdir, "siglip")
+    if sg is None:
+        raise FileNotFoundError(f"no siglip stage recorded in {workdir}/stages.jsonl; cannot encode test images")
+    tower = TowerEncoder(sg)
+    decode = None
+    if cfg.model.image.output_kind == "codes":
+        from uvjax.stages import VQCodec
+        vq = find_stage_dir(workdir, "vq")
+        if vq is None:
+            raise FileNotFoundError(f"no vq stage recorded in {workdir}/stages.jsonl; cannot decode generated codes")
+        decode = VQCodec(vq).decode
+    else:
+        def decode(codes):
+            raise RuntimeError("continuous (feature) outputs have no pixel decoder")
+    return {"encode_images": tower.encode, "decode_codes": decode}
+
+
+# --------------------------------------------------------------------------------------------- configs
+ARCH_PRESETS = ("tiny", "smoke", "vicuna7b")
+
+
+def configure_architecture(c: mlc.ConfigDict, preset: str, *, input_kind: str, output_kind: str,
+                           name: str) -> mlc.ConfigDict:
+    """Turns a ``configs/vqvq.py`` preset (decoder shapes, data, tokenizer and VQ stages) into another of
+    the four architectures, so all four share decoder shapes and cached stages at each preset.
+
+    Per the reference scripts (seed §2.4): a feature *input* goes through an ``mlp2x_gelu`` understanding
+    adapter, VQ codes through ``linear``; a feature *output* has an ``mlp2x_gelu`` generation adapter and a
+    regression head with the cosine loss and alpha (``loss.w_image``) = 1.0 — the SigLIP/CLIP scripts never
+    passed ``--alpha``, so the default 1.0 applied; VQ outputs a ``linear`` adapter, CE and alpha = 0.2.
+    Adapters are separate (``share_adapters=False``); the reference shared them by accident (§2.3, §11.3):
+    set ``model.image.share_adapters=True`` (same input and output kind only) to reproduce that.
+    """
+    from uvjax.config import load_config_file
+    if preset not in ARCH_PRESETS:
+        raise ValueError(f"configs/{name}.py: unknown preset {preset!r}; expected one of {ARCH_PRESETS}")
+    c.name = f"{name}-{preset}"
+    im = c.model.image
+    im.input_kind, im.output_kind = input_kind, output_kind
+    im.und_adapter = "mlp2x_gelu" if input_kind == "features" else "linear"
+    im.gen_adapter = "mlp2x_gelu" if output_kind == "features" else "linear"
+    im.share_adapters = False
+    if output_kind == "features":
+        c.loss.image_loss, c.loss.w_image = "cosine", 1.0
+    else:
+        c.loss.image_loss, c.loss.w_image = "ce", 0.2
+    if preset == "vicuna7b":
+        # SigLIP-B/16 at 224 px: 196 tokens x 768 (reference §C); pretrained weights are loaded from towers.*
+        im.feature_dim = 768
+        c.towers = mlc.ConfigDict(dict(
+            siglip=mlc.ConfigDict(dict(preset="siglip_b16", path="", select_layer=-2, feature_post_norm=False)),
+            vq=mlc.ConfigDict(dict(path=""))))
+        c.data.image_tokens = 0  # 196 SigLIP tokens vs 256 VQ codes in the mixed variants
+    else:
+        c.stages.siglip = load_config_file("siglip_pretrain", "smoke" if preset == "smoke" else "tiny")
+        c.stages.features = features_config("float16")
+        im.feature_dim = int(c.stages.siglip.vit.width)
+        if int(c.stages.siglip.vit.image_size) != int(c.stages.data.image_size):
+            raise ValueError("stages.siglip.vit.image_size must equal stages.data.image_size")
+    return c
