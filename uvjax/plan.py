@@ -29,11 +29,15 @@ CHIPS = {
 TPU_NAMES = {"v4": "v4", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vqvq.py:tiny", lock_config=True)
-flags.DEFINE_string("topology", "cpu-8", "chip-count, e.g. v5e-16, v4-32, v5p-8, h100-8, cpu-8")
-flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time estimate")
-flags.DEFINE_string("backend", "auto", "auto | tpu | cpu (cpu: approximate memory)")
-flags.DEFINE_string("out", None, "optional JSON output path")
+
+
+def _define_flags():
+    """Only when run as a command: importing uvjax.plan next to uvjax.train must not define --config twice."""
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vqvq.py:tiny", lock_config=True)
+    flags.DEFINE_string("topology", "cpu-8", "chip-count, e.g. v5e-16, v4-32, v5p-8, h100-8, cpu-8")
+    flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time estimate")
+    flags.DEFINE_string("backend", "auto", "auto | tpu | cpu (cpu: approximate memory)")
+    flags.DEFINE_string("out", None, "optional JSON output path")
 
 
 def parse_topology(topo: str) -> tuple[str, int]:
@@ -170,4 +174,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
