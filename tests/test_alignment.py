@@ -62,8 +62,6 @@ def test_model_distorts_only_understanding_inputs():
     from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT
     from uvjax.models.unified import ImageConfig, UnifiedConfig, UnifiedModel
     from uvjax.models.llama import DecoderConfig
-    if "align_strength" not in {f.name for f in dataclasses.fields(ImageConfig)}:
-        pytest.skip("uvjax/models/unified.py does not have the alignment fields yet")
     dec = DecoderConfig(vocab_size=32, hidden=16, layers=1, heads=2, kv_heads=2, intermediate=32)
     base = ImageConfig(num_codes=12, code_dim=8)
     batch = {"tokens": jnp.array([[1, 3, 4, 5, 2]]), "modality": jnp.array([[1, IMAGE_IN, IMAGE_IN, IMAGE_OUT, 1]]),
