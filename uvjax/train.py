@@ -250,7 +250,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
         if compile_s is None:
             jax.block_until_ready(metrics)
             compile_s = time.time() - tc
-            t_log, n_log = time.time(), 0
+            t_log, n_log = time.time(), -1  # the compiling step is not timed
         step += 1
         n_log += 1
         if step % cfg.train.log_every == 0 or step == total or stop:
@@ -258,7 +258,8 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             m.update({f"skipped/{k}_total": float(v) for k, v in guard.counts.items()})
             dt = time.time() - t_log
-            m["tokens_per_s"] = n_log * tokens_per_step / max(dt, 1e-9)
+            if n_log > 0:
+                m["tokens_per_s"] = n_log * tokens_per_step / max(dt, 1e-9)
             m.update(learning_rates(cfg.optim, int(cfg.train.steps), step - 1))
             for k, v in getattr(it, "counts", {}).items():
                 m[f"data/{k}"] = float(v)
