@@ -147,64 +147,13 @@ class VQCodec:
                                                    method=VQModel.embed_codes)[0])
 
 
-def _with_codes(rec, codes_by_id: dict):
-    from uvjax.data.records import Record, Segment
-    segs = []
-    for s in rec.segments:
-        if s.kind == "image":
-            segs.append(Segment(s.role, "image", codes=codes_by_id[id(s.pixels)]))
-        else:
-            segs.append(Segment(s.role, s.kind, text=s.text))
-    return Record(rec.id, rec.task, segs, rec.attributes)
-
-
 def pretokenise_split(spec, codec: VQCodec, out_dir: str, *, chunk: int, batch: int, progress=None) -> dict:
-    """Renders ``spec``'s records chunk by chunk, VQ-encodes every image once, writes per-stream shards.
-    A chunk is written to temporary names and marked done last, so a killed pass resumes at the first
-    unfinished chunk."""
-    from uvjax.data import smartwatch as sw
-    from uvjax.data import storage
-    counts = {"understanding": 0, "generation": 0, "interleaved": 0}
-    n_chunks = (spec.num_images + chunk - 1) // chunk
-    for c in range(n_chunks):
-        marker = os.path.join(out_dir, f".{spec.name}-chunk{c:05d}.done")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                for k, v in json.load(f).items():
-                    counts[k] += v
-            if progress:
-                progress(min(chunk, spec.num_images - c * chunk))
-            continue
-        lo, hi = c * chunk, min(spec.num_images, (c + 1) * chunk)
-        per_image = [sw.records_for_image(spec.start_index + i, spec)[1] for i in range(lo, hi)]
-        pix = []
-        for recs in per_image:
-            for r in recs:
-                for s in r.images():
-                    if all(p is not s.pixels for p in pix):
-                        pix.append(s.pixels)
-        codes = np.concatenate([codec.encode(np.stack(pix[i:i + batch])) for i in range(0, len(pix), batch)]) \
-            if pix else np.zeros((0, 0), np.int32)
-        by_id = {id(p): codes[i] for i, p in enumerate(pix)}
-        streams: dict[str, list] = {"understanding": [], "generation": [], "interleaved": []}
-        for recs in per_image:
-            for r in recs:
-                streams[sw.stream_of(r)].append(_with_codes(r, by_id))
-        chunk_counts = {}
-        for name, recs in streams.items():
-            if recs:
-                prefix = f"{spec.name}-{name}-c{c:05d}"
-                for p in os.listdir(out_dir):  # leftovers of a killed attempt at this chunk
-                    if p.startswith(prefix):
-                        os.remove(os.path.join(out_dir, p))
-                storage.write_records(recs, out_dir, prefix, records_per_shard=10 ** 9)
-            chunk_counts[name] = len(recs)
-            counts[name] += len(recs)
-        with open(marker, "w") as f:
-            json.dump(chunk_counts, f)
-        if progress:
-            progress(hi - lo)
-    return counts
+    """Renders ``spec``'s records chunk by chunk, VQ-encodes every image once, writes per-stream shards,
+    resumable by chunk: the one-tower case of ``stages_features.pretokenise_split_features``."""
+    from uvjax.stages_features import _as_encoder, pretokenise_split_features
+    enc = _as_encoder(codec)  # one encoder object for both roles: each image is encoded once
+    return pretokenise_split_features(spec, {"user": enc, "assistant": enc}, out_dir, chunk=chunk, batch=batch,
+                                      progress=progress)
 
 
 def build_dataset(sc, vq_dir: str, out: str, progress_factory=None) -> dict:
