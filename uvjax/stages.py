@@ -121,30 +121,7 @@ def build_vq(sc, out: str) -> dict:
     return {"psnr": ev.get("psnr"), "usage": ev.get("usage"), "train_time_s": metrics.get("train_time_s")}
 
 
-class VQCodec:
-    """The frozen VQ tokenizer as two jitted functions over uint8 images / code ids."""
-
-    def __init__(self, vq_dir: str):
-        import jax
-        from uvjax.models.vq import VQModel, from_uint8, to_uint8
-        from uvjax.training.vq_train import load_trained_vq
-        self.cfg, self.params = load_trained_vq(vq_dir)
-        model = VQModel(self.cfg)
-        self._enc = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQModel.encode))
-        self._dec = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQModel.decode_indices))
-        self._from, self._to = from_uint8, to_uint8
-
-    def encode(self, images_u8: np.ndarray) -> np.ndarray:
-        return np.asarray(self._enc(self.params, self._from(images_u8)), np.int32)
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        return self._to(self._dec(self.params, np.asarray(codes, np.int32)))
-
-    def codebook(self) -> np.ndarray:
-        import jax.numpy as jnp
-        from uvjax.models.vq import VQModel
-        return np.asarray(VQModel(self.cfg).apply({"params": self.params}, jnp.arange(self.cfg.codebook_size)[None],
-                                                   method=VQModel.embed_codes)[0])
+from uvjax.inference.decode import VQCodec  # noqa: E402  (the one VQ codec: jitted, fixed-shape chunks)
 
 
 def pretokenise_split(spec, codec: VQCodec, out_dir: str, *, chunk: int, batch: int, progress=None) -> dict:

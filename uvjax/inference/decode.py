@@ -419,10 +419,16 @@ class VQCodec:
     ``decode(int [B,N]) -> uint8 [B,H,W,3]`` (jitted; fixed chunk size so shapes compile once)."""
 
     def __init__(self, path: str, chunk: int = 16):
+        """``path``: a ``vq.safetensors`` file, or the directory ``vq_train.train_vq`` wrote it into."""
+        import os
         from uvjax.models.vq import VQModel
         from uvjax.weights.llamagen_vq import load_vq
+        if os.path.isdir(path):
+            from uvjax.training.vq_train import PARAMS_FILE
+            path = os.path.join(path, PARAMS_FILE)
         self.path, self.chunk = path, chunk
         self.cfg, params = load_vq(path)
+        self._model, self._vars = VQModel(self.cfg), {"params": params}
         model = VQModel(self.cfg)
         v = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
         self._enc = jax.jit(lambda x: model.apply(v, x, method=VQModel.encode))
@@ -445,6 +451,12 @@ class VQCodec:
     def decode(self, codes: np.ndarray) -> np.ndarray:
         from uvjax.models.vq import to_uint8
         return to_uint8(self._chunked(self._dec, np.asarray(codes, np.int32)))
+
+    def codebook(self) -> np.ndarray:
+        """The code vectors [K, code_dim] the tokenizer looks up (l2-normalised rows when it normalises)."""
+        from uvjax.models.vq import VQModel
+        ids = jnp.arange(self.cfg.codebook_size)[None]
+        return np.asarray(self._model.apply(self._vars, ids, method=VQModel.embed_codes)[0])
 
 
 __all__ = ["DecodeSettings", "SpecialIds", "DecodeOutput", "Generator", "encode_prompt", "left_pad",
