@@ -53,3 +53,12 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
+
+
+def cpu_snapshot(seconds: float = 0.5) -> dict:
+    """A quiet, short idle check (busy % over ``seconds`` + load averages) to take before each timed
+    unit of an alternating A/B comparison."""
+    import psutil
+    busy = psutil.cpu_percent(interval=seconds)
+    load1, load5, _ = os.getloadavg()
+    return {"cpu_busy_percent": busy, "loadavg_1m": load1, "loadavg_5m": load5}

@@ -3,7 +3,7 @@
 Presets: ``tiny`` (default; the embedded default's tower, a few CPU minutes) and ``smoke`` (seconds, tests).
 ``vit`` holds ``uvjax.models.siglip.ViTConfig`` fields (``preset`` + overrides); its ``image_size`` should
 equal the data's (the Smart Watch renders), and ``image_size / patch_size`` squared is the number of
-tokens per image the LM sees (tiny: 8x8 = 64, the same as the tiny VQ's codes).
+tokens per image the LM sees (tiny: 64 px renders in 8 px patches, 8x8 = 64, the same as the tiny VQ's codes).
 
 Usage: ``python -m uvjax.training.siglip_pretrain --config=configs/siglip_pretrain.py:tiny --workdir=runs/siglip``
 """
@@ -18,11 +18,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
         raise ValueError(f"unknown siglip_pretrain preset {arg!r}; choose from {PRESETS}")
     c = ConfigDict()
     c.preset = arg
-    c.vit = ConfigDict(dict(preset="siglip_small", image_size=128, patch_size=16, width=128, depth=4, heads=4,
+    c.vit = ConfigDict(dict(preset="siglip_small", image_size=64, patch_size=8, width=128, depth=4, heads=4,
                             mlp=512, select_layer=-2, feature_post_norm=False))
     c.text = ConfigDict(dict(width=128, depth=2, heads=4, mlp=512, max_len=128))
     c.embed_dim = 128
-    c.data = ConfigDict(dict(image_size=128, num_train=3000, num_eval=256, seed=0, full_caption_prob=0.5))
+    c.data = ConfigDict(dict(image_size=64, num_train=3000, num_eval=256, seed=0, full_caption_prob=0.5))
     c.train = ConfigDict(dict(steps=300, batch_size=64, lr=1e-3, warmup_steps=30, final_lr_frac=0.05,
                               weight_decay=1e-4, grad_clip=1.0, log_every=10, eval_batch=128, seed=0,
                               time_budget_s=0.0))

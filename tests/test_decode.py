@@ -30,13 +30,19 @@ def _model(features=False):
 
 
 def _make_model(features):
-    over = {"model.image.output_kind": "features", "model.image.feature_dim": 6} if features else {}
+    if features == "cells":  # learned image-cell embeddings: the decode loop must feed each code's cell
+        over = {"model.image.image_positions": N}
+    else:
+        over = {"model.image.output_kind": "features", "model.image.feature_dim": 6} if features else {}
     model = UnifiedModel(model_config(tiny_config(**over)).validate())
     from uvjax.training.step import dummy_batch
     v = nn.unbox(model.init({"params": jax.random.key(1)}, dummy_batch(model.cfg.image.feature_dim),
                             method=UnifiedModel.init_all))
     # a model whose logits are not tiny: greedy choices far from ties
     v = jax.tree_util.tree_map(lambda x: x * 3.0, v)
+    if features == "cells":  # cell embeddings as large as the code embeddings: a wrong cell changes the argmax
+        pe = v["params"]["image_position_embed"]
+        v["params"]["image_position_embed"] = jax.random.normal(jax.random.key(7), pe.shape, pe.dtype)
     return model, v
 
 
@@ -126,7 +132,7 @@ def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
     return out
 
 
-@pytest.mark.parametrize("features", [False, True])
+@pytest.mark.parametrize("features", [False, True, "cells"])
 def test_kv_cache_decoding_equals_naive_full_forward(features):
     model, v = _model(features)
     F = model.cfg.image.feature_dim
@@ -138,10 +144,19 @@ def test_kv_cache_decoding_equals_naive_full_forward(features):
         want = naive_decode(model, v, p, s)
         n = int(out.lengths[r])
         got = list(zip(out.tokens[r, :n].tolist(), out.modality[r, :n].tolist()))
-        if features:  # continuous outputs: compare the item structure, codes are placeholders
+        if features is True:  # continuous outputs: compare the item structure, codes are placeholders
             got = [(0, m) if m == IMAGE_OUT else (t, m) for t, m in got]
         assert got == want, f"row {r}"
         assert (out.modality[r, n:] == PAD).all()
+
+
+def test_image_cells_by_hand():
+    from uvjax.models.unified import image_cells
+    T, I, O = TEXT, IMAGE_IN, IMAGE_OUT
+    mod = np.array([[T, I, I, I, T, O, O, T, PAD], [I, I, T, T, O, O, O, O, O]])
+    want = [[0, 0, 1, 2, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 1, 2, 3, 4]]
+    got = image_cells(jnp.asarray((mod == I) | (mod == O)))
+    assert np.asarray(got).tolist() == want
 
 
 def test_greedy_text_matches_naive_for_long_text_and_stops():

@@ -14,7 +14,7 @@ from uvjax.models.partitioning import DEFAULT_RULES
 from uvjax.models.unified import IMAGE_LOSSES, ImageConfig, UnifiedConfig
 
 # Paper (2505.23043): LoRA 2e-4, projectors/heads 1e-4.
-ADAPTER_PATTERN = r"params/(understanding_adapter|generation_adapter|generation_head|image_codebook)/.*"
+ADAPTER_PATTERN = r"params/(understanding_adapter|generation_adapter|generation_head|image_codebook|image_position_embed)/.*"
 
 
 def base_config() -> mlc.ConfigDict:
@@ -41,7 +41,7 @@ def base_config() -> mlc.ConfigDict:
     m.image = mlc.ConfigDict(dict(num_codes=1024, code_dim=8, feature_dim=0, input_kind="codes",
                                   output_kind="codes", und_adapter="linear", gen_adapter="linear",
                                   share_adapters=False, codebook_from="", align_strength=0.0, align_seed=42,
-                                  align_translation=False))
+                                  align_translation=False, image_positions=0))
 
     c.loss = l = mlc.ConfigDict()
     l.w_text = 1.0
@@ -90,6 +90,9 @@ def base_config() -> mlc.ConfigDict:
     c.data.host_sharding = "records"
     from uvjax.stages import stages_config
     c.stages = stages_config()
+    # standard FID: the user's FID Inception weight file (pytorch-fid's .pth, or its .safetensors/.npz
+    # conversion; docs/WEIGHTS.md); "" = off. Outside every fingerprint: evaluation only.
+    c.stages.evaluate.inception_path = ""
     c.stages.build = False  # variant presets that render their own data switch this on
     return c
 

@@ -11,8 +11,12 @@ and ``<out>/generations.png`` (default out: ``<workdir>/eval/step_<step>``):
   attribute judge (``uvjax/evaluation/judge.py``); accuracy per attribute the prompt mentioned, next
   to the judge's accuracy on the *real* renders of the same prompts (the ceiling the judge allows);
 - **Fréchet distance** between judge features of generated and real test images, with the real-vs-
-  real distance at the same sample size as the noise floor. Inception FID is not supported yet:
-  passing ``--inception`` fails with that message instead of silently reporting nothing.
+  real distance at the same sample size as the noise floor;
+- **standard FID** (``gen.fid_inception``) when the user supplies the FID Inception weights
+  (``--inception_weights=PATH`` or the config key ``stages.evaluate.inception_path``; docs/WEIGHTS.md):
+  pytorch-fid's network (``uvjax/evaluation/inception.py``) on generated vs real test images upsampled
+  to 299 px, with the FID between the two halves of the real images as a floor. Without weights the
+  report says so (nothing is downloaded).
 
 :func:`evaluate_run` is the library entry (the train loop calls it with ``quick=True``: a small
 subset, and no judge training: generation scores need a cached judge there). Images are encoded and
@@ -138,8 +142,11 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
                  image_size: int | None = None, batch_size: int = 32, cfg_scale: float = 0.0,
                  image_temperature: float = 1.0, image_top_k: int = 0, seed: int = 0,
                  tasks: Sequence[str] = ("vqa", "caption", "generation"), out_dir: str | None = None,
-                 write: bool = True, grid_rows: int = 8, progress: bool = False) -> dict:
-    """Evaluates a run directory; returns the report dict (also written as JSON + table + grid)."""
+                 write: bool = True, grid_rows: int = 8, progress: bool = False, inception=None) -> dict:
+    """Evaluates a run directory; returns the report dict (also written as JSON + table + grid).
+
+    ``inception``: the FID Inception weight file (or a loaded ``InceptionFID``); None reads the run
+    config's ``stages.evaluate.inception_path`` ("" = no standard FID)."""
     from uvjax.data.tokenizer import get_template
     from uvjax.evaluation import judge as judge_mod
     from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, VQCodec, find_vq
@@ -157,6 +164,9 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
         codec = VQCodec(vq_path)
         encode_images = encode_images or codec.encode
         decode_codes = decode_codes or codec.decode
+    fid_net = None
+    if "generation" in tasks:  # load (and check) the weights before minutes of decoding
+        fid_net = inception_extractor(cfg if inception is None else inception)
     size = int(image_size or _image_size(run.workdir, cfg, vq_path))
     spec = test_spec(cfg, QUICK_IMAGES if quick and not num_images else num_images, size)
     records = [r for r in sw.generate(spec) if r.task in tasks]
@@ -271,7 +281,15 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
                         "real_vs_real": metrics.frechet_distance(jd.features(ref), f_real),
                         "n_generated": len(made), "n_real": len(real), "feature_dim": int(f_gen.shape[1])}
                 timing["judge_s"] = round(time.time() - t, 2)
-            gen_rep["fid_inception"] = "not supported yet (needs user-supplied Inception weights)"
+            if fid_net is None:
+                gen_rep["fid_inception"] = FID_OFF
+            elif len(made) < 2:
+                gen_rep["fid_inception"] = f"skipped: {len(made)} generated images (FID needs at least 2)"
+            else:
+                from uvjax.evaluation.inception import fid_report
+                t = time.time()
+                gen_rep["fid_inception"] = fid_report(fid_net, gen_imgs, real)
+                timing["fid_s"] = round(time.time() - t, 2)
             gen_rep["samples"] = [{"id": it.record_id, "prompt": it.truth, "text": res[i]["text"],
                                    "image": i in set(made)} for i, it in enumerate(sel[:10])]
             if write and sel:
@@ -297,6 +315,27 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     return report
 
 
+FID_OFF = ("off: standard FID is not supported without the user's Inception weights (--inception_weights=PATH "
+           "or stages.evaluate.inception_path; docs/WEIGHTS.md)")
+
+
+def inception_path(cfg) -> str:
+    """The config's ``stages.evaluate.inception_path`` ("" when absent: runs saved before the key)."""
+    st = cfg.get("stages") if hasattr(cfg, "get") else None
+    ev = st.get("evaluate") if st is not None and hasattr(st, "get") else None
+    return str(ev.get("inception_path", "") or "") if ev is not None and hasattr(ev, "get") else ""
+
+
+def inception_extractor(source):
+    """None (no standard FID), or the FID Inception feature extractor for ``source``: a weight file
+    path, a run config (its ``stages.evaluate.inception_path``) or an ``InceptionFID``."""
+    from uvjax.evaluation.inception import InceptionFID, get_extractor
+    if isinstance(source, InceptionFID):
+        return source
+    path = source if isinstance(source, (str, os.PathLike)) else inception_path(source)
+    return get_extractor(os.fspath(path)) if path else None
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -318,6 +357,11 @@ def flat_metrics(report: dict) -> dict[str, float]:
         out[f"eval/gen/{attr}/accuracy"] = float(d["accuracy"])
     if "frechet_judge" in g:
         out["eval/gen/frechet_judge"] = float(g["frechet_judge"]["generated_vs_real"])
+    fid = g.get("fid_inception")
+    if isinstance(fid, dict):
+        out["eval/gen/fid_inception"] = float(fid["generated_vs_real"])
+        if fid.get("real_vs_real") is not None:
+            out["eval/gen/fid_inception_floor"] = float(fid["real_vs_real"])
     if "images_generated" in g:
         out["eval/gen/images_generated"] = float(g["images_generated"])
     return out
@@ -360,7 +404,13 @@ def format_table(report: dict) -> str:
                 fj = g["frechet_judge"]
                 lines.append(f"Fréchet (judge features): generated-real {fj['generated_vs_real']:.3f}, "
                              f"real-real floor {fj['real_vs_real']:.3f} (n={fj['n_generated']})")
-            lines.append(f"FID (Inception): {g['fid_inception']}")
+            fid = g.get("fid_inception")
+            if isinstance(fid, dict):
+                floor = "n/a" if fid.get("real_vs_real") is None else f"{fid['real_vs_real']:.2f}"
+                lines.append(f"FID (Inception pool3, 299 px): generated-real {fid['generated_vs_real']:.2f}, "
+                             f"real-real floor {floor} (halves of {fid['n_real']}) (n={fid['n']})")
+            elif fid is not None:
+                lines.append(f"FID (Inception): {fid}")
     lines.append(f"\ntime: {report['timing']}")
     return "\n".join(lines)
 
@@ -370,12 +420,17 @@ def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    if F.inception:
-        raise SystemExit("FID with Inception weights is not supported yet; the report's Fréchet distance uses "
-                         "the attribute judge's features (frechet_judge)")
     from uvjax.inference.loading import load_config
     from uvjax.stages_features import evaluation_kwargs
-    extra = evaluation_kwargs(F.workdir, load_config(F.workdir))  # SigLIP inputs: the run's own tower
+    run_cfg = load_config(F.workdir)
+    extra = evaluation_kwargs(F.workdir, run_cfg)  # SigLIP inputs: the run's own tower
+    weights = F.inception_weights or inception_path(run_cfg)
+    if weights:
+        try:  # a bad file fails here, before any decoding, with the file and key named
+            extra["inception"] = inception_extractor(weights)
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            where = "--inception_weights" if F.inception_weights else "config stages.evaluate.inception_path"
+            raise SystemExit(f"{where}: {e}")
     report = evaluate_run(F.workdir, quick=F.quick, num_images=F.num_images or None, judge_dir=F.judge_dir,
                           batch_size=F.batch_size, cfg_scale=F.cfg_scale, image_temperature=F.image_temperature,
                           image_top_k=F.image_top_k, seed=F.seed, tasks=tuple(F.tasks), out_dir=F.out,
@@ -399,5 +454,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "sampling seed")
     flags.DEFINE_integer("image_size", 0, "test image size (default: the VQ tokenizer's training size)")
     flags.DEFINE_list("tasks", ["vqa", "caption", "generation"], "tasks to evaluate")
-    flags.DEFINE_string("inception", None, "Inception weights for FID (not supported yet)")
+    flags.DEFINE_string("inception_weights", None, "FID Inception weights (pytorch-fid's "
+                        "pt_inception-2015-12-05-6726825d.pth, or its .safetensors/.npz conversion) for standard "
+                        "FID; default: the run config's stages.evaluate.inception_path (docs/WEIGHTS.md)")
+    flags.DEFINE_alias("inception", "inception_weights")
     app.run(main)

@@ -44,9 +44,15 @@ def stages_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.build = True  # run the stages; False: use config.data paths and config.data.tokenizer as given
     c.cache_dir = ""  # "" = <parent of workdir>/cache
-    c.data = mlc.ConfigDict(dict(seed=0, num_train=4000, num_test=500, image_size=128, time_seconds=False,
+    c.data = mlc.ConfigDict(dict(seed=0, num_train=4000, num_test=500, image_size=64, time_seconds=False,
                                  records_per_shard=1000, encode_batch=64))
     c.tokenizer = mlc.ConfigDict(dict(vocab_size=2048, corpus_images=2000))
+    # knowledge-transfer splits: ((attribute, keep rate), ...) thins VQA turns and caption fragments about
+    # an attribute in the *train* understanding records (generation and the test split stay complete)
+    c.data.understanding_keep = ()
+    # UnifiedVisual-style reasoning records (uvjax/data/reasoning.py) pre-tokenised into the interleaved
+    # stream when num_scenes > 0; rationale=False is the ablation (same prompts and images, no rationale)
+    c.reasoning = mlc.ConfigDict(dict(num_scenes=0, rationale=True, tasks=("gen_reasoning",)))
     c.vq = vq_config("tiny")
     c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False))
     return c
@@ -98,6 +104,41 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     return out, info
 
 
+# ------------------------------------------------------------------------------------------ fingerprints
+def data_fp_parts(sc, *, for_tokenizer: bool = False) -> dict:
+    """``stages.data`` as fingerprinted. Options at their defaults are left out, so adding an option never
+    changes existing fingerprints; ``understanding_keep`` does not change the tokenizer's corpus."""
+    d = dict(sc.data)
+    keep = d.pop("understanding_keep", ())
+    if keep and not for_tokenizer:
+        d["understanding_keep"] = [list(kv) for kv in keep]
+    return d
+
+
+def reasoning_enabled(sc) -> bool:
+    r = sc.get("reasoning")
+    return r is not None and int(r.get("num_scenes", 0)) > 0
+
+
+def train_split_spec(sc):
+    """The Smart Watch train split of ``stages.data`` (with ``understanding_keep`` applied)."""
+    import dataclasses
+    from uvjax.data import smartwatch as sw
+    d = sc.data
+    spec = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
+                             image_size=int(d.image_size))["train"]
+    keep = tuple(sorted((str(k), float(r)) for k, r in (d.get("understanding_keep") or ())))
+    return dataclasses.replace(spec, understanding_keep=keep, time_seconds=bool(d.time_seconds))
+
+
+def _reasoning_spec(sc, image_size: int | None = None):
+    from uvjax.data import reasoning as rs
+    r = sc.reasoning
+    return rs.ReasoningSpec("train", seed=int(sc.data.seed), num_scenes=int(r.num_scenes),
+                            image_size=int(image_size or sc.data.image_size), rationale=bool(r.rationale),
+                            tasks=tuple(r.tasks))
+
+
 # ------------------------------------------------------------------------------------------ stages
 def build_tokenizer(sc, template_name: str, out: str) -> dict:
     from uvjax.data import smartwatch as sw
@@ -105,6 +146,9 @@ def build_tokenizer(sc, template_name: str, out: str) -> dict:
     spec = sw.SmartWatchSpec(name="train", seed=int(sc.data.seed), num_images=int(sc.data.num_train),
                              image_size=16, time_seconds=bool(sc.data.time_seconds))
     texts = list(sw.corpus_texts(spec, num_images=int(sc.tokenizer.corpus_images))) + template_texts()
+    if reasoning_enabled(sc):  # the reasoning phrasings (with rationales, whatever the switch says)
+        from uvjax.data import reasoning as rs
+        texts += list(rs.corpus_texts(_reasoning_spec(sc, 16), num_scenes=min(500, int(sc.reasoning.num_scenes))))
     tok = train_bpe(texts, vocab_size=int(sc.tokenizer.vocab_size))
     tok.save(out)
     return {"vocab_size": tok.vocab_size, "template": template_name}
@@ -139,6 +183,7 @@ def build_dataset(sc, vq_dir: str, out: str, progress_factory=None) -> dict:
     d = sc.data
     splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                                image_size=int(d.image_size))
+    splits["train"] = train_split_spec(sc)
     info = {"image_tokens": None}
     for name, spec in splits.items():
         if d.time_seconds:
@@ -154,6 +199,42 @@ def build_dataset(sc, vq_dir: str, out: str, progress_factory=None) -> dict:
     info.update(image_tokens=int(h * w), codebook_size=int(codec.cfg.codebook_size),
                 code_dim=int(codec.cfg.code_dim))
     return info
+
+
+def build_reasoning(sc, vq_dir: str, out: str) -> dict:
+    """Pre-tokenises the reasoning records (``stages.reasoning``) into ``train-interleaved-*`` shards, chunk
+    by chunk (a finished chunk has a marker and is skipped when a killed build resumes)."""
+    from uvjax.data import reasoning as rs
+    from uvjax.data import storage
+    from uvjax.data.records import Record, Segment
+    codec = VQCodec(vq_dir)
+    spec = _reasoning_spec(sc)
+    chunk, batch = int(sc.data.records_per_shard), int(sc.data.encode_batch)
+    os.makedirs(os.path.join(out, "train"), exist_ok=True)
+    n = 0
+    for c in range((spec.num_scenes + chunk - 1) // chunk):
+        marker = os.path.join(out, "train", f".reasoning-chunk{c:05d}.done")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                n += json.load(f)["records"]
+            continue
+        recs = list(rs.generate(spec, c * chunk, (c + 1) * chunk))
+        pix = {id(s.pixels): s.pixels for r in recs for s in r.images()}
+        keys, codes = list(pix), {}
+        for i in range(0, len(keys), batch):
+            enc = np.asarray(codec.encode(np.stack([pix[k] for k in keys[i:i + batch]])))
+            codes.update({k: e.reshape(-1).astype(np.int32) for k, e in zip(keys[i:i + batch], enc)})
+        recs = [Record(r.id, r.task, [Segment(s.role, "image", codes=codes[id(s.pixels)]) if s.kind == "image"
+                                      else s for s in r.segments], r.attributes) for r in recs]
+        prefix = f"train-{rs.STREAM}-c{c:05d}"
+        for p in os.listdir(os.path.join(out, "train")):  # leftovers of a killed attempt at this chunk
+            if p.startswith(prefix):
+                os.remove(os.path.join(out, "train", p))
+        storage.write_records(recs, os.path.join(out, "train"), prefix, records_per_shard=10 ** 9)
+        with open(marker, "w") as f:
+            json.dump({"records": len(recs)}, f)
+        n += len(recs)
+    return {"records": n, "rationale": spec.rationale, "tasks": list(spec.tasks)}
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -173,24 +254,31 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
     os.makedirs(cache, exist_ok=True)
     log = StageLog(workdir)
     say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
-    data_fp_parts = dict(sc.data)
+    ds_parts = data_fp_parts(sc)
     from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
     base = pretrained_spec(cfg)
-    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts, cfg.data.template,
-                         _jsonable(cfg.model.get("pretrained")) if base else None)
+    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts(sc, for_tokenizer=True), cfg.data.template,
+                         _jsonable(cfg.model.get("pretrained")) if base else None,
+                         *_reasoning_tokenizer_parts(sc))
     build_tok = (lambda out: save_base_tokenizer(cfg, out)) if base else \
         (lambda out: build_tokenizer(sc, cfg.data.template, out))
     tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
     vq_fp = fingerprint("vq", sc.vq, int(sc.data.image_size))
     vq_dir, vq_info = cached_stage("vq", vq_fp, cache, lambda out: build_vq(sc, out), log, say)
-    ds_fp = fingerprint("dataset", data_fp_parts, vq_fp)
+    ds_fp = fingerprint("dataset", ds_parts, vq_fp)
     ds_dir, ds_info = cached_stage("dataset", ds_fp, cache,
                                    lambda out: build_dataset(sc, vq_dir, out, _bar if progress else None), log, say)
+    rs_dir = None
+    if reasoning_enabled(sc):
+        rs_fp = fingerprint("reasoning", sc.reasoning, int(sc.data.seed), int(sc.data.image_size), vq_fp)
+        rs_dir, _ = cached_stage("reasoning", rs_fp, cache, lambda out: build_reasoning(sc, vq_dir, out), log, say)
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.data.tokenizer = tok_dir
         for stream in ("understanding", "generation"):
             cfg.data.streams[stream].paths = (os.path.join(ds_dir, "train", f"train-{stream}-*.array_record"),)
+        if rs_dir is not None:
+            cfg.data.streams.interleaved.paths = (os.path.join(rs_dir, "train", "train-interleaved-*.array_record"),)
         cfg.data.image_tokens = int(ds_info["image_tokens"])
         if "codes" in (cfg.model.image.input_kind, cfg.model.image.output_kind):
             cfg.model.image.codebook_from = vq_dir  # fresh runs start their code vectors from the VQ's
@@ -201,4 +289,12 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         if cfg.model.vocab_size < tok_info["vocab_size"]:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < tokenizer vocab {tok_info['vocab_size']}")
     return cfg, {"tokenizer": tok_dir, "vq": vq_dir, "dataset": ds_dir, "vq_metrics": vq_info,
-                 "test_split": os.path.join(ds_dir, "test")}
+                 "test_split": os.path.join(ds_dir, "test"), "reasoning": rs_dir}
+
+
+def _reasoning_tokenizer_parts(sc) -> tuple:
+    """Extra tokenizer fingerprint parts when reasoning records are on (none otherwise, so the other
+    configs keep their fingerprints); the rationale switch does not change the corpus."""
+    if not reasoning_enabled(sc):
+        return ()
+    return (["reasoning", int(sc.reasoning.num_scenes), list(sc.reasoning.tasks)],)

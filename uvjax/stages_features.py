@@ -195,6 +195,8 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, sigl
     d = sc.data
     splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                                image_size=int(d.image_size))
+    from uvjax.stages import train_split_spec
+    splits["train"] = train_split_spec(sc)
     info: dict = {}
     for name, spec in splits.items():
         if d.time_seconds:
@@ -224,8 +226,12 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, sigl
 def prepare_features(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict, dict]:
     """``uvjax.stages.prepare`` for feature architectures: builds or reuses tokenizer, VQ (if needed),
     SigLIP tower and the pre-tokenised dataset; returns the config pointed at them and the stage paths."""
-    from uvjax.stages import StageLog, _bar, build_tokenizer, build_vq, cached_stage, fingerprint
+    from uvjax.stages import StageLog, _bar, build_tokenizer, build_vq, cached_stage, data_fp_parts, fingerprint
+    from uvjax.stages import reasoning_enabled
     sc = cfg.stages
+    if reasoning_enabled(sc):
+        raise ValueError("stages.reasoning.num_scenes > 0 is supported for VQ-VQ only (the reasoning records are "
+                         "pre-tokenised with the VQ tokenizer)")
     if "siglip" not in sc:
         raise ValueError("config.stages.siglip is missing: feature architectures need the SigLIP pretraining "
                          "config there (configs/siglip_pretrain.py)")
@@ -234,9 +240,9 @@ def prepare_features(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.C
     os.makedirs(cache, exist_ok=True)
     log = StageLog(workdir)
     say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
-    data_fp_parts = dict(sc.data)
+    ds_parts = data_fp_parts(sc)
     # same fingerprints as uvjax.stages.prepare, so vqvq and the feature variants share these caches
-    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts, cfg.data.template)
+    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts(sc, for_tokenizer=True), cfg.data.template)
     tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache,
                                      lambda out: build_tokenizer(sc, cfg.data.template, out), log, say)
     im = cfg.model.image
@@ -248,7 +254,7 @@ def prepare_features(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.C
         vq_dir, vq_info = cached_stage("vq", vq_fp, cache, lambda out: build_vq(sc, out), log, say)
     sg_fp = fingerprint("siglip", sc.siglip, int(sc.data.image_size))
     sg_dir, sg_info = cached_stage("siglip", sg_fp, cache, lambda out: build_siglip(sc, out), log, say)
-    ds_fp = fingerprint("dataset-features", data_fp_parts, kinds, vq_fp, sg_fp, dict(feats))
+    ds_fp = fingerprint("dataset-features", ds_parts, kinds, vq_fp, sg_fp, dict(feats))
     sc_run = sc.copy_and_resolve_references()
     with sc_run.unlocked():
         sc_run.features = feats

@@ -256,9 +256,13 @@ def _stream_seed(seed: int, stream: int) -> int:
 
 def stream_dataset(paths: list[str], tokenizer: TextTokenizer, template: ChatTemplate,
                    seq_cfg: SequenceConfig, data_cfg: Any, *, process_index: int, process_count: int,
-                   seed: int, stream: int) -> grain.IterDataset:
+                   seed: int, stream: int, fraction: float = 1.0) -> grain.IterDataset:
+    """``fraction`` < 1 keeps the first ``round(fraction * n)`` records of the stream (records are stored
+    in image-index order and images are drawn independently, so this is a random subset, and a smaller
+    fraction is always contained in a larger one: data-scaling curves without re-tokenising)."""
     reader = RecordReader(paths)
-    lo, hi = host_range(len(reader), process_index, process_count)
+    n = len(reader) if fraction >= 1.0 else int(round(len(reader) * float(fraction)))
+    lo, hi = host_range(n, process_index, process_count)
     if hi <= lo:
         raise ValueError(f"stream with {len(reader)} records in {paths[:3]}... leaves host "
                          f"{process_index} of {process_count} nothing to read")
@@ -284,11 +288,15 @@ def make_train_dataset(data_cfg: Any, tokenizer: TextTokenizer, *, seq_len: int,
             continue
         s = data_cfg.streams[name]
         paths = expand_paths(list(s.paths)) if s.paths else []
-        if float(s.weight) <= 0 or not paths:
+        # optional ``fraction`` (not in the defaults, so existing runs keep their fingerprints)
+        fraction = float(s.get("fraction", 1.0))
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"data.streams.{name}.fraction={fraction} must be in [0, 1]")
+        if float(s.weight) <= 0 or not paths or fraction == 0.0:
             continue
         parts.append(stream_dataset(paths, tokenizer, template, seq_cfg, data_cfg,
                                     process_index=process_index, process_count=process_count,
-                                    seed=seed, stream=i))
+                                    seed=seed, stream=i, fraction=fraction))
         weights.append(float(s.weight))
     if not parts:
         raise ValueError("no data: every stream in data.streams has weight 0 or no shard files")

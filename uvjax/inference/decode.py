@@ -293,9 +293,10 @@ class Generator:
             def body(c):
                 t, mode, count, nimg, ntext, done = c["t"], c["mode"], c["count"], c["nimg"], c["ntext"], c["done"]
                 tl = call(UnifiedModel.text_logits, c["h"][:B])
-                il = call(UnifiedModel.image_logits, c["h"])
-                if guided:
-                    il = guide(il[:B], il[B:], cfg_scale)
+                if N:  # images off (N = 0): no row can be in image mode, so the generation head is skipped
+                    il = call(UnifiedModel.image_logits, c["h"])
+                    if guided:
+                        il = guide(il[:B], il[B:], cfg_scale)
                 vocab = jnp.arange(tl.shape[-1])
                 can_open = (nimg < s.max_images) & (M - t >= N + 2) if N else jnp.zeros((B,), bool)
                 tl = jnp.where((vocab == ids.eoi)[None], NEG_INF, tl)
@@ -308,7 +309,10 @@ class Generator:
                 text_tok = sample_logits(k_text, tl, knobs[0], s.top_k, top_p)
                 if s.force_image_within:
                     text_tok = jnp.where(want_image & (ntext >= s.force_image_within), ids.boi, text_tok)
-                if codes_out:
+                if not N:
+                    img_tok = jnp.zeros((B,), jnp.int32)
+                    img_in = img_tok if codes_out else jnp.zeros((B, F), jnp.float32)
+                elif codes_out:
                     img_tok = sample_logits(k_img, il, knobs[2], s.image_top_k)
                     img_in = img_tok
                 else:
@@ -332,9 +336,10 @@ class Generator:
                 out["ntext"] = ntext + (active & text_step)
                 out["length"] = c["length"] + active
                 out["done"] = done | (active & text_step & jnp.isin(tok, stop))
-                e_txt = call(UnifiedModel.embed_text, tok)
-                e_img = call(UnifiedModel.embed_generated, img_in)
-                x = jnp.where((mod == IMAGE_OUT)[:, None], e_img.astype(e_txt.dtype), e_txt)
+                x = call(UnifiedModel.embed_text, tok)
+                if N:
+                    e_img = call(UnifiedModel.embed_generated, img_in, count)
+                    x = jnp.where((mod == IMAGE_OUT)[:, None], e_img.astype(x.dtype), x)
                 if guided:
                     x = jnp.concatenate([x, x], 0)
                 pos = (prompt_len + t)[:, None]

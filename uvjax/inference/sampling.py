@@ -37,16 +37,32 @@ def filter_top_p(logits: jnp.ndarray, p: float) -> jnp.ndarray:
     return jnp.where(logits >= thresh, logits, NEG_INF)
 
 
+def argmax_last(logits: jnp.ndarray) -> jnp.ndarray:
+    """``jnp.argmax(logits, -1)`` (first index of the maximum) as two plain reductions (max, then the
+    smallest index holding it), which XLA:CPU vectorises; its fused arg-reduce took ~3 ms per decode
+    step for 8 rows × 32k logits. int32; a row whose max is NaN gives V-1 instead of the NaN's index."""
+    V = logits.shape[-1]
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(logits == m, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(idx, V - 1).astype(jnp.int32)
+
+
 def sample_logits(rng, logits: jnp.ndarray, temperature=1.0, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
     """One id per row of ``logits`` [..., V] (int32). ``temperature <= 0``: argmax, filters ignored
-    (they never change the argmax anyway)."""
+    (they never change the argmax anyway). A scalar temperature (traced or not) picks the branch with
+    ``lax.cond``, so greedy decoding does not also draw (and discard) random samples every step."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.asarray(temperature, jnp.float32)
-    scaled = logits / jnp.maximum(t, 1e-6)
-    scaled = filter_top_p(filter_top_k(scaled, top_k), top_p)
-    drawn = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(t > 0, drawn, greedy)
+
+    def drawn(_):
+        scaled = logits / jnp.maximum(t, 1e-6)
+        scaled = filter_top_p(filter_top_k(scaled, top_k), top_p)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    greedy = lambda _: argmax_last(logits)
+    if t.ndim == 0:
+        return jax.lax.cond(t > 0, drawn, greedy, None)
+    return jnp.where(t > 0, drawn(None), greedy(None))
 
 
 def guide(cond: jnp.ndarray, uncond: jnp.ndarray, scale) -> jnp.ndarray:
@@ -58,4 +74,4 @@ def guide(cond: jnp.ndarray, uncond: jnp.ndarray, scale) -> jnp.ndarray:
     return cond + jnp.asarray(scale, cond.dtype) * (cond - uncond)
 
 
-__all__ = ["filter_top_k", "filter_top_p", "sample_logits", "guide", "NEG_INF"]
+__all__ = ["filter_top_k", "filter_top_p", "argmax_last", "sample_logits", "guide", "NEG_INF"]

@@ -157,9 +157,31 @@ class Attention(nn.Module):
         # mask[b, t, s]: causal within the same (non-padding on the key side) segment
         mask = (kv_index[None, None, :] <= q_index[None, :, None]) & (
             segment_ids[:, :, None] == kv_seg[:, None, :])
-        out = dot_product_attention(q, k, v, mask)
+        if decode or T < 2 * ATTN_BLOCK or T % ATTN_BLOCK:
+            out = dot_product_attention(q, k, v, mask)
+        else:
+            out = causal_blocked_attention(q, k, v, mask, ATTN_BLOCK)
         out = constrain(out.reshape(B, T, H * D), ("act_batch", "act_length", "act_heads"))
         return dense(cfg.hidden, ("heads", "embed"), "o", name="o")(out, deterministic)
+
+
+# Query block of the causal attention of a full sequence (training / scoring, not the cached decode).
+ATTN_BLOCK = 128
+
+
+def causal_blocked_attention(q, k, v, mask, block: int):
+    """Self-attention of a whole sequence (q, k, v from the same T positions, ``mask`` causal) in query
+    blocks: block i only reads keys [0, (i+1)·block), since every later key is causally masked for it.
+    Same result as :func:`dot_product_attention` (masked keys get exactly zero probability); skips the
+    masked upper triangle, so the T×T logits/probabilities (and the activations the backward keeps)
+    shrink by (n-1)/2n for n blocks — on CPU these memory-bound T×T passes dominate the step."""
+    T = q.shape[1]
+    outs = []
+    for i in range(T // block):
+        end = (i + 1) * block
+        outs.append(dot_product_attention(q[:, i * block:end], k[:, :end], v[:, :end],
+                                          mask[:, i * block:end, :end]))
+    return jnp.concatenate(outs, axis=1)
 
 
 def dot_product_attention(q, k, v, mask):
@@ -167,8 +189,9 @@ def dot_product_attention(q, k, v, mask):
     B, T, H, D = q.shape
     K = k.shape[2]
     G = H // K
-    qg = q.reshape(B, T, K, G, D)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    # the 1/sqrt(D) scale goes on q (T·H·D values) rather than on the T×S logits (a full extra pass)
+    qg = (q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)).reshape(B, T, K, G, D)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

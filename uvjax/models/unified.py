@@ -32,6 +32,11 @@ class ImageConfig:
     align_strength: float = 0.0
     align_seed: int = 42
     align_translation: bool = False
+    # Learned embedding of a token's cell within its image (0 = off, else the image's token count), added
+    # to both adapters' outputs. RoPE only says how far a token is from the other tokens; a model that must
+    # put an icon in "the bottom-left corner" or name the corner an icon is in also needs to know which cell
+    # of the raster a code is, and learning that from the distance to <boi> costs a small model many steps.
+    image_positions: int = 0
 
     def validate(self) -> "ImageConfig":
         for k in ("input_kind", "output_kind"):
@@ -44,6 +49,8 @@ class ImageConfig:
             raise ValueError("model.image.feature_dim must be > 0 for continuous image inputs/outputs")
         if self.share_adapters and self.input_kind != self.output_kind:
             raise ValueError("model.image.share_adapters needs the same input and output kind")
+        if self.image_positions < 0:
+            raise ValueError(f"model.image.image_positions={self.image_positions} must be >= 0")
         return self
 
 
@@ -75,6 +82,10 @@ class UnifiedModel(nn.Module):
         self.understanding_adapter = Adapter(im.und_adapter, d.hidden, in_axis(im.input_kind), **kw)
         if not im.share_adapters:
             self.generation_adapter = Adapter(im.gen_adapter, d.hidden, in_axis(im.output_kind), **kw)
+        if im.image_positions:
+            self.image_position_embed = self.param(
+                "image_position_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (im.image_positions, d.hidden), d.weight_dtype)
         self.decoder = Decoder(d)
         if not d.tie_embeddings:
             self.lm_head = _LMHead(d.vocab_size, **kw)
@@ -101,17 +112,30 @@ class UnifiedModel(nn.Module):
         und = self.understanding_adapter(und_in)
         gen_adapter = self.understanding_adapter if im.share_adapters else self.generation_adapter
         gen = gen_adapter(gen_in)
+        if im.image_positions:
+            cell = self.image_cell_embedding(image_cells(is_image))
+            und, gen = und + cell, gen + cell
         x = jnp.where(is_img_in[..., None], und.astype(x.dtype), x)
         x = jnp.where(is_img_out[..., None], gen.astype(x.dtype), x)
         return x
 
-    def embed_generated(self, codes_or_features):
-        """Generation-adapter embedding of sampled image outputs (used when decoding)."""
+    def embed_generated(self, codes_or_features, cells=None):
+        """Generation-adapter embedding of sampled image outputs (used when decoding); ``cells``: each
+        output's index within its image (needed when ``image_positions`` is on)."""
         im = self.cfg.image
         v = jnp.take(self.image_codebook, codes_or_features, axis=0) if im.output_kind == "codes" \
             else codes_or_features
         gen_adapter = self.understanding_adapter if im.share_adapters else self.generation_adapter
-        return gen_adapter(v)
+        e = gen_adapter(v)
+        if im.image_positions:
+            if cells is None:
+                raise ValueError("embed_generated needs the cell index of each output when image_positions > 0")
+            e = e + self.image_cell_embedding(cells)
+        return e
+
+    def image_cell_embedding(self, cells):
+        n = self.cfg.image.image_positions
+        return jnp.take(self.image_position_embed, jnp.clip(cells, 0, n - 1), axis=0)
 
     def embed_text(self, tokens):
         return self.embed(tokens)
@@ -153,6 +177,16 @@ class _LMHead(nn.Module):
         k = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
                        (h.shape[-1], self.features), self.param_dtype)
         return jnp.dot(h.astype(self.dtype), k.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+def image_cells(is_image):
+    """[B, T] bool -> [B, T] int: each image token's index within its contiguous image span (0 elsewhere).
+    Images are always delimited by <boi>/<eoi>, so a span is one image."""
+    import jax
+    t = jnp.arange(is_image.shape[-1], dtype=jnp.int32)[None]
+    prev = jnp.pad(is_image[:, :-1], ((0, 0), (1, 0)))
+    start = jax.lax.cummax(jnp.where(is_image & ~prev, t, 0), axis=1)
+    return jnp.where(is_image, t - start, 0)
 
 
 def _unit_rows(key, shape, dtype):

@@ -32,7 +32,7 @@ import numpy as np
 
 from uvjax.weights.hf_llama import hf_config_from_model, iter_hf_export, load_hf_llama, np_dtype
 
-IMAGE_MODULES = ("image_codebook", "understanding_adapter", "generation_adapter", "generation_head")
+IMAGE_MODULES = ("image_codebook", "image_position_embed", "understanding_adapter", "generation_adapter", "generation_head")
 IMAGE_FILE = "uvjax_image_modules.safetensors"
 IMAGE_FORMAT = "uvjax-image-modules"
 _SAFETENSORS_META = {"format": "pt"}  # transformers refuses safetensors files without it

@@ -1,0 +1,43 @@
+"""Mutual benefit (2505.23043): does training on both tasks help each task, at equal samples per task?
+
+Per architecture (``ec.architectures``, e.g. VQ-VQ and SigLIP-VQ) three arms:
+
+- ``<arch>-unified``: understanding + generation, the base mix, ``train.steps`` steps;
+- ``<arch>-understanding``: understanding data only, as many understanding examples as the unified arm saw
+  (fewer steps; measured, see ``common.plan_steps``); evaluated on VQA;
+- ``<arch>-generation``: generation data only, as many generation examples as the unified arm saw;
+  evaluated on generation (judge accuracy).
+
+Plot: VQA accuracy and generation accuracy per architecture, one bar per arm, error bars over seeds.
+
+``python -m uvjax.experiments.mutual_benefit --config=configs/experiments/mutual_benefit.py[:quick|:smollm2]``
+"""
+from uvjax.experiments import common
+from uvjax.experiments.common import Arm, Panel
+
+
+def arms(ec) -> list[Arm]:
+    out = []
+    for arch in ec.architectures:
+        base = f"{arch}.py:{ec.arch_preset}"
+        uni = f"{arch}-unified"
+        out += [Arm(uni, group="unified", x=arch, base=base),
+                Arm(f"{arch}-understanding", common.only("understanding"), group="understanding only", x=arch,
+                    base=base, match=("understanding", uni), eval_tasks=("vqa",)),
+                Arm(f"{arch}-generation", common.only("generation"), group="generation only", x=arch, base=base,
+                    match=("generation", uni), eval_tasks=("generation",))]
+    return out
+
+
+def panels(ec) -> list[Panel]:
+    return [Panel("vqa/all/strict", "VQA accuracy (all attributes, strict)"),
+            Panel("vqa/weather/strict", "VQA weather accuracy"),
+            Panel("gen/all/accuracy", "generation accuracy (judge, all mentioned)"),
+            Panel("gen/weather/accuracy", "generation weather accuracy (judge)")]
+
+
+EXPERIMENT = common.Experiment("mutual_benefit", arms, panels, "architecture",
+                               description=__doc__.split("\n\n")[0])
+
+if __name__ == "__main__":
+    common.main(EXPERIMENT)
