@@ -21,7 +21,7 @@ def _train(workdir, *extra):
                            f"--workdir={workdir}", "--config.train.progress=False", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "_stdout": proc.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,17 @@ def test_first_run_writes_every_stage(first_run):
     assert (run / "metrics.jsonl").exists() and (run / "config.json").exists()
     assert os.listdir(run / "tensorboard")
     assert summary["step"] == 20 and summary["stage_paths"]["vq_metrics"]["usage"] > 0
+    # the summary printed at the end: evaluation table, wall time of every stage, where to look
+    out = summary["_stdout"]
+    for heading in ("VQA", "generation:", "stage        wall s"):  # smoke: quick eval, no judge
+        assert heading in out, heading
+    stage_rows = {ln.split()[0]: ln.split() for ln in out.splitlines()
+                  if ln.split() and ln.split()[0] in ("tokenizer", "vq", "dataset", "lm", "evaluate", "total")}
+    assert set(stage_rows) == {"tokenizer", "vq", "dataset", "lm", "evaluate", "total"}
+    assert all(row[2] == "no" for name, row in stage_rows.items() if name != "total")
+    assert abs(float(stage_rows["total"][1]) - sum(float(r[1]) for n, r in stage_rows.items() if n != "total")) < 0.2
+    assert str(run / "eval") in out and "generations.png" in out
+    assert f"tensorboard --logdir {run / 'tensorboard'}" in out
 
 
 def test_second_run_reuses_every_stage(first_run):

@@ -419,7 +419,35 @@ def main(argv):
             summary = run_all(cfg, workdir)
     except WorkdirLockedError as e:
         raise SystemExit(f"uvjax.train: {e}") from None
+    if jax.process_index() == 0:
+        print(run_summary_table(summary, workdir))
     print(json.dumps({k: v for k, v in summary.items() if k != "evaluation"}, default=str))
+
+
+def run_summary_table(summary: dict, workdir: str) -> str:
+    """What the first run prints at the end: the evaluation table (VQA and generation accuracy per
+    attribute, Fréchet distance), wall time per stage of this invocation, and where to look."""
+    from uvjax.stages import read_stage_log
+    lines = []
+    ev = summary.get("evaluation")
+    if ev:
+        from uvjax.evaluate import format_table
+        lines += [format_table(ev), ""]
+    log = read_stage_log(workdir)
+    last = {}  # this invocation's entries: the stage log is appended to, one line per stage and run
+    for rec in log:
+        last[rec["stage"]] = rec
+    if last:
+        lines.append("stage        wall s  cached  path")
+        for name, rec in last.items():
+            lines.append(f"{name:<12} {float(rec['seconds']):7.1f}  {'yes' if rec['reused'] else 'no':>6}  {rec['path']}")
+        lines.append(f"{'total':<12} {sum(float(r['seconds']) for r in last.values()):7.1f}")
+    files = (ev or {}).get("files", {})
+    lines += ["", f"generations (real | generated | prompt): {files.get('grid', '-')}",
+              f"report: {files.get('report', '-')}",
+              f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
+              f"metrics: {os.path.join(workdir, 'metrics.jsonl')}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
