@@ -208,11 +208,10 @@ def test_fid_matches_scipy_sqrtm_and_pytorch_fid(ref, n, m, d):
     fs = ref["fs"]
     theirs = fs.calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert want > 1.0
-    assert inc.frechet_distance(a, b) == pytest.approx(want, rel=1e-7)
     assert metrics.frechet_distance(a, b) == pytest.approx(want, rel=1e-7)
     assert float(theirs) == pytest.approx(want, rel=1e-6)
-    assert inc.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9 * want)
-    assert inc.frechet_distance(b, a) == pytest.approx(want, rel=1e-7)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9 * want)
+    assert metrics.frechet_distance(b, a) == pytest.approx(want, rel=1e-7)
 
 
 def test_fid_report_and_the_evaluation_report(ref):
@@ -225,8 +224,8 @@ def test_fid_report_and_the_evaluation_report(ref):
     f_real, f_gen = ex.features(real), ex.features(gen)
     assert rep["n"] == 2 and rep["n_real"] == 4 and rep["n_half"] == 2 and rep["weights"] == os.path.abspath(ref["pth"])
     # the formula is checked against scipy above (sqrtm of 2048 x 2048 is minutes on 2 cores): here, the wiring
-    assert rep["generated_vs_real"] == inc.frechet_distance(f_gen, f_real) > 0
-    assert rep["real_vs_real"] == inc.frechet_distance(f_real[:2], f_real[2:]) > 0
+    assert rep["generated_vs_real"] == metrics.frechet_distance(f_gen, f_real) > 0
+    assert rep["real_vs_real"] == metrics.frechet_distance(f_real[:2], f_real[2:]) > 0
     assert inc.fid_report(ex, real, real)["generated_vs_real"] == pytest.approx(0.0, abs=1e-6 * rep["generated_vs_real"])
     # the config key: "" (default) is off; a path loads (cached) weights
     cfg = base_config()

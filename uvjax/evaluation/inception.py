@@ -485,29 +485,11 @@ def get_extractor(path: str, batch_size: int = 32) -> InceptionFID:
 
 
 # ---------------------------------------------------------------------------------------------- FID
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """The float64 Fréchet distance of :func:`uvjax.evaluation.metrics.frechet_distance`, computed in
-    the N x M sample space when both sets are smaller than the feature dimension (exact, and much
-    faster at D = 2048): with centred ``A = X_a / sqrt(N - 1)``, ``B = X_b / sqrt(M - 1)`` the
-    nonzero eigenvalues of ``S_a S_b = A^T A B^T B`` are the squared singular values of ``A B^T``,
-    so ``tr((S_a S_b)^1/2)`` is the nuclear norm of ``A B^T`` and ``tr(S_a) = |A|_F^2``."""
-    from uvjax.evaluation import metrics
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
-    if max(len(a), len(b)) > a.shape[1]:
-        return metrics.frechet_distance(a, b)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    A = (a - mu_a) / np.sqrt(len(a) - 1)
-    B = (b - mu_b) / np.sqrt(len(b) - 1)
-    tr_cross = np.linalg.svd(A @ B.T, compute_uv=False).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + (A * A).sum() + (B * B).sum() - 2 * tr_cross)
-
-
 def fid_report(extractor: InceptionFID, generated, real) -> dict:
     """``generated_vs_real``: FID between the generated and the real images; ``real_vs_real``: FID
     between the two halves of the real images (a noise floor, at half the sample size per side, so it
     sits above the floor at ``n``); ``n``: generated images."""
+    from uvjax.evaluation.metrics import frechet_distance
     f_gen, f_real = extractor.features(generated), extractor.features(real)
     h = len(f_real) // 2
     return {"generated_vs_real": frechet_distance(f_gen, f_real),

@@ -147,19 +147,29 @@ def caption_scores(prediction: str, attrs: dict, mentioned: Iterable[str], time_
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature sets a [N, D] and b [M, D]:
-    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)`` in float64, the trace
-    term from the eigenvalues of a symmetric matrix (no ``sqrtm``, stable for rank-deficient
-    covariances of small sets)."""
+    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2)`` in float64 (no ``sqrtm``).
+
+    When both sets are smaller than D (FID: a few hundred images of 2048-d features) the trace term is
+    taken in the N x M sample space, exactly: with centred ``A = X_a / sqrt(N-1)``, ``B = X_b / sqrt(M-1)``
+    the nonzero eigenvalues of ``S_a S_b = A^T A B^T B`` are the squared singular values of ``A B^T``, so
+    the term is the nuclear norm of ``A B^T``. Otherwise from the eigenvalues of the symmetric
+    ``S_a^1/2 S_b S_a^1/2`` (stable for rank-deficient covariances)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"need two feature sets [N>=2, D] of equal D, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
+    mean_term = ((mu_a - mu_b) ** 2).sum()
+    if max(len(a), len(b)) <= a.shape[1]:
+        A = (a - mu_a) / np.sqrt(len(a) - 1)
+        B = (b - mu_b) / np.sqrt(len(b) - 1)
+        tr_cross = np.linalg.svd(A @ B.T, compute_uv=False).sum()
+        return float(mean_term + (A * A).sum() + (B * B).sum() - 2 * tr_cross)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     w, v = np.linalg.eigh(s_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     mid = root_a @ s_b @ root_a
     tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((mid + mid.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_cross)
+    return float(mean_term + np.trace(s_a) + np.trace(s_b) - 2 * tr_cross)
 
 
 __all__ = ["normalize", "parse_time", "parse_battery", "parse_choice", "score_answer", "Accumulator",
