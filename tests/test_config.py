@@ -44,7 +44,7 @@ def test_unknown_key_is_rejected_by_the_locked_config():
         c.train.stepz = 3
 
 
-@pytest.mark.parametrize("preset", ["tiny", "smoke"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_long", "smoke"])
 def test_presets_validate(preset):
     validate(_cfg(preset))
 
@@ -52,3 +52,17 @@ def test_presets_validate(preset):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         _cfg("huge")
+
+
+def test_tiny_long_reuses_the_first_runs_stages_and_model():
+    """``tiny_long`` differs from ``tiny`` only in the LM (one more layer, mix, alpha, steps), so it reuses
+    every cached stage of the first run."""
+    tiny, long = _cfg("tiny"), _cfg("tiny_long")
+    assert long.stages.to_dict() == tiny.stages.to_dict()
+    assert {**long.model.to_dict(), "layers": 0} == {**tiny.model.to_dict(), "layers": 0}
+    assert (tiny.model.layers, long.model.layers) == (3, 4)
+    assert (long.data.template, long.data.system_prompt) == (tiny.data.template, tiny.data.system_prompt)
+    w = lambda c: (c.data.streams.understanding.weight, c.data.streams.generation.weight)
+    assert w(tiny) == (2.0, 1.0) and w(long) == (1.0, 1.0)
+    assert (tiny.loss.w_image, long.loss.w_image) == (0.2, 1.0)
+    assert long.train.steps > tiny.train.steps

@@ -142,3 +142,9 @@ def test_evaluate_tiny_run_writes_a_well_formed_report(tiny_run, tmp_path):
     assert png.size[0] > 200 and png.size[1] >= 4 * 64
     table = open(os.path.join(out, "table.txt")).read()
     assert table == format_table(rep) + "\n" and "weather_pos" in table and "judge reads" in table
+
+
+def test_unknown_evaluation_task_is_named_before_any_work():
+    from uvjax.evaluate import evaluate_run
+    with pytest.raises(ValueError, match=r"\['captions'\].*vqa, caption, generation"):
+        evaluate_run("/nonexistent/run", tasks=("vqa", "captions"))

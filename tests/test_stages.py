@@ -1,5 +1,6 @@
 """The first run's stage chain (smoke scale): artifacts, reuse of cached stages, selective rebuild,
 resumable pre-tokenisation, and a train step that never runs a frozen tower."""
+import glob
 import json
 import os
 import subprocess
@@ -56,6 +57,10 @@ def test_first_run_writes_every_stage(first_run):
     assert all(row[2] == "no" for name, row in stage_rows.items() if name != "total")
     assert abs(float(stage_rows["total"][1]) - sum(float(r[1]) for n, r in stage_rows.items() if n != "total")) < 0.2
     assert str(run / "eval") in out and "generations.png" in out
+    # the first run evaluates VQA and generation (stages.evaluate.tasks); captions only when asked for
+    (report,) = [os.path.join(d, "report.json") for d in glob.glob(str(run / "eval" / "step_*"))]
+    rep = json.load(open(report))
+    assert rep["tasks"] == ["vqa", "generation"] and rep["vqa"] and not rep.get("caption")
     assert f"tensorboard --logdir {run / 'tensorboard'}" in out
 
 

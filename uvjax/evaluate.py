@@ -152,6 +152,9 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, VQCodec, find_vq
     from uvjax.inference.loading import load_trained
 
+    bad = [t for t in tasks if t not in ("vqa", "caption", "generation")]
+    if bad:
+        raise ValueError(f"evaluation tasks {bad}: expected any of vqa, caption, generation")
     t_start = time.time()
     run = loaded if loaded is not None else load_trained(workdir)
     cfg, tok = run.cfg, run.tokenizer

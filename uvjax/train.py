@@ -392,7 +392,8 @@ def run_all(cfg, workdir: str) -> dict:
             evaluate_run = None
         if evaluate_run is not None:
             from uvjax.stages_features import evaluation_kwargs
-            summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick),
+            tasks = tuple(cfg.stages.evaluate.get("tasks", ("vqa", "caption", "generation")))
+            summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks,
                                                  **evaluation_kwargs(workdir, cfg))
             times["evaluate"] = time.time() - t
             StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],

@@ -2,10 +2,11 @@
 (``uvjax/experiments/mutual_benefit.py``).
 
 Presets:
-- ``tiny`` (default, CPU): VQ-VQ and SigLIP-VQ ``tiny`` models; the unified arm 500 steps at batch 32 × 128
-  (≈ 1 step/s on 2 cores), the single-task arms their matched share (≈ 330 understanding / ≈ 170 generation
-  steps); 2 seeds; 200 test images. ≈ 80 min of training + evaluation, plus the stages when the cache is
-  cold (VQ ≈ 15 min, SigLIP tower, judge ≈ 4 min, two pre-tokenised datasets ≈ 3 min): under 2 h.
+- ``tiny`` (default, CPU): VQ-VQ and SigLIP-VQ ``tiny`` models; the unified arm is the first run's LM
+  (1,500 steps at batch 32 × 128, ≈ 2.2 steps/s on 2 cores), the single-task arms their matched share
+  (≈ 1,000 understanding / ≈ 500 generation steps); 2 seeds; 200 test images. ≈ 24 min per architecture and
+  seed (≈ 95 min) plus the stages when the cache is cold (VQ ≈ 2 min, SigLIP tower ≈ 2 min, judge ≈ 25 s,
+  two pre-tokenised datasets ≈ 1 min): under 2 h. Fewer steps leave the corners unlearned in every arm.
 - ``quick``: the ``smoke`` chain, 3 steps, 3 test images, one seed (tests; about a minute).
 - ``smollm2``: VQ-VQ on SmolLM2-135M + LoRA (``configs/vqvq.py:smollm2``; SigLIP-VQ has no smollm2 preset):
   unified 300 steps at 8 × 192 (≈ 8.5 s/step on 2 cores: ≈ 45 min) + matched single-task arms, one seed,
@@ -19,9 +20,7 @@ def get_config(arg: str | None = None):
     c = experiment_config("mutual_benefit", preset)
     c.architectures = ("vqvq", "siglipvq")
     c.arch_preset = "tiny"
-    if preset == "tiny":
-        add_overrides(c, ("train.steps", 500))
-    elif preset == "quick":
+    if preset == "quick":
         c.arch_preset = "smoke"
     elif preset == "smollm2":
         c.architectures = ("vqvq",)

@@ -92,7 +92,7 @@ class JudgeConfig:
 
 PRESETS = {
     # The cached artefact used by evaluation (a few CPU minutes on 2 cores).
-    "full": JudgeConfig(steps=1200, batch_size=32),  # loss < 0.03 by step 650 at 2400; 1200 keeps the first run short
+    "full": JudgeConfig(steps=500, batch_size=32),  # 64 px: held-out accuracy >= 0.997 on every attribute in 16 s
     # For tests: seconds. Corners and weather are learned, hands are not.
     "test": JudgeConfig(image_size=32, width=8, feature_dim=64, steps=150, batch_size=32, lr=3e-3,
                         warmup_steps=10, eval_images=300, augment=False),
