@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvjax.weights.llamagen_vq import unflatten_params
+
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_FILE)
@@ -422,17 +424,6 @@ def convert(src: str, out: str) -> str:
     return save_weights(load_weights(src), out, source=src)
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for k, v in flat.items():
-        node = tree
-        *mods, leaf = k.split("/")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[leaf] = v
-    return tree
-
-
 # ------------------------------------------------------------------------------------- extraction
 class InceptionFID:
     """Jitted, batched pool3 features: ``features(images) -> float32 [N, 2048]``.
@@ -441,7 +432,7 @@ class InceptionFID:
     processed in fixed-size batches (the last one zero-padded) so one compile serves every batch."""
 
     def __init__(self, flat_params: Mapping[str, np.ndarray], batch_size: int = 32, source: str = ""):
-        self.params = jax.device_put(unflatten(check_params(flat_params, source or "<params>")))
+        self.params = jax.device_put(unflatten_params(check_params(flat_params, source or "<params>")))
         self.batch_size = int(batch_size)
         self.source = source
         model = FIDInceptionV3()

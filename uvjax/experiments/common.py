@@ -558,6 +558,17 @@ __all__ = ["Arm", "Panel", "Experiment", "arm_config", "run_experiment", "collec
 
 
 # ------------------------------------------------------------------------------------------ config defaults
+def load_run_and_vq(run_dir: str, what: str):
+    """A trained arm and the VQ codec it was trained with (drivers that probe or decode on their own)."""
+    from uvjax.inference.decode import VQCodec, find_vq
+    from uvjax.inference.loading import load_trained
+    run = load_trained(run_dir)
+    vq, looked = find_vq(run.workdir, run.cfg)
+    if vq is None:
+        raise FileNotFoundError(f"{what}: no VQ tokenizer for {run_dir} (looked at {looked})")
+    return run, VQCodec(vq)
+
+
 def experiment_config(name: str, preset: str):
     """Defaults shared by ``configs/experiments/*.py``: ``tiny`` (the CPU default: the ``tiny`` model, 200
     test images, the cached ``full`` judge, 2 seeds) and ``quick`` (the ``smoke`` chain, a handful of steps,

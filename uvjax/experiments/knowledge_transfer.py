@@ -105,13 +105,7 @@ def probe_features(run, codes: np.ndarray, batch: int = 64) -> dict[str, np.ndar
 
 def probe(ec, arm: Arm, run_dir: str, cfg) -> dict:
     from uvjax.data import smartwatch as sw
-    from uvjax.inference.decode import VQCodec, find_vq
-    from uvjax.inference.loading import load_trained
-    run = load_trained(run_dir)
-    vq, looked = find_vq(run.workdir, run.cfg)
-    if vq is None:
-        raise FileNotFoundError(f"probe: no VQ tokenizer for {run_dir} (looked at {looked})")
-    codec = VQCodec(vq)
+    run, codec = common.load_run_and_vq(run_dir, "probe")
     size = int(cfg.stages.data.image_size)
     seed = int(cfg.stages.data.seed)
 

@@ -64,13 +64,8 @@ def indirect_eval(ec, arm: Arm, run_dir: str, cfg) -> dict:
     from uvjax.evaluation import judge as judge_mod
     from uvjax.evaluation.metrics import Accumulator
     from uvjax.evaluation.vqa import Item, run_items
-    from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, VQCodec, find_vq
-    from uvjax.inference.loading import load_trained
-    run = load_trained(run_dir)
-    vq, looked = find_vq(run.workdir, run.cfg)
-    if vq is None:
-        raise FileNotFoundError(f"indirect evaluation: no VQ tokenizer for {run_dir} (looked at {looked})")
-    codec = VQCodec(vq)
+    from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds
+    run, codec = common.load_run_and_vq(run_dir, "indirect evaluation")
     size = int(cfg.stages.data.image_size)
     n_codes = int(cfg.data.image_tokens)
     spec = rs.ReasoningSpec("test", seed=int(cfg.stages.data.seed), num_scenes=int(ec.eval.indirect_prompts),
