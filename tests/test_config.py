@@ -18,6 +18,8 @@ def _cfg(preset="smoke"):
     ("train.steps", 0, "train.steps"),
     ("model.lora.targets", ("q", "qkv"), "model.lora.targets"),
     ("model.remat", "some", "model.remat"),
+    ("model.attention", "flash", "model.attention"),
+    ("model.attention", "cudnn", "model.attention"),  # the smoke preset computes in fp32: cuDNN has no kernel
 ])
 def test_bad_values_name_the_key(key, value, match):
     c = _cfg()
@@ -66,3 +68,14 @@ def test_tiny_long_reuses_the_first_runs_stages_and_model():
     assert w(tiny) == (2.0, 1.0) and w(long) == (1.0, 1.0)
     assert (tiny.loss.w_image, long.loss.w_image) == (0.2, 1.0)
     assert long.train.steps > tiny.train.steps
+
+
+def test_attention_kernel_is_not_part_of_the_lm_fingerprint():
+    """xla and cudnn compute the same function: switching keeps the run (and its checkpoints) resumable,
+    while a change of what is computed (the compute dtype) does not."""
+    from uvjax.train import lm_fingerprint
+    a, b, c = _cfg(), _cfg(), _cfg()
+    b.model.attention = "cudnn"
+    c.model.dtype = "bfloat16"
+    assert lm_fingerprint(a) == lm_fingerprint(b)
+    assert lm_fingerprint(a) != lm_fingerprint(c)

@@ -24,6 +24,8 @@ from uvjax.models.partitioning import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+ATTENTION_IMPLS = ("xla", "cudnn")
+
 REMAT_POLICIES = {
     "none": None,
     "full": "nothing_saveable",
@@ -48,6 +50,7 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"  # xla: einsum + fp32 softmax (any backend) | cudnn: fused cuDNN kernel (GPU, bf16/fp16)
     lora: LoRAConfig = LoRAConfig()
     max_cache_len: int = 0  # set by the decoding code when a cache is initialised
 
@@ -70,6 +73,11 @@ class DecoderConfig:
             raise ValueError(f"head dim {self.dim_head} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused "
+                             "attention has no fp32 kernel); use attention='xla' for fp32")
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
             raise ValueError(f"model.dtype/param_dtype must be in {sorted(DTYPES)}")
         return self
@@ -157,7 +165,13 @@ class Attention(nn.Module):
         # mask[b, t, s]: causal within the same (non-padding on the key side) segment
         mask = (kv_index[None, None, :] <= q_index[None, :, None]) & (
             segment_ids[:, :, None] == kv_seg[:, None, :])
-        if decode or T < 2 * ATTN_BLOCK or T % ATTN_BLOCK:
+        if cfg.attention == "cudnn" and not decode:
+            # cuDNN's fused kernel applies the causal part itself and never stores T×T probabilities;
+            # packed segments enter as a mask (cuDNN turns it into an additive bias).
+            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+            out = jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None], is_causal=True,
+                                               implementation="cudnn")
+        elif decode or T < 2 * ATTN_BLOCK or T % ATTN_BLOCK:
             out = dot_product_attention(q, k, v, mask)
         else:
             out = causal_blocked_attention(q, k, v, mask, ATTN_BLOCK)
