@@ -383,6 +383,9 @@ def markdown_table(exp: Experiment, rows: list[dict], panels: Sequence[Panel], x
     return "\n".join(lines) + "\n"
 
 
+PANELS_PER_ROW = 4
+
+
 def plot(exp: Experiment, rows: list[dict], panels: Sequence[Panel], x_label: str, path: str) -> None:
     """One panel per metric: the metric against the arm variable, one series per group, error bars = std.
     A categorical arm variable (strings) gives grouped bars."""
@@ -390,11 +393,15 @@ def plot(exp: Experiment, rows: list[dict], panels: Sequence[Panel], x_label: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    cols = min(n, PANELS_PER_ROW)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
     categorical = any(isinstance(r["x"], str) for r in rows)
     cats = list(dict.fromkeys(str(r["x"]) for r in rows)) if categorical else []
     colour = {g: f"C{i % 10}" for i, g in enumerate(dict.fromkeys(r["group"] for r in rows))}  # same in every panel
-    for ax, p in zip(axes[0], panels):
+    for ax, p in zip(axes.flat, panels):
         lows = []
         groups = [g for g in dict.fromkeys(r["group"] for r in rows)
                   if (not p.groups or g in p.groups) and any(r["group"] == g and p.metric in r["metrics"] for r in rows)]

@@ -8,7 +8,9 @@ Per architecture (``ec.architectures``, e.g. VQ-VQ and SigLIP-VQ) three arms:
 - ``<arch>-generation``: generation data only, as many generation examples as the unified arm saw;
   evaluated on generation (judge accuracy).
 
-Plot: VQA accuracy and generation accuracy per architecture, one bar per arm, error bars over seeds.
+Plot and table: VQA accuracy (all attributes and per attribute: weather, the two corner positions, battery,
+time), generation accuracy (judge: all, weather, the two corners) and the Fréchet distance on judge
+features, per architecture, one bar per arm, error bars over seeds.
 
 ``python -m uvjax.experiments.mutual_benefit --config=configs/experiments/mutual_benefit.py[:quick|:smollm2]``
 """
@@ -32,8 +34,15 @@ def arms(ec) -> list[Arm]:
 def panels(ec) -> list[Panel]:
     return [Panel("vqa/all/strict", "VQA accuracy (all attributes, strict)"),
             Panel("vqa/weather/strict", "VQA weather accuracy"),
+            Panel("vqa/weather_pos/strict", "VQA weather-corner accuracy"),
+            Panel("vqa/battery_pos/strict", "VQA battery-corner accuracy"),
+            Panel("vqa/battery/tolerant", "VQA battery accuracy (tolerant)"),
+            Panel("vqa/time/hour", "VQA time accuracy (hour right)"),
             Panel("gen/all/accuracy", "generation accuracy (judge, all mentioned)"),
-            Panel("gen/weather/accuracy", "generation weather accuracy (judge)")]
+            Panel("gen/weather/accuracy", "generation weather accuracy (judge)"),
+            Panel("gen/weather_pos/accuracy", "generation weather-corner accuracy (judge)"),
+            Panel("gen/battery_pos/accuracy", "generation battery-corner accuracy (judge)"),
+            Panel("gen/frechet_judge", "Fréchet distance (judge features, lower is better)")]
 
 
 EXPERIMENT = common.Experiment("mutual_benefit", arms, panels, "architecture",
