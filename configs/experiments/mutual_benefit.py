@@ -4,9 +4,12 @@
 Presets:
 - ``tiny`` (default, CPU): VQ-VQ and SigLIP-VQ ``tiny`` models; the unified arm is the first run's LM
   (1,500 steps at batch 32 × 128, ≈ 2.2 steps/s on 2 cores), the single-task arms their matched share
-  (≈ 1,000 understanding / ≈ 500 generation steps); 2 seeds; 200 test images. ≈ 24 min per architecture and
-  seed (≈ 95 min) plus the stages when the cache is cold (VQ ≈ 2 min, SigLIP tower ≈ 2 min, judge ≈ 25 s,
-  two pre-tokenised datasets ≈ 1 min): under 2 h. Fewer steps leave the corners unlearned in every arm.
+  (≈ 1,000 understanding / ≈ 500 generation steps), plus the step control (understanding only, 1,500 steps);
+  2 seeds; 200 test images. Measured on 2 cores: unified 12.7 min, understanding-only 9.2, generation-only
+  4.3 (≈ 26 min per architecture and seed without the control, ≈ 39 min with it: ≈ 2.6 h for 2 × 2; pass
+  ``--config.seeds="(0,)"`` for ≈ 80 min) plus the stages when the cache is cold (VQ ≈ 2 min, SigLIP tower
+  ≈ 2 min, judge ≈ 25 s, two pre-tokenised datasets ≈ 1 min). Fewer steps leave the corners unlearned in
+  every arm.
 - ``quick``: the ``smoke`` chain, 3 steps, 3 test images, one seed (tests; about a minute).
 - ``smollm2``: VQ-VQ on SmolLM2-135M + LoRA (``configs/vqvq.py:smollm2``; SigLIP-VQ has no smollm2 preset):
   unified 300 steps at 8 × 192 (≈ 8.5 s/step on 2 cores: ≈ 45 min) + matched single-task arms, one seed,
@@ -20,6 +23,8 @@ def get_config(arg: str | None = None):
     c = experiment_config("mutual_benefit", preset)
     c.architectures = ("vqvq", "siglipvq")
     c.arch_preset = "tiny"
+    # + understanding-only at the unified arm's steps: separates "generation data helps" from "more updates help"
+    c.step_control = True
     if preset == "quick":
         c.arch_preset = "smoke"
     elif preset == "smollm2":

@@ -6,7 +6,12 @@ Per architecture (``ec.architectures``, e.g. VQ-VQ and SigLIP-VQ) three arms:
 - ``<arch>-understanding``: understanding data only, as many understanding examples as the unified arm saw
   (fewer steps; measured, see ``common.plan_steps``); evaluated on VQA;
 - ``<arch>-generation``: generation data only, as many generation examples as the unified arm saw;
-  evaluated on generation (judge accuracy).
+  evaluated on generation (judge accuracy);
+- ``<arch>-understanding-steps`` (``ec.step_control``): understanding data only for the unified arm's
+  number of *steps* (so 1.5× its understanding examples at the 2 : 1 mix). Equal samples give the unified
+  arm more optimizer updates and a longer schedule than understanding-only; if this control matches the
+  unified arm, a VQA gain of unified over understanding-only came from the extra updates, not from the
+  generation data.
 
 Plot and table: VQA accuracy (all attributes and per attribute: weather, the two corner positions, battery,
 time), generation accuracy (judge: all, weather, the two corners) and the Fréchet distance on judge
@@ -28,6 +33,9 @@ def arms(ec) -> list[Arm]:
                     base=base, match=("understanding", uni), eval_tasks=("vqa",)),
                 Arm(f"{arch}-generation", common.only("generation"), group="generation only", x=arch, base=base,
                     match=("generation", uni), eval_tasks=("generation",))]
+        if ec.get("step_control", True):
+            out.append(Arm(f"{arch}-understanding-steps", common.only("understanding"),
+                           group="understanding only, unified's steps", x=arch, base=base, eval_tasks=("vqa",)))
     return out
 
 
