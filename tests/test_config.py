@@ -79,3 +79,24 @@ def test_attention_kernel_is_not_part_of_the_lm_fingerprint():
     c.model.dtype = "bfloat16"
     assert lm_fingerprint(a) == lm_fingerprint(b)
     assert lm_fingerprint(a) != lm_fingerprint(c)
+
+
+def test_cudnn_attention_config_runs_on_cpu_as_xla():
+    """A bf16 config trained on a GPU with attention='cudnn' must still evaluate on a CPU (the XLA path)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+    from uvjax.config import model_config
+    from uvjax.models.unified import UnifiedModel
+    from uvjax.training.step import dummy_batch
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the cuDNN path runs: tests/test_gpu.py compares the two")
+    a, b = _cfg(), _cfg()
+    for c in (a, b):
+        c.model.dtype = "bfloat16"
+    b.model.attention = "cudnn"
+    ma, mb = UnifiedModel(model_config(a).validate()), UnifiedModel(model_config(b).validate())
+    v = nn.unbox(ma.init({"params": jax.random.key(0)}, dummy_batch(0), method=UnifiedModel.init_all))
+    batch = {k: jnp.asarray(x) for k, x in dummy_batch(0).items()}
+    assert np.array_equal(np.asarray(ma.apply(v, batch), np.float32), np.asarray(mb.apply(v, batch), np.float32))
