@@ -163,13 +163,12 @@ class Attention(nn.Module):
             q_index, kv_index = idx + jnp.arange(T), jnp.arange(L)
 
         # mask[b, t, s]: causal within the same (non-padding on the key side) segment
-        mask = (kv_index[None, None, :] <= q_index[None, :, None]) & (
-            segment_ids[:, :, None] == kv_seg[:, None, :])
+        same_segment = segment_ids[:, :, None] == kv_seg[:, None, :]
+        mask = (kv_index[None, None, :] <= q_index[None, :, None]) & same_segment
         if cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu":
             # cuDNN's fused kernel applies the causal part itself and never stores T×T probabilities;
             # packed segments enter as a mask (cuDNN turns it into an additive bias). On other backends
             # the XLA path below computes the same function, so a GPU-trained config evaluates on a CPU.
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
             out = jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None], is_causal=True,
                                                implementation="cudnn")
         elif decode or T < 2 * ATTN_BLOCK or T % ATTN_BLOCK:
