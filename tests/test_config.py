@@ -19,6 +19,7 @@ def _cfg(preset="smoke"):
     ("model.lora.targets", ("q", "qkv"), "model.lora.targets"),
     ("model.remat", "some", "model.remat"),
     ("model.attention", "flash", "model.attention"),
+    ("model.scan_unroll", -1, "model.scan_unroll"),
     ("model.attention", "cudnn", "model.attention"),  # the smoke preset computes in fp32: cuDNN has no kernel
 ])
 def test_bad_values_name_the_key(key, value, match):
@@ -70,12 +71,13 @@ def test_tiny_long_reuses_the_first_runs_stages_and_model():
     assert long.train.steps > tiny.train.steps
 
 
-def test_attention_kernel_is_not_part_of_the_lm_fingerprint():
+def test_attention_kernel_and_layer_unrolling_are_not_part_of_the_lm_fingerprint():
     """xla and cudnn compute the same function: switching keeps the run (and its checkpoints) resumable,
     while a change of what is computed (the compute dtype) does not."""
     from uvjax.train import lm_fingerprint
     a, b, c = _cfg(), _cfg(), _cfg()
     b.model.attention = "cudnn"
+    b.model.scan_unroll = 0
     c.model.dtype = "bfloat16"
     assert lm_fingerprint(a) == lm_fingerprint(b)
     assert lm_fingerprint(a) != lm_fingerprint(c)

@@ -55,9 +55,10 @@ def test_llama3_rope_scaling_reduces_low_frequencies():
     np.testing.assert_allclose(f1[wavelen > 8192], f0[wavelen > 8192] / 8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_decoder_matches_float64_reference(tie):
-    c = tiny_config(**{"model.tie_embeddings": tie, "model.rope_base": 1000.0})
+@pytest.mark.parametrize("tie,unroll", [(False, 1), (True, 1), (False, 0)])
+def test_decoder_matches_float64_reference(tie, unroll):
+    """``unroll`` 0: the layer stack without its loop (model.scan_unroll), the same parameters and function."""
+    c = tiny_config(**{"model.tie_embeddings": tie, "model.rope_base": 1000.0, "model.scan_unroll": unroll})
     lora_preset(c, 4, 8.0)
     model = UnifiedModel(model_config(c).validate())
     v = _init(model)
@@ -126,8 +127,9 @@ def _init_cache(model, batch_size):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-def test_kv_cache_logits_equal_full_forward():
-    c = tiny_config()
+@pytest.mark.parametrize("unroll", [1, 0])
+def test_kv_cache_logits_equal_full_forward(unroll):
+    c = tiny_config(**{"model.scan_unroll": unroll})
     lora_preset(c, 4, 8.0)
     mc = model_config(c).validate()
     T = 14

@@ -38,6 +38,7 @@ def base_config() -> mlc.ConfigDict:
     m.param_dtype = "float32"
     m.remat = "none"
     m.attention = "xla"  # "cudnn": fused attention on NVIDIA GPUs (bf16); same result, a speed knob
+    m.scan_unroll = 1  # layers per loop iteration of the layer stack (0: all); same result, a speed knob
     m.lora = mlc.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=tuple(PROJECTIONS)))
     m.image = mlc.ConfigDict(dict(num_codes=1024, code_dim=8, feature_dim=0, input_kind="codes",
                                   output_kind="codes", und_adapter="linear", gen_adapter="linear",
@@ -135,7 +136,7 @@ def model_config(cfg) -> UnifiedConfig:
         kv_heads=int(m.kv_heads), head_dim=int(m.head_dim), intermediate=int(m.intermediate),
         rope_base=float(m.rope_base), rope_scaling=tuple(m.rope_scaling), norm_eps=float(m.norm_eps),
         tie_embeddings=bool(m.tie_embeddings), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-        attention=str(m.get("attention", "xla")), lora=lora)
+        attention=str(m.get("attention", "xla")), scan_unroll=int(m.get("scan_unroll", 1)), lora=lora)
     im = ImageConfig(**{k: m.image[k] for k in m.image.keys() if k != "codebook_from"})
     return UnifiedConfig(dec, im)
 

@@ -335,7 +335,7 @@ def _close(ckpt, writer, quiet: bool = False) -> None:
 
 LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
                                     "async_checkpoint", "progress", "spike_factor", "spike_window"),
-                          "model": ("attention",)}  # the kernel that computes attention, not what it computes
+                          "model": ("attention", "scan_unroll")}  # how the same function is computed
 
 
 def lm_fingerprint(cfg) -> str:

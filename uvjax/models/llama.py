@@ -51,6 +51,9 @@ class DecoderConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "xla"  # xla: einsum + fp32 softmax (any backend) | cudnn: fused cuDNN kernel (GPU, bf16/fp16)
+    # layers per iteration of the scanned stack (0: all, no loop). Same parameters (still stacked) and the
+    # same function; unrolling a few small layers saves the loop's stacked activations (CPU: -8%/step)
+    scan_unroll: int = 1
     lora: LoRAConfig = LoRAConfig()
     max_cache_len: int = 0  # set by the decoding code when a cache is initialised
 
@@ -78,6 +81,8 @@ class DecoderConfig:
         if self.attention == "cudnn" and self.dtype == "float32":
             raise ValueError("model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused "
                              "attention has no fp32 kernel); use attention='xla' for fp32")
+        if self.scan_unroll < 0:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 0 (0: unroll every layer)")
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
             raise ValueError(f"model.dtype/param_dtype must be in {sorted(DTYPES)}")
         return self
@@ -263,6 +268,7 @@ class Decoder(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.layers,
+            unroll=min(cfg.scan_unroll or cfg.layers, cfg.layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x = x.astype(cfg.compute_dtype)

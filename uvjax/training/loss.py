@@ -51,10 +51,14 @@ def _gather(mask, cap):
 
 
 def _ce(logits, labels):
+    """Per-position CE, log-partition and top-1 hit. The hit is ``picked >= max`` (the label's logit is a
+    maximum), which reuses the logsumexp's max instead of a separate argmax pass over the vocabulary (on CPU
+    that pass cost ~3% of a step); it differs from ``argmax == label`` only on exact ties."""
     labels = jnp.clip(labels, 0, logits.shape[-1] - 1)  # non-target slots may hold other-vocab ids
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits, axis=-1) == labels
+    correct = picked >= m
     return lse - picked, lse, correct
 
 
