@@ -1,9 +1,11 @@
 """Train-step throughput of the unified model on configs S and M (issue: foundation benchmark).
 
     python benchmarks/train_step.py --configs=S,M --out=benchmarks/results/train_step.json
+    python benchmarks/train_step.py --configs=tiny --scan-unroll=0   # the first run's model, as it trains
 
 Each sequence: 25% prompt text (no targets), 37.5% assistant text targets, 37.5% image targets
-(generation). LoRA on all 7 projections, fp32, logits only at target positions. Reports tokens/s
+(generation). LoRA on all 7 projections (``tiny``: every weight trains, no LoRA), fp32, logits only at
+target positions. Reports tokens/s
 (median of timed steps after warm-up), compile time, analytic useful FLOPs/token
 (uvjax/training/flops.py), achieved GFLOP/s vs a JAX fp32 matmul peak measured in the same run, peak RSS.
 """
@@ -18,6 +20,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = {
+    # the first run's model (configs/vqvq.py:tiny): trained from scratch, every weight trainable (rank 0: no LoRA)
+    "tiny": dict(hidden=256, layers=3, heads=8, intermediate=688, vocab=1024, codes=512, seq=128, batch=32, rank=0),
     "S": dict(hidden=256, layers=4, heads=8, intermediate=688, vocab=32000, codes=1024, seq=512, batch=8, rank=16),
     "M": dict(hidden=512, layers=8, heads=8, intermediate=1376, vocab=32000, codes=16384, seq=1024, batch=4, rank=64),
     # GPU configs (issue #9 item 3): the smollm2 preset's model (SmolLM2-135M shapes, LoRA r=16, the tiny
@@ -39,7 +43,7 @@ def shape(name: str, batch: int = 0, seq: int = 0) -> dict:
 
 
 def build(name: str, dtype: str = "float32", remat: str = "none", attention: str = "xla", batch: int = 0,
-          seq: int = 0):
+          seq: int = 0, scan_unroll: int = 1):
     import numpy as np
     from uvjax.config import base_config, lora_preset
     from uvjax.data.arrays import IMAGE_OUT, TEXT
@@ -50,7 +54,9 @@ def build(name: str, dtype: str = "float32", remat: str = "none", attention: str
     m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads = s["vocab"], s["hidden"], s["layers"], s["heads"], s["kv_heads"]
     m.head_dim, m.tie_embeddings, m.attention = s["head_dim"], s["tie"], attention
     m.intermediate, m.image.num_codes, m.dtype, m.remat = s["intermediate"], s["codes"], dtype, remat
-    lora_preset(c, s["rank"], 2.0 * s["rank"])
+    m.scan_unroll = scan_unroll
+    if s["rank"]:
+        lora_preset(c, s["rank"], 2.0 * s["rank"])
     T, B = s["seq"], s["batch"]
     c.train.batch_size, c.train.seq_len, c.train.steps = B, T, 1000
     n_prompt, n_text = T // 4, (3 * T) // 8
@@ -70,7 +76,7 @@ def build(name: str, dtype: str = "float32", remat: str = "none", attention: str
 
 
 def bench(name: str, steps: int, dtype: str, mesh_shape, remat: str, attention: str = "xla", batch: int = 0,
-          seq: int = 0) -> dict:
+          seq: int = 0, scan_unroll: int = 1) -> dict:
     import jax
     from benchmarks.common import peak_rss_mb
     from uvjax.config import model_config
@@ -79,7 +85,7 @@ def bench(name: str, steps: int, dtype: str, mesh_shape, remat: str, attention: 
     from uvjax.training.sharding import global_batch_from_local, make_mesh
     from uvjax.training.step import create_trainer, make_train_step
 
-    cfg, batch, counts = build(name, dtype, remat, attention, batch, seq)
+    cfg, batch, counts = build(name, dtype, remat, attention, batch, seq, scan_unroll)
     mesh = make_mesh(mesh_shape)
     model = UnifiedModel(model_config(cfg).validate())
     trainer, state = create_trainer(model, cfg, mesh, cfg.sharding.rules)
@@ -102,10 +108,12 @@ def bench(name: str, steps: int, dtype: str, mesh_shape, remat: str, attention: 
     fl = train_flops_per_step(batch=s["batch"], seq=s["seq"], hidden=s["hidden"], layers=s["layers"],
                               heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"],
                               intermediate=s["intermediate"], vocab=s["vocab"], num_codes=s["codes"],
-                              text_targets=counts["n_text"], image_targets=counts["n_img"], lora_rank=s["rank"])
+                              text_targets=counts["n_text"], image_targets=counts["n_img"], lora_rank=s["rank"],
+                              base_trainable=not s["rank"], lm_head_trainable=not s["rank"])
     tokens = s["batch"] * s["seq"]
     del compiled
-    return {"config": name, **s, "dtype": dtype, "remat": remat, "attention": attention, "mesh": list(mesh_shape),
+    return {"config": name, **s, "dtype": dtype, "remat": remat, "attention": attention, "scan_unroll": scan_unroll,
+            "mesh": list(mesh_shape),
             "step_s_median": med, "step_s_all": times, "tokens_per_s": tokens / med,
             "compile_s": compile_s, "useful_flops_per_token": fl["per_token"], "useful_flops_per_step": fl["total"],
             "achieved_gflops": fl["total"] / med / 1e9, "loss_first_step": loss0,
@@ -130,6 +138,7 @@ def main():
     ap.add_argument("--attention", default="xla", help="xla | cudnn (GPU, bf16)")
     ap.add_argument("--batch", type=int, default=0, help="override the config's batch")
     ap.add_argument("--seq", type=int, default=0, help="override the config's sequence length")
+    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per loop iteration (0: no loop)")
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size of the peak measurement (8192 on GPUs)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args()
@@ -140,7 +149,7 @@ def main():
     rows = []
     for name in args.configs.split(","):
         r = bench(name, args.steps, args.dtype, [int(x) for x in args.mesh.split(",")], args.remat, args.attention,
-                  args.batch, args.seq)
+                  args.batch, args.seq, args.scan_unroll)
         r["fraction_of_matmul_peak"] = r["achieved_gflops"] / peak
         rows.append(r)
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s | step {r['step_s_median'] * 1e3:.0f} ms | compile "

@@ -67,10 +67,13 @@ def test_first_run_writes_every_stage(first_run):
 def test_second_run_reuses_every_stage(first_run):
     root, _ = first_run
     n_before = len(read_stage_log(str(root / "a")))
-    _train(str(root / "a"))
+    _train(str(root / "a"), "--config.stages.evaluate.num_images=5")
     new = read_stage_log(str(root / "a"))[n_before:]
     assert {r["stage"]: r["reused"] for r in new if r["stage"] != "evaluate"} == {
         "tokenizer": True, "vq": True, "dataset": True, "lm": True}
+    # stages.evaluate.num_images limits the evaluated test images (the smoke split has 16)
+    (report,) = glob.glob(str(root / "a" / "eval" / "step_*" / "report.json"))
+    assert json.load(open(report))["split"]["num_images"] == 5
 
 
 def test_changing_only_the_lm_rebuilds_only_the_lm(first_run):

@@ -56,7 +56,8 @@ def stages_config() -> mlc.ConfigDict:
     c.vq = vq_config("tiny")
     # What the run's final evaluation covers: VQA and generation (the first run's table). Caption recall
     # costs ~11 s more on 500 test images: add "caption", or run `python -m uvjax.evaluate --workdir=RUN`.
-    c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False, tasks=("vqa", "generation")))
+    # num_images: test images evaluated (0: the whole test split); a slow preset (smollm2) evaluates fewer.
+    c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False, tasks=("vqa", "generation"), num_images=0))
     return c
 
 

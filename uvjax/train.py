@@ -394,8 +394,9 @@ def run_all(cfg, workdir: str) -> dict:
         if evaluate_run is not None:
             from uvjax.stages_features import evaluation_kwargs
             tasks = tuple(cfg.stages.evaluate.get("tasks", ("vqa", "caption", "generation")))
+            n = int(cfg.stages.evaluate.get("num_images", 0) or 0)
             summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks,
-                                                 **evaluation_kwargs(workdir, cfg))
+                                                 num_images=n or None, **evaluation_kwargs(workdir, cfg))
             times["evaluate"] = time.time() - t
             StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
                                     path=workdir)
