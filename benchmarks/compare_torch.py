@@ -107,7 +107,7 @@ def uvjax_weights(s: dict, w: dict) -> tuple[dict, dict]:
     return params, lora
 
 
-def uvjax_config(s: dict, lr: float = 2e-4):
+def uvjax_config(s: dict, lr: float = 2e-4, scan_unroll: int = 1):
     """The uvjax ml_collections config for a spec: LoRA on the 7 projections, only LoRA trains,
     AdamW with a constant lr (no warmup, decay or clipping: what torch.optim.AdamW does by default)."""
     from uvjax.config import base_config, lora_preset
@@ -116,6 +116,7 @@ def uvjax_config(s: dict, lr: float = 2e-4):
     m = c.model
     m.vocab_size, m.hidden, m.layers, m.heads, m.kv_heads = s["vocab"], s["hidden"], s["layers"], s["heads"], s["kv_heads"]
     m.intermediate, m.image.num_codes, m.dtype = s["intermediate"], s.get("codes", 16), "float32"
+    m.scan_unroll = scan_unroll  # layers per loop iteration of the layer stack (0: no loop)
     lora_preset(c, s["rank"], s["alpha"], lr=lr)
     c.train.trainable = ("lora/.*",)
     c.optim.lr_rules = ()
@@ -276,7 +277,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def uvjax_trainer(s: dict, w: dict, batch: dict, lr: float = 2e-4, devices=None):
+def uvjax_trainer(s: dict, w: dict, batch: dict, lr: float = 2e-4, devices=None, scan_unroll: int = 1):
     """(step, state, global batch): the uvjax train step (uvjax/training/step.py) for ``batch`` with the
     shared weights in its state; text-logit capacity just above the batch's target count."""
     import jax
@@ -285,7 +286,7 @@ def uvjax_trainer(s: dict, w: dict, batch: dict, lr: float = 2e-4, devices=None)
     from uvjax.training.optimizer import flatten, unflatten
     from uvjax.training.sharding import global_batch_from_local, make_mesh
     from uvjax.training.step import create_trainer, make_train_step
-    cfg = uvjax_config(s, lr)
+    cfg = uvjax_config(s, lr, scan_unroll)
     n = s["batch"] * (s["seq"] - 1)
     cfg.loss.text_target_capacity = min(1.0, (int(source_mask(batch).sum()) + 1) / n)
     cfg.loss.image_target_capacity = 1.0 / n  # no image targets in these batches: one gathered slot
@@ -321,7 +322,7 @@ class JaxTrain:
     def __init__(self, s, w, args):
         self.peak = matmul_peak_gflops()
         batch = text_batch(s, args.seed + 1)
-        self.step, state, self.gb = uvjax_trainer(s, w, batch, args.lr)
+        self.step, state, self.gb = uvjax_trainer(s, w, batch, args.lr, scan_unroll=args.scan_unroll)
         t = time.perf_counter()
         self.step.lower(state, self.gb).compile()
         self.compile_s = time.perf_counter() - t
@@ -393,7 +394,7 @@ class JaxDecode:
         from uvjax.config import model_config
         from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds
         from uvjax.models.unified import UnifiedModel
-        model = UnifiedModel(model_config(uvjax_config(s)).validate())
+        model = UnifiedModel(model_config(uvjax_config(s, scan_unroll=args.scan_unroll)).validate())
         v = uvjax_variables(model, s, w, args.seed)
         # boi/eoi are masked out of text sampling; 0/1 are never the argmax of these random weights' rows
         self.gen = Generator(model, v, SpecialIds(boi=0, eoi=1, stop=()), bucket=16)
@@ -473,7 +474,8 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--side", side, "--task", task,
                "--config", config, "--weights", weights, "--lr", str(args.lr), "--seed", str(args.seed),
                "--new_tokens", str(args.new_tokens), "--prompt", str(args.prompt),
-               "--torch_threads", str(args.torch_threads), "--attn_block", str(attn_block)] + (
+               "--torch_threads", str(args.torch_threads), "--attn_block", str(attn_block),
+               "--scan_unroll", str(args.scan_unroll)] + (
                    ["--hf_full_logits"] if args.hf_full_logits else [])
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
@@ -654,6 +656,7 @@ def main():
     ap.add_argument("--ablate_attn_block", action="store_true",
                     help="also time uvjax with its causal attention as one T×T block (a third worker)")
     ap.add_argument("--attn_block", type=int, default=-1, help=argparse.SUPPRESS)
+    ap.add_argument("--scan_unroll", type=int, default=1, help="uvjax: layers per loop iteration (0: no loop)")
     ap.add_argument("--snapshot_s", type=float, default=0.5, help="CPU snapshot before each timed unit")
     ap.add_argument("--out", default="benchmarks/results/compare_torch.json")
     ap.add_argument("--md", default="", help="Markdown table path (default: --out with .md)")

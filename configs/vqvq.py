@@ -2,7 +2,7 @@
 
 Presets (``--config=configs/vqvq.py:<preset>``):
 - ``tiny`` (default): a small Llama-style decoder (3 layers) trained from scratch on the Smart Watch data, CPU
-  (the README's first run: 15-16 min on 2 cores; understanding works, generation ignores the prompt).
+  (the README's first run: 13-15 min on 2 cores; understanding works, generation ignores the prompt).
 - ``tiny_long``: the same stages (reused from the cache), a 4-layer decoder trained long enough for
   generation to follow the prompt (1:1 mix, image loss at full weight, 3600 steps; ~40 min on 2 cores).
 - ``smoke``: seconds-long version for tests and CI.

@@ -191,7 +191,7 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
         sel = [it for it in items if it.kind == kind]
         t = time.time()
         res = run_items(gen, tok, template, sel, settings, batch_size=batch_size, seed=seed,
-                        feature_dim=feature_dim, **kw) if sel else []
+                        feature_dim=feature_dim, progress=f"eval {kind}" if progress else None, **kw) if sel else []
         timing[kind + "_s"] = round(time.time() - t, 2)
         return sel, res
 

@@ -396,7 +396,8 @@ def run_all(cfg, workdir: str) -> dict:
             tasks = tuple(cfg.stages.evaluate.get("tasks", ("vqa", "caption", "generation")))
             n = int(cfg.stages.evaluate.get("num_images", 0) or 0)
             summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks,
-                                                 num_images=n or None, **evaluation_kwargs(workdir, cfg))
+                                                 num_images=n or None, progress=bool(cfg.train.progress),
+                                                 **evaluation_kwargs(workdir, cfg))
             times["evaluate"] = time.time() - t
             StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
                                     path=workdir)

@@ -93,12 +93,12 @@ def build_items(records: Sequence[Record]) -> list[Item]:
 
 def run_items(gen: Generator, tokenizer: TextTokenizer, template: ChatTemplate, items: Sequence[Item],
               settings: DecodeSettings, *, batch_size: int = 32, cfg_scale: float = 0.0, seed: int = 0,
-              feature_dim: int = 0) -> list[dict]:
+              feature_dim: int = 0, progress: str | None = None) -> list[dict]:
     """Decodes every item's prompt; returns per item ``{"text": str, "images": [codes|features]}``.
 
     Every batch is padded to the longest prompt and the last one is filled with repeats, so all calls
     share one compiled shape. ``cfg_scale > 0`` adds each prompt's null
-    twin (:func:`~uvjax.inference.decode.null_prompt`)."""
+    twin (:func:`~uvjax.inference.decode.null_prompt`). ``progress``: a bar over the items with this label."""
     prompts = [encode_prompt(it.prompt, tokenizer, template, feature_dim=feature_dim) for it in items]
     nulls = ([encode_prompt(null_prompt(it.prompt), tokenizer, template, feature_dim=feature_dim)
               for it in items] if cfg_scale else None)
@@ -106,6 +106,10 @@ def run_items(gen: Generator, tokenizer: TextTokenizer, template: ChatTemplate, 
     results: list[dict] = [None] * len(items)  # type: ignore[list-item]
     B = min(batch_size, len(items))
     longest = max(len(p["tokens"]) for p in prompts + (nulls or []))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc=progress, unit="item", dynamic_ncols=True)
     for bi, start in enumerate(range(0, len(order), B)):
         idx = order[start:start + B]
         fill = idx + [idx[-1]] * (B - len(idx))
@@ -114,6 +118,10 @@ def run_items(gen: Generator, tokenizer: TextTokenizer, template: ChatTemplate, 
                                          cfg_scale=cfg_scale, seed=seed + bi, min_length=longest)
         for row, i in enumerate(idx):
             results[i] = {"text": out.text(row, gen.ids, tokenizer).strip(), "images": out.images(row, gen.ids)}
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     return results
 
 
