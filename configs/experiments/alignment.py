@@ -3,10 +3,12 @@ understanding-only (``uvjax/experiments/alignment.py``). Adapters are shared (as
 otherwise the distortion is absorbed by the understanding adapter.
 
 Presets:
-- ``tiny`` (default, CPU): VQ-VQ ``tiny``; unified 350 steps at batch 32 × 128 (≈ 1 step/s on 2 cores),
-  understanding-only matched (≈ 235 steps); 8 arms × 2 seeds; VQA on 200 test images (and generation for
-  the unified arms). ≈ 90 min + cold
-  stages (VQ ≈ 15 min): under 2 h.
+- ``tiny`` (default, CPU): VQ-VQ ``tiny``; unified 1,500 steps at batch 32 × 128 (the first run's budget,
+  ≈ 2.3 steps/s on 2 cores), understanding-only matched (≈ 1,000 steps); 8 arms; VQA on 200 test images (and
+  generation for the unified arms). ≈ 22 min per strength and seed: one seed (``--config.seeds="(0,)"``)
+  ≈ 1 h 30 min, both seeds ≈ 3 h (two sessions: the driver resumes). Why not fewer steps: the first preset's
+  350 / 235 steps were sized at ≈ 1 step/s, and at that length (and at 800 / 533, knowledge transfer) VQA
+  stays at chance (docs/RESULTS.md §2, §3).
 - ``quick``: the ``smoke`` chain, s ∈ {0, 0.3}, 3 steps, one seed (tests).
 """
 from uvjax.experiments.common import add_overrides, experiment_config
@@ -17,8 +19,6 @@ def get_config(arg: str | None = None):
     c = experiment_config("alignment", preset)
     c.strengths = (0.0, 0.1, 0.2, 0.3)
     add_overrides(c, ("model.image.share_adapters", True))
-    if preset == "tiny":
-        add_overrides(c, ("train.steps", 350))
-    elif preset == "quick":
+    if preset == "quick":
         c.strengths = (0.0, 0.3)
     return c
