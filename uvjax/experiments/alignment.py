@@ -34,9 +34,9 @@ def arms(ec) -> list[Arm]:
 
 
 def panels(ec) -> list[Panel]:
-    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"),
-            Panel("vqa/weather/strict", "VQA weather accuracy"),
-            Panel("gen/all/accuracy", "generation accuracy (unified)")]
+    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"), *common.VQA_DETAIL,
+            Panel("gen/all/accuracy", "generation accuracy (judge, unified arms)"),
+            Panel("gen/frechet_judge", "Fréchet distance (judge features, unified arms)")]
 
 
 EXPERIMENT = common.Experiment("alignment", arms, panels, "affine distortion strength s",

@@ -72,6 +72,17 @@ class Panel:
     groups: tuple[str, ...] = ()
 
 
+# Per-attribute panels shown beside a driver's headline metrics: the attributes the `tiny` model can
+# learn (weather, the two corners) and, for generation, the Fréchet distance; exact time and battery stay
+# near zero at this scale (tiny-scale-calibration.md), so they would only widen the tables.
+VQA_DETAIL = (Panel("vqa/weather/strict", "VQA weather"), Panel("vqa/weather_pos/strict", "VQA weather corner"),
+              Panel("vqa/battery_pos/strict", "VQA battery corner"))
+GEN_DETAIL = (Panel("gen/weather/accuracy", "generation weather (judge)"),
+              Panel("gen/weather_pos/accuracy", "generation weather corner (judge)"),
+              Panel("gen/battery_pos/accuracy", "generation battery corner (judge)"),
+              Panel("gen/frechet_judge", "Fréchet distance (judge features, lower is better)"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """What a driver module declares: how to build the arms from the experiment config, what to plot,

@@ -37,21 +37,14 @@ def arms(ec) -> list[Arm]:
     return out
 
 
-# per target task, beside its headline metric: the attributes this model can learn (weather, the two
-# corners) and, for generation, the Fréchet distance; exact time/battery stay near zero at this scale
-DETAIL = {"understanding": (("vqa/weather/strict", "VQA weather"), ("vqa/weather_pos/strict", "VQA weather corner"),
-                            ("vqa/battery_pos/strict", "VQA battery corner")),
-          "generation": (("gen/weather/accuracy", "generation weather (judge)"),
-                         ("gen/weather_pos/accuracy", "generation weather corner (judge)"),
-                         ("gen/battery_pos/accuracy", "generation battery corner (judge)"),
-                         ("gen/frechet_judge", "Fréchet distance (judge features, lower is better)"))}
+DETAIL = {"understanding": common.VQA_DETAIL, "generation": common.GEN_DETAIL}
 
 
 def panels(ec) -> list[Panel]:
     out = []
     for t in ec.targets:
         out.append(Panel(METRIC[t], f"{t}: {'VQA' if t == 'understanding' else 'generation'} accuracy", (group(t),)))
-        out += [Panel(m, f"{t}: {label}", (group(t),)) for m, label in DETAIL[t]]
+        out += [Panel(p.metric, f"{t}: {p.label}", (group(t),)) for p in DETAIL[t]]
     return out
 
 

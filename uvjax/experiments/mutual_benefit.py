@@ -40,17 +40,10 @@ def arms(ec) -> list[Arm]:
 
 
 def panels(ec) -> list[Panel]:
-    return [Panel("vqa/all/strict", "VQA accuracy (all attributes, strict)"),
-            Panel("vqa/weather/strict", "VQA weather accuracy"),
-            Panel("vqa/weather_pos/strict", "VQA weather-corner accuracy"),
-            Panel("vqa/battery_pos/strict", "VQA battery-corner accuracy"),
+    return [Panel("vqa/all/strict", "VQA accuracy (all attributes, strict)"), *common.VQA_DETAIL,
             Panel("vqa/battery/tolerant", "VQA battery accuracy (tolerant)"),
             Panel("vqa/time/hour", "VQA time accuracy (hour right)"),
-            Panel("gen/all/accuracy", "generation accuracy (judge, all mentioned)"),
-            Panel("gen/weather/accuracy", "generation weather accuracy (judge)"),
-            Panel("gen/weather_pos/accuracy", "generation weather-corner accuracy (judge)"),
-            Panel("gen/battery_pos/accuracy", "generation battery-corner accuracy (judge)"),
-            Panel("gen/frechet_judge", "Fréchet distance (judge features, lower is better)")]
+            Panel("gen/all/accuracy", "generation accuracy (judge, all mentioned)"), *common.GEN_DETAIL]
 
 
 EXPERIMENT = common.Experiment("mutual_benefit", arms, panels, "architecture",

@@ -26,10 +26,8 @@ def arms(ec) -> list[Arm]:
 
 
 def panels(ec) -> list[Panel]:
-    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"),
-            Panel("gen/all/accuracy", "generation accuracy (judge)"),
-            Panel("vqa/weather/strict", "VQA weather accuracy"),
-            Panel("gen/weather/accuracy", "generation weather accuracy")]
+    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"), *common.VQA_DETAIL,
+            Panel("gen/all/accuracy", "generation accuracy (judge)"), *common.GEN_DETAIL]
 
 
 EXPERIMENT = common.Experiment("ratio", arms, panels, "varied side's data (% of its records)",
