@@ -5,8 +5,9 @@ otherwise the distortion is absorbed by the understanding adapter.
 Presets:
 - ``tiny`` (default, CPU): VQ-VQ ``tiny``; unified 1,500 steps at batch 32 × 128 (the first run's budget,
   ≈ 2.3 steps/s on 2 cores), understanding-only matched (≈ 1,000 steps); 8 arms; VQA on 200 test images (and
-  generation for the unified arms). ≈ 22 min per strength and seed: one seed (``--config.seeds="(0,)"``)
-  ≈ 1 h 30 min, both seeds ≈ 3 h (two sessions: the driver resumes). Why not fewer steps: the first preset's
+  generation for the unified arms). One seed (``--config.seeds="(0,)"``) measured 76 min (unified
+  640–703 s, understanding-only 432–495 s per run), both seeds ≈ 2 h 30 min (the driver resumes, so a
+  second seed can be added later). Why not fewer steps: the first preset's
   350 / 235 steps were sized at ≈ 1 step/s, and at that length (and at 800 / 533, knowledge transfer) VQA
   stays at chance (docs/RESULTS.md §2, §3).
 - ``quick``: the ``smoke`` chain, s ∈ {0, 0.3}, 3 steps, one seed (tests).
