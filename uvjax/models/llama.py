@@ -193,28 +193,49 @@ def causal_blocked_attention(q, k, v, mask, block: int):
     blocks: block i only reads keys [0, (i+1)·block), since every later key is causally masked for it.
     Same result as :func:`dot_product_attention` (masked keys get exactly zero probability); skips the
     masked upper triangle, so the T×T logits/probabilities (and the activations the backward keeps)
-    shrink by (n-1)/2n for n blocks — on CPU these memory-bound T×T passes dominate the step."""
-    T = q.shape[1]
+    shrink by (n-1)/2n for n blocks — on CPU these memory-bound T×T passes dominate the step.
+    q, k and v go head-major once, before the blocks are sliced (slicing first made XLA transpose every
+    block's keys separately)."""
+    B, T, H, D = q.shape
+    qh, kh, vh = _head_major(q, k, v)
     outs = []
     for i in range(T // block):
         end = (i + 1) * block
-        outs.append(dot_product_attention(q[:, i * block:end], k[:, :end], v[:, :end],
-                                          mask[:, i * block:end, :end]))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_attend(qh[:, :, :, i * block:end], kh[:, :, :end], vh[:, :, :end],
+                            mask[:, i * block:end, :end]))
+    return _token_major(jnp.concatenate(outs, axis=3))
 
 
 def dot_product_attention(q, k, v, mask):
     """GQA attention with fp32 softmax. q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] bool."""
+    return _token_major(_attend(*_head_major(q, k, v), mask))
+
+
+def _head_major(q, k, v):
+    """[B,T,H,D] → q [B,K,G,T,D] (pre-scaled by 1/sqrt(D): T·H·D values instead of T×S logits),
+    k/v [B,K,S,D]: the layouts the batched matmuls read without further copies."""
     B, T, H, D = q.shape
     K = k.shape[2]
-    G = H // K
-    # the 1/sqrt(D) scale goes on q (T·H·D values) rather than on the T×S logits (a full extra pass)
-    qg = (q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)).reshape(B, T, K, G, D)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, D)
+    qh = (q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _token_major(o):
+    B, K, G, T, D = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
+
+
+def _attend(qh, kh, vh, mask):
+    """Softmax attention on head-major blocks; mask [B,T,S]. The softmax is normalised *after* the
+    probability-value product (one division over T·D values instead of T×S probabilities; the
+    max-shift is a constant of the softmax, so it carries no gradient). A row with no visible key
+    (padding) averages all values, as a softmax over equal logits does."""
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    p = jnp.exp(logits - shift)
+    out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+    return (out / p.sum(axis=-1, keepdims=True)).astype(vh.dtype)
 
 
 class MLP(nn.Module):

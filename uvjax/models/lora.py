@@ -57,6 +57,11 @@ class Dense(nn.Module):
         in_features = x.shape[-1]
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (in_features, self.features), self.param_dtype)
+        # The matmuls run on a [tokens, features] view: with 3-D activations XLA:CPU lays the weight
+        # gradients' operands out token-minor and writes them through slow transposing loop fusions
+        # (a quarter of a LoRA training step on CPU, docs/PERFORMANCE.md); a 2-D dot needs no copy.
+        lead = x.shape[:-1]
+        x = x.reshape(-1, in_features)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.lora.applies_to(self.proj):
             r = self.lora.rank
@@ -71,7 +76,7 @@ class Dense(nn.Module):
                 xl = nn.Dropout(self.lora.dropout)(x, deterministic=False)
             delta = jnp.dot(jnp.dot(xl.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
             y = y + self.lora.scale * delta
-        return y
+        return y.reshape(*lead, self.features)
 
 
 def merge_lora(params: dict, lora: dict, cfg: LoRAConfig) -> dict:
