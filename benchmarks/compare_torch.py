@@ -394,7 +394,7 @@ class JaxDecode:
         from uvjax.config import model_config
         from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds
         from uvjax.models.unified import UnifiedModel
-        model = UnifiedModel(model_config(uvjax_config(s, scan_unroll=args.scan_unroll)).validate())
+        model = UnifiedModel(model_config(uvjax_config(s, scan_unroll=args.decode_scan_unroll)).validate())
         v = uvjax_variables(model, s, w, args.seed)
         # boi/eoi are masked out of text sampling; 0/1 are never the argmax of these random weights' rows
         self.gen = Generator(model, v, SpecialIds(boi=0, eoi=1, stop=()), bucket=16)
@@ -475,7 +475,7 @@ class Worker:
                "--config", config, "--weights", weights, "--lr", str(args.lr), "--seed", str(args.seed),
                "--new_tokens", str(args.new_tokens), "--prompt", str(args.prompt),
                "--torch_threads", str(args.torch_threads), "--attn_block", str(attn_block),
-               "--scan_unroll", str(args.scan_unroll)] + (
+               "--scan_unroll", str(args.scan_unroll), "--decode_scan_unroll", str(args.decode_scan_unroll)] + (
                    ["--hf_full_logits"] if args.hf_full_logits else [])
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
@@ -656,7 +656,9 @@ def main():
     ap.add_argument("--ablate_attn_block", action="store_true",
                     help="also time uvjax with its causal attention as one T×T block (a third worker)")
     ap.add_argument("--attn_block", type=int, default=-1, help=argparse.SUPPRESS)
-    ap.add_argument("--scan_unroll", type=int, default=1, help="uvjax: layers per loop iteration (0: no loop)")
+    ap.add_argument("--scan_unroll", type=int, default=0,
+                    help="uvjax training: layers per loop iteration (0: no loop; the setting for these 4-8 layers)")
+    ap.add_argument("--decode_scan_unroll", type=int, default=0, help="uvjax decoding: the same, for the decode loop")
     ap.add_argument("--snapshot_s", type=float, default=0.5, help="CPU snapshot before each timed unit")
     ap.add_argument("--out", default="benchmarks/results/compare_torch.json")
     ap.add_argument("--md", default="", help="Markdown table path (default: --out with .md)")

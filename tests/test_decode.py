@@ -150,6 +150,35 @@ def test_kv_cache_decoding_equals_naive_full_forward(features):
         assert (out.modality[r, n:] == PAD).all()
 
 
+def test_lora_is_merged_for_decoding_and_equals_the_unmerged_full_forward():
+    """The generator folds W + scale·A·B into the kernels; the reference is the naive full forward of
+    the *unmerged* LoRA model (B non-zero, scale 2), so a wrong scale, transpose or layer would show."""
+    model = UnifiedModel(model_config(tiny_config(**{"model.lora.rank": 4, "model.lora.alpha": 8.0})).validate())
+    from uvjax.training.step import dummy_batch
+    v = nn.unbox(model.init({"params": jax.random.key(1)}, dummy_batch(0), method=UnifiedModel.init_all))
+    v = jax.tree_util.tree_map(lambda x: x * 3.0, v)
+    leaves, tree = jax.tree_util.tree_flatten(v["lora"])
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    v["lora"] = jax.tree_util.tree_unflatten(tree, [x + 0.5 * jax.random.normal(k, x.shape, x.dtype)
+                                                    for x, k in zip(leaves, keys)])
+    gen = Generator(model, v, IDS)
+    assert gen.model.cfg.decoder.lora.rank == 0 and "lora" not in gen.variables
+    unmerged = Generator(model, v, IDS, merge=False)
+    assert unmerged.model.cfg.decoder.lora.rank == 4
+    prompts = _prompts()
+    s = DecodeSettings(max_new_tokens=16, image_tokens=N, max_images=1, image_temperature=0.0)
+    out = gen.generate(prompts, s)
+    for r, p in enumerate(prompts):
+        want = naive_decode(model, v, p, s)
+        n = int(out.lengths[r])
+        assert list(zip(out.tokens[r, :n].tolist(), out.modality[r, :n].tolist())) == want, f"row {r}"
+    # and the LoRA delta matters here: the base model alone decodes something else
+    base = {k: x for k, x in v.items() if k != "lora"}
+    base_model = UnifiedModel(dataclasses.replace(model.cfg, decoder=dataclasses.replace(
+        model.cfg.decoder, lora=dataclasses.replace(model.cfg.decoder.lora, rank=0))))
+    assert not np.array_equal(Generator(base_model, base, IDS).generate(prompts, s).tokens, out.tokens)
+
+
 def test_image_cells_by_hand():
     from uvjax.models.unified import image_cells
     T, I, O = TEXT, IMAGE_IN, IMAGE_OUT
