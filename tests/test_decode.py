@@ -32,6 +32,8 @@ def _model(features=False):
 def _make_model(features):
     if features == "cells":  # learned image-cell embeddings: the decode loop must feed each code's cell
         over = {"model.image.image_positions": N}
+    elif features == "no_layer_loop":  # the decode loop carries per-layer weight/cache buffers
+        over = {"model.scan_unroll": 0}
     else:
         over = {"model.image.output_kind": "features", "model.image.feature_dim": 6} if features else {}
     model = UnifiedModel(model_config(tiny_config(**over)).validate())
@@ -132,7 +134,7 @@ def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
     return out
 
 
-@pytest.mark.parametrize("features", [False, True, "cells"])
+@pytest.mark.parametrize("features", [False, True, "cells", "no_layer_loop"])
 def test_kv_cache_decoding_equals_naive_full_forward(features):
     model, v = _model(features)
     F = model.cfg.image.feature_dim

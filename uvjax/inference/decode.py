@@ -39,6 +39,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from uvjax.data.arrays import FEATURE_KEY, IMAGE_IN, IMAGE_OUT, PAD, TEXT
 from uvjax.data.records import Record, Segment
@@ -236,6 +237,23 @@ def zero_cache(dec: UnifiedModel, batch: int):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
+def _split_layers(tree) -> dict:
+    """Stacked per-layer leaves (under a ``layers`` key) → tuples of per-layer arrays, flat by path.
+
+    Used at the boundary of the decode loop of a decoder without a layer loop: the loop then carries
+    (and closes over) one buffer per layer, and :func:`_join_layers` inside the step stacks them back
+    only for the model's unrolled layers to slice them apart again. XLA folds that slice-of-stack to
+    the per-layer buffer, so the step neither copies every layer's weights out of the stacked
+    parameters nor re-stacks the KV cache (both were per-step copies of the whole cache/weights)."""
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return {k: tuple(v[i] for i in range(v.shape[0])) if "/layers/" in f"/{k}/" else v for k, v in flat.items()}
+
+
+def _join_layers(flat: dict):
+    return traverse_util.unflatten_dict({k: jnp.stack(v) if isinstance(v, tuple) else v for k, v in flat.items()},
+                                        sep="/")
+
+
 class Generator:
     """Compiled batched decoding for one model + variables.
 
@@ -291,8 +309,14 @@ class Generator:
             h, mut = dec.apply({**variables, "cache": cache}, batch, decode=True, mutable=["cache"])
             return h[:, -1], mut["cache"]
 
+        mc = dec.cfg.decoder
+        split = mc.scan_unroll == 0 or mc.scan_unroll >= mc.layers  # no layer loop: per-layer buffers
+
         def loop(variables, cache, h, prompt_len, mode0, rng, cfg_scale, knobs):
-            call = lambda method, *a: dec.apply(variables, *a, method=method)
+            if split:
+                variables, cache = _split_layers(variables), _split_layers(cache)
+            joined = _join_layers if split else (lambda v: v)
+            call = lambda method, *a: dec.apply(joined(variables), *a, method=method)
             state = dict(
                 t=jnp.array(0, jnp.int32), h=h, cache=cache, mode=mode0,
                 count=jnp.zeros((B,), jnp.int32), nimg=(mode0 == IMAGE_MODE).astype(jnp.int32),
@@ -356,9 +380,10 @@ class Generator:
                     x = jnp.concatenate([x, x], 0)
                 pos = (prompt_len + t)[:, None]
                 seg = jnp.ones((R, 1), jnp.int32)
-                h_new, mut = dec.apply({**variables, "cache": c["cache"]}, x[:, None, :], seg, pos, True, True,
-                                       method=UnifiedModel.hidden_from_embeddings, mutable=["cache"])
-                out["h"], out["cache"], out["t"] = h_new[:, 0], mut["cache"], t + 1
+                h_new, mut = dec.apply({**joined(variables), "cache": joined(c["cache"])}, x[:, None, :], seg, pos,
+                                       True, True, method=UnifiedModel.hidden_from_embeddings, mutable=["cache"])
+                new_cache = _split_layers(mut["cache"]) if split else mut["cache"]
+                out["h"], out["cache"], out["t"] = h_new[:, 0], new_cache, t + 1
                 return out
 
             final = jax.lax.while_loop(lambda c: (c["t"] < M) & ~jnp.all(c["done"]), body, state)

@@ -4,7 +4,7 @@ The decoder takes input *embeddings* (the unified model decides per position whe
 the text embedding or an image adapter) plus ``segment_ids``/``positions`` from the sequence arrays,
 and returns final-norm hidden states. Logits are computed by the caller only where needed.
 
-Decoding uses a ``"cache"`` collection: per layer the keys/values, the segment id of every cached slot
+Decoding uses a ``"cache"`` collection: per layer the keys/values (head-major), the segment id of every cached slot
 and a write index. A chunk of C tokens (C = prompt length at prefill, 1 per decode step) is written at
 the index and attends to every earlier slot of its segment, so cached logits equal the full forward.
 """
@@ -154,29 +154,33 @@ class Attention(nn.Module):
         q_index = jnp.arange(T)
         kv_seg, kv_index = segment_ids, jnp.arange(T)
         if decode:
+            # the cache is head-major [B, K, L, D], the layout the attention matmuls read, so a decode
+            # step transposes only its own new keys/values, not the whole cache
             L = cfg.max_cache_len
-            ck = self.variable("cache", "key", jnp.zeros, (B, L, K, D), k.dtype)
-            cv = self.variable("cache", "value", jnp.zeros, (B, L, K, D), v.dtype)
+            ck = self.variable("cache", "key", jnp.zeros, (B, K, L, D), k.dtype)
+            cv = self.variable("cache", "value", jnp.zeros, (B, K, L, D), v.dtype)
             cs = self.variable("cache", "segment", jnp.zeros, (B, L), jnp.int32)
             ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
             idx = ci.value
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, idx, 0, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, idx, 0, 0))
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.transpose(0, 2, 1, 3), (0, 0, idx, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.transpose(0, 2, 1, 3), (0, 0, idx, 0))
             cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, idx))
             ci.value = idx + T
-            k, v, kv_seg = ck.value, cv.value, cs.value
+            kv_seg = cs.value
             q_index, kv_index = idx + jnp.arange(T), jnp.arange(L)
 
         # mask[b, t, s]: causal within the same (non-padding on the key side) segment
         same_segment = segment_ids[:, :, None] == kv_seg[:, None, :]
         mask = (kv_index[None, None, :] <= q_index[None, :, None]) & same_segment
-        if cfg.attention == "cudnn" and not decode and jax.default_backend() == "gpu":
+        if decode:
+            out = _token_major(_attend(_q_head_major(q, K), ck.value, cv.value, mask))
+        elif cfg.attention == "cudnn" and jax.default_backend() == "gpu":
             # cuDNN's fused kernel applies the causal part itself and never stores T×T probabilities;
             # packed segments enter as a mask (cuDNN turns it into an additive bias). On other backends
             # the XLA path below computes the same function, so a GPU-trained config evaluates on a CPU.
             out = jax.nn.dot_product_attention(q, k, v, mask=same_segment[:, None], is_causal=True,
                                                implementation="cudnn")
-        elif decode or T < 2 * ATTN_BLOCK or T % ATTN_BLOCK:
+        elif T < 2 * ATTN_BLOCK or T % ATTN_BLOCK:
             out = dot_product_attention(q, k, v, mask)
         else:
             out = causal_blocked_attention(q, k, v, mask, ATTN_BLOCK)
@@ -214,10 +218,12 @@ def dot_product_attention(q, k, v, mask):
 def _head_major(q, k, v):
     """[B,T,H,D] → q [B,K,G,T,D] (pre-scaled by 1/sqrt(D): T·H·D values instead of T×S logits),
     k/v [B,K,S,D]: the layouts the batched matmuls read without further copies."""
+    return _q_head_major(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _q_head_major(q, K: int):
     B, T, H, D = q.shape
-    K = k.shape[2]
-    qh = (q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return (q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
 
 
 def _token_major(o):
