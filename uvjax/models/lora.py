@@ -74,8 +74,10 @@ class Dense(nn.Module):
             xl = x
             if self.lora.dropout > 0 and not deterministic:
                 xl = nn.Dropout(self.lora.dropout)(x, deterministic=False)
-            delta = jnp.dot(jnp.dot(xl.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
-            y = y + self.lora.scale * delta
+            # scale·(x·A)·B with the scale on B's r×out values: the backward then needs no scaled copy
+            # of the whole output gradient (an elementwise pass over tokens × out per projection)
+            b_scaled = b.astype(self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+            y = y + jnp.dot(jnp.dot(xl.astype(self.dtype), a.astype(self.dtype)), b_scaled)
         return y.reshape(*lead, self.features)
 
 
