@@ -156,3 +156,52 @@ def test_top1_hits_and_gradient_match_float64():
     assert hits["text"] + hits["image"] > 0  # the check compares something
     assert float(sums["text_correct"]) == hits["text"] and float(sums["image_correct"]) == hits["image"]
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_head_loss_and_gradients_match_float64(transposed):
+    """The chunked head + CE (gradient formed in the forward, uvjax/training/fused_ce.py) against float64
+    loops: the total with a z-loss, d/dh and d/dW (hand-derived: (softmax − onehot + 2z·lse·softmax)/N),
+    with 4-row chunks over a row count that is not a multiple of 4, for an [E, V] head and a tied [V, E] one."""
+    import jax
+    rng = np.random.default_rng(11)
+    batch = random_batch(rng, 3, 14, K, V)
+    h = rng.normal(size=(3, 14, E)).astype(np.float32)
+    W_text, W_img = rng.normal(size=(E, V)) * 2, rng.normal(size=(E, K))
+    ft, fi = _fns(W_text, W_img)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    counts = L.global_counts(jb)
+    z = 1e-2
+    w_arg = jnp.asarray(W_text.T if transposed else W_text, jnp.float32)
+
+    def total(hh, ww):
+        sums = L.loss_sums(hh, jb, ft, fi, text_head=(ww, transposed), head_chunk=4, z_grad=True, head_grad=True)
+        return L.total_loss(sums, counts, w_text=1.0, w_image=0.0, z_loss=z), sums  # text only: h's gradient
+
+    (got, sums), (gh, gw) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(jnp.asarray(h), w_arg)
+    want, tl, il, nt, ni = _reference(batch, h, W_text, W_img, 1.0, 0.0, z=z)
+    assert nt > 4 and nt % 4  # several chunks, the last one padded
+    np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+    want_gh = np.zeros_like(h, dtype=np.float64)
+    want_gw = np.zeros_like(W_text, dtype=np.float64)
+    hits = 0
+    for b in range(3):
+        for t in range(13):
+            s0, s1 = batch["segment_ids"][b, t], batch["segment_ids"][b, t + 1]
+            if s1 == 0 or s0 != s1:
+                continue
+            y = batch["tokens"][b, t + 1]
+            hv = h[b, t].astype(np.float64)
+            if batch["text_target"][b, t + 1]:
+                lg = hv @ W_text
+                hits += int(np.argmax(lg) == y)
+                lse = np.log(np.exp(lg - lg.max()).sum()) + lg.max()
+                p = np.exp(lg - lse)
+                g = p.copy()
+                g[y] -= 1.0
+                g = (g + z * 2.0 * lse * p) / nt
+                want_gh[b, t] += W_text @ g
+                want_gw += np.outer(hv, g)
+    assert float(sums["text_correct"]) == hits
+    np.testing.assert_allclose(np.asarray(gh), want_gh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), want_gw.T if transposed else want_gw, rtol=1e-4, atol=1e-5)

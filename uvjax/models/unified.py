@@ -160,6 +160,13 @@ class UnifiedModel(nn.Module):
             return self.embed.attend(h.astype(jnp.float32)).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
+    def text_head(self):
+        """(weight, transposed): the text logits are ``h @ weight`` ([E, V]), or ``h @ weight.T`` for a tied
+        embedding ([V, E]) — for the fused head + cross-entropy of the loss (fp32 models)."""
+        if self.cfg.decoder.tie_embeddings:
+            return self.embed.embedding, True
+        return self.lm_head.variables["params"]["kernel"], False
+
     def image_logits(self, h):
         """Codebook logits (VQ outputs) or the predicted feature vector (continuous outputs)."""
         return self.generation_head(h).astype(jnp.float32)

@@ -75,9 +75,13 @@ def continuous_loss(pred, target, kind: str):
 
 def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable, *,
               image_output: str = "codes", image_loss: str = "ce",
-              text_capacity: float = 1.0, image_capacity: float = 1.0, dense: bool = False) -> dict:
+              text_capacity: float = 1.0, image_capacity: float = 1.0, dense: bool = False,
+              text_head: tuple | None = None, head_chunk: int = 512, z_grad: bool = True,
+              head_grad: bool = True) -> dict:
     """Per-modality sums and counts for one (micro)batch. ``dense`` computes logits everywhere
-    (the reference path the gathered one must equal)."""
+    (the reference path the gathered one must equal). With ``text_head`` = (weight, transposed) the text
+    term goes through :func:`uvjax.training.fused_ce.head_ce_sums` in chunks of ``head_chunk`` rows
+    (``z_grad`` / ``head_grad``: whether the z-term / the head weight need gradients)."""
     B, T, E = hidden.shape
     text_mask, image_mask = target_masks(batch)
     labels = batch["tokens"][:, 1:].reshape(-1)
@@ -93,11 +97,19 @@ def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable
 
     # text: LM head
     idx, valid, dropped = select(text_mask, text_capacity)
-    ce, lse, correct = _ce(text_logits_fn(h_src[idx]), labels[idx])
     w = valid.astype(jnp.float32)
-    masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # where, not *: no NaN leaks from unused slots
-    out.update(text_loss=masked(ce), text_count=jnp.sum(w), text_correct=masked(correct.astype(jnp.float32)),
-               text_z=masked(lse ** 2), text_dropped=dropped.astype(jnp.float32))
+    if text_head is not None and not dense:
+        from uvjax.training.fused_ce import head_ce_sums
+        weight, transposed = text_head
+        ce_sum, z_sum, hits = head_ce_sums(h_src[idx], weight, labels[idx], w, max(1, min(head_chunk, idx.shape[0])),
+                                           transposed, z_grad, head_grad)
+        out.update(text_loss=ce_sum, text_count=jnp.sum(w), text_correct=hits, text_z=z_sum,
+                   text_dropped=dropped.astype(jnp.float32))
+    else:
+        ce, lse, correct = _ce(text_logits_fn(h_src[idx]), labels[idx])
+        masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # where, not *: no NaN leaks from unused slots
+        out.update(text_loss=masked(ce), text_count=jnp.sum(w), text_correct=masked(correct.astype(jnp.float32)),
+                   text_z=masked(lse ** 2), text_dropped=dropped.astype(jnp.float32))
 
     # image: generation head
     idx, valid, dropped = select(image_mask, image_capacity)

@@ -22,7 +22,7 @@ import optax
 from uvjax.models.partitioning import activation_sharding
 from uvjax.models.unified import UnifiedModel
 from uvjax.training import loss as L
-from uvjax.training.optimizer import make_optimizer, merge_variables, split_trainable
+from uvjax.training.optimizer import flatten, make_optimizer, merge_variables, split_trainable
 from uvjax.training.sharding import batch_sharding, replicated, variable_shardings
 
 
@@ -127,14 +127,22 @@ def make_loss_fn(model: UnifiedModel, cfg):
     weights = dict(w_text=cfg.loss.w_text, w_image=cfg.loss.w_image, z_loss=cfg.loss.z_loss)
     deterministic = cfg.model.lora.dropout == 0
 
+    fused = int(cfg.loss.fused_head_chunk) > 0 and cfg.model.dtype == "float32" and not opts["dense"]
+
     def loss_fn(trainable, frozen, mb, counts, rng):
         variables = merge_variables(trainable, frozen)
         h = model.apply(variables, mb, deterministic=deterministic, rngs={"dropout": rng})
+        head = {}
+        if fused:  # the text head's weight, and whether it trains (static: the trainable tree's paths)
+            head_path = "params/embed/embedding" if model.cfg.decoder.tie_embeddings else "params/lm_head/kernel"
+            head = dict(text_head=model.apply(variables, method=UnifiedModel.text_head),
+                        head_chunk=int(cfg.loss.fused_head_chunk), z_grad=float(cfg.loss.z_loss) > 0,
+                        head_grad=head_path in flatten(trainable))
         sums = L.loss_sums(
             h, mb,
             lambda x: model.apply(variables, x, method=UnifiedModel.text_logits),
             lambda x: model.apply(variables, x, method=UnifiedModel.image_logits),
-            **opts)
+            **opts, **head)
         return L.total_loss(sums, counts, **weights), sums
 
     return loss_fn
