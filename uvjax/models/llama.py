@@ -200,7 +200,7 @@ def causal_blocked_attention(q, k, v, mask, block: int):
     shrink by (n-1)/2n for n blocks — on CPU these memory-bound T×T passes dominate the step.
     q, k and v go head-major once, before the blocks are sliced (slicing first made XLA transpose every
     block's keys separately)."""
-    B, T, H, D = q.shape
+    T = q.shape[1]
     qh, kh, vh = _head_major(q, k, v)
     outs = []
     for i in range(T // block):
