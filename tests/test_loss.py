@@ -10,33 +10,37 @@ from uvjax.training import loss as L
 V, K, E = 11, 7, 5
 
 
-def _reference(batch, h, W_text, W_img, w_text, w_image, z=0.0, image_kind="ce", feats=None):
-    """Straight loops over every (t, t+1) pair, float64."""
+def _pairs(batch):
+    """(b, t, next token) for every position t whose next token t+1 is in the same, non-padding segment."""
     B, T = batch["tokens"].shape
-    text, img = [], []
-    zt, zi = [], []
     for b in range(B):
         for t in range(T - 1):
             s0, s1 = batch["segment_ids"][b, t], batch["segment_ids"][b, t + 1]
-            if s1 == 0 or s0 != s1:
-                continue
-            y = batch["tokens"][b, t + 1]
-            hv = h[b, t].astype(np.float64)
-            if batch["text_target"][b, t + 1]:
-                lg = hv @ W_text
-                text.append(-log_softmax(lg)[y])
-                zt.append(np.log(np.exp(lg).sum()) ** 2)
-            if batch["image_target"][b, t + 1]:
-                lg = hv @ W_img
-                if image_kind == "ce":
-                    img.append(-log_softmax(lg)[y])
-                    zi.append(np.log(np.exp(lg).sum()) ** 2)
+            if s1 != 0 and s0 == s1:
+                yield b, t, batch["tokens"][b, t + 1]
+
+
+def _reference(batch, h, W_text, W_img, w_text, w_image, z=0.0, image_kind="ce", feats=None):
+    """Straight loops over every (t, t+1) pair, float64."""
+    text, img = [], []
+    zt, zi = [], []
+    for b, t, y in _pairs(batch):
+        hv = h[b, t].astype(np.float64)
+        if batch["text_target"][b, t + 1]:
+            lg = hv @ W_text
+            text.append(-log_softmax(lg)[y])
+            zt.append(np.log(np.exp(lg).sum()) ** 2)
+        if batch["image_target"][b, t + 1]:
+            lg = hv @ W_img
+            if image_kind == "ce":
+                img.append(-log_softmax(lg)[y])
+                zi.append(np.log(np.exp(lg).sum()) ** 2)
+            else:
+                tgt = feats[b, t + 1].astype(np.float64)
+                if image_kind == "cosine":
+                    img.append(1 - lg @ tgt / (np.linalg.norm(lg) * np.linalg.norm(tgt)))
                 else:
-                    tgt = feats[b, t + 1].astype(np.float64)
-                    if image_kind == "cosine":
-                        img.append(1 - lg @ tgt / (np.linalg.norm(lg) * np.linalg.norm(tgt)))
-                    else:
-                        img.append(np.mean((lg - tgt) ** 2))
+                    img.append(np.mean((lg - tgt) ** 2))
     tl = np.mean(text) if text else 0.0
     il = np.mean(img) if img else 0.0
     total = w_text * tl + w_image * il
@@ -138,21 +142,16 @@ def test_top1_hits_and_gradient_match_float64():
     grad = np.asarray(jax.grad(lambda x: L.loss_sums(x, jb, ft, fi)["text_loss"])(jnp.asarray(h)))
     hits = {"text": 0, "image": 0}
     want_grad = np.zeros_like(h, dtype=np.float64)
-    for b in range(3):
-        for t in range(13):
-            s0, s1 = batch["segment_ids"][b, t], batch["segment_ids"][b, t + 1]
-            if s1 == 0 or s0 != s1:
-                continue
-            y = batch["tokens"][b, t + 1]
-            for kind, W in (("text", W_text), ("image", W_img)):
-                if batch[f"{kind}_target"][b, t + 1]:
-                    lg = h[b, t].astype(np.float64) @ W
-                    hits[kind] += int(np.argmax(lg) == y)
-                    if kind == "text":
-                        p = np.exp(lg - lg.max())
-                        p /= p.sum()
-                        p[y] -= 1.0
-                        want_grad[b, t] += W @ p
+    for b, t, y in _pairs(batch):
+        for kind, W in (("text", W_text), ("image", W_img)):
+            if batch[f"{kind}_target"][b, t + 1]:
+                lg = h[b, t].astype(np.float64) @ W
+                hits[kind] += int(np.argmax(lg) == y)
+                if kind == "text":
+                    p = np.exp(lg - lg.max())
+                    p /= p.sum()
+                    p[y] -= 1.0
+                    want_grad[b, t] += W @ p
     assert hits["text"] + hits["image"] > 0  # the check compares something
     assert float(sums["text_correct"]) == hits["text"] and float(sums["image_correct"]) == hits["image"]
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
@@ -185,23 +184,18 @@ def test_fused_head_loss_and_gradients_match_float64(transposed):
     want_gh = np.zeros_like(h, dtype=np.float64)
     want_gw = np.zeros_like(W_text, dtype=np.float64)
     hits = 0
-    for b in range(3):
-        for t in range(13):
-            s0, s1 = batch["segment_ids"][b, t], batch["segment_ids"][b, t + 1]
-            if s1 == 0 or s0 != s1:
-                continue
-            y = batch["tokens"][b, t + 1]
-            hv = h[b, t].astype(np.float64)
-            if batch["text_target"][b, t + 1]:
-                lg = hv @ W_text
-                hits += int(np.argmax(lg) == y)
-                lse = np.log(np.exp(lg - lg.max()).sum()) + lg.max()
-                p = np.exp(lg - lse)
-                g = p.copy()
-                g[y] -= 1.0
-                g = (g + z * 2.0 * lse * p) / nt
-                want_gh[b, t] += W_text @ g
-                want_gw += np.outer(hv, g)
+    for b, t, y in _pairs(batch):
+        hv = h[b, t].astype(np.float64)
+        if batch["text_target"][b, t + 1]:
+            lg = hv @ W_text
+            hits += int(np.argmax(lg) == y)
+            lse = np.log(np.exp(lg - lg.max()).sum()) + lg.max()
+            p = np.exp(lg - lse)
+            g = p.copy()
+            g[y] -= 1.0
+            g = (g + z * 2.0 * lse * p) / nt
+            want_gh[b, t] += W_text @ g
+            want_gw += np.outer(hv, g)
     assert float(sums["text_correct"]) == hits
     np.testing.assert_allclose(np.asarray(gh), want_gh, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), want_gw.T if transposed else want_gw, rtol=1e-4, atol=1e-5)

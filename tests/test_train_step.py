@@ -162,7 +162,7 @@ def test_fused_text_head_equals_the_logits_matrix_path(batch, tied):
     s1, l1, _ = _run(cfg, make_mesh((2, 2, 2)), batch)
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     p0, p1 = flatten(jax.device_get(s0.trainable)), flatten(jax.device_get(s1.trainable))
-    head = "params/embed/embedding" if tied else "params/lm_head/kernel"
+    head = "params/embed/embedding" if tied else "params/lm_head/kernel"  # spelled out: checks text_head_path
     assert head in p1
     for k in p0:  # Adam turns rounding-level gradient differences into ≤ 1e-4 of lr = 1e-2 on near-zero grads
         np.testing.assert_allclose(p1[k], p0[k], atol=1e-4, err_msg=k)

@@ -172,6 +172,11 @@ class UnifiedModel(nn.Module):
         return self.generation_head(h).astype(jnp.float32)
 
 
+def text_head_path(cfg: UnifiedConfig) -> str:
+    """Where :meth:`UnifiedModel.text_head`'s weight lives in the variables (flattened with "/")."""
+    return "params/embed/embedding" if cfg.decoder.tie_embeddings else "params/lm_head/kernel"
+
+
 class _LMHead(nn.Module):
     """Bias-free output projection [E, V]; kept as its own module so export can find ``lm_head``."""
 

@@ -19,11 +19,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _logits(h, w, transposed: bool):
-    w = w.astype(jnp.float32)
-    return jnp.dot(h.astype(jnp.float32), w.T if transposed else w, preferred_element_type=jnp.float32)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def head_ce_sums(h, w, labels, valid, chunk: int, transposed: bool, z_grad: bool, w_grad: bool):
     """(Σ valid·CE, Σ valid·lse², Σ valid·hit) of ``logits = h @ w`` (``w`` [E, V]; [V, E] if ``transposed``).
@@ -47,7 +42,7 @@ def _forward(h, w, labels, valid, chunk, transposed, z_grad, w_grad):
 
     def body(dw_acc, xs):
         hc, lc, vc = xs
-        logits = _logits(hc, wf, transposed)
+        logits = jnp.dot(hc.astype(jnp.float32), wf.T if transposed else wf, preferred_element_type=jnp.float32)
         m = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - m)
         s = jnp.sum(e, axis=-1, keepdims=True)
@@ -71,11 +66,11 @@ def _forward(h, w, labels, valid, chunk, transposed, z_grad, w_grad):
     dw, (sums, dh) = jax.lax.scan(body, dw0, (hp, lp, vp))
     dh = tuple(d.reshape(n_chunks * chunk, E)[:N] for d in dh)
     total = jnp.sum(sums, axis=0)
-    return (total[0], total[1], total[2]), (dh, dw, None, None)
+    return (total[0], total[1], total[2]), dh, dw
 
 
 def _fwd(h, w, labels, valid, chunk, transposed, z_grad, w_grad):
-    out, (dh, dw, _, _) = _forward(h, w, labels, valid, chunk, transposed, z_grad, w_grad)
+    out, dh, dw = _forward(h, w, labels, valid, chunk, transposed, z_grad, w_grad)
     return out, (dh, dw, jnp.zeros((0,), h.dtype), w)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from uvjax.models.partitioning import activation_sharding
-from uvjax.models.unified import UnifiedModel
+from uvjax.models.unified import UnifiedModel, text_head_path
 from uvjax.training import loss as L
 from uvjax.training.optimizer import flatten, make_optimizer, merge_variables, split_trainable
 from uvjax.training.sharding import batch_sharding, replicated, variable_shardings
@@ -134,10 +134,9 @@ def make_loss_fn(model: UnifiedModel, cfg):
         h = model.apply(variables, mb, deterministic=deterministic, rngs={"dropout": rng})
         head = {}
         if fused:  # the text head's weight, and whether it trains (static: the trainable tree's paths)
-            head_path = "params/embed/embedding" if model.cfg.decoder.tie_embeddings else "params/lm_head/kernel"
             head = dict(text_head=model.apply(variables, method=UnifiedModel.text_head),
                         head_chunk=int(cfg.loss.fused_head_chunk), z_grad=float(cfg.loss.z_loss) > 0,
-                        head_grad=head_path in flatten(trainable))
+                        head_grad=text_head_path(model.cfg) in flatten(trainable))
         sums = L.loss_sums(
             h, mb,
             lambda x: model.apply(variables, x, method=UnifiedModel.text_logits),
