@@ -233,8 +233,9 @@ def _blocked_forward(qh, kh, vh, mask, block: int):
         shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
         p = jnp.exp(logits - shift)
         total = p.sum(axis=-1, keepdims=True)
-        outs.append((jnp.einsum("bkgts,bksd->bkgtd", (p / total).astype(vh.dtype), vh[:, :, :end],
-                                preferred_element_type=jnp.float32)).astype(vh.dtype))
+        # normalised after the probability-value product: one division over t·D values, not t×S
+        outs.append((jnp.einsum("bkgts,bksd->bkgtd", p.astype(vh.dtype), vh[:, :, :end],
+                                preferred_element_type=jnp.float32) / total).astype(vh.dtype))
         lses.append(shift + jnp.log(total))
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
