@@ -228,3 +228,17 @@ def test_attention_and_its_hand_written_backward_match_float64(block):
     for name, g, r in zip("qkv", g16, ref_grads):
         np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0, atol=0.15 * np.abs(r).max(),
                                    err_msg=f"bf16 d{name}")
+
+
+def test_attention_benchmark_runs_and_both_sides_agree(tmp_path):
+    """benchmarks/attention.py on the tiny config (one block): writes its JSON/table, and the autodiff and
+    hand-written sides give the same gradients (the timing itself is not asserted)."""
+    import json
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from benchmarks import attention
+    out = tmp_path / "attention.json"
+    attention.main(["--config=tiny", "--reps=1", f"--out={out}"])
+    res = json.loads(out.read_text())
+    assert set(res["median_ms"]) == {"autodiff", "custom"} and res["max_grad_diff"] < 1e-4
+    assert (tmp_path / "attention.md").read_text().count("| custom |") == 1
