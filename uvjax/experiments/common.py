@@ -27,6 +27,7 @@ unified arm's understanding examples only, in fewer steps (the paper's 305 vs 45
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -229,7 +230,10 @@ def plan_steps(ec, arms: Sequence[Arm], workdir: str) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------ provenance
+@functools.lru_cache(maxsize=None)
 def commit() -> str:
+    """The git commit of the code this process runs: read once (``main`` reads it at start), since a
+    long experiment keeps the modules it imported while the checkout may move on under it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -521,6 +525,8 @@ def main(exp: Experiment):
     The ``--config`` / ``--workdir`` flags are uvjax.train's (one definition for every command)."""
     from absl import app, flags, logging
     import uvjax.train  # noqa: F401  (defines --config and --workdir)
+
+    commit()  # pin the code's commit before any arm runs
 
     def _main(argv):
         if len(argv) > 1:
