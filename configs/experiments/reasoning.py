@@ -6,8 +6,10 @@ Presets:
   generation ignores the prompt at this budget, so both arms would score chance on indirect prompts and the
   comparison would say nothing) with 2,000 ``gen_reasoning`` scenes in the interleaved stream (weights
   understanding 1 : generation 1 : reasoning 1); sequences of 256 tokens (a rationale plus 64 codes does not
-  fit 128) at batch 16 (half of ``tiny_long``'s examples per step); the rationale arm 1,800 steps, the ablation
-  matched on reasoning examples; 2 seeds; 200 test images + 100 indirect prompts.
+  fit 128) at batch 16 (half of ``tiny_long``'s examples per step); the rationale arm 1,800 steps (26.4 examples
+  per step, measured: ≈ 47k examples, two thirds of them ending in an image — past the ≈ 19k generation
+  samples after which ``tiny_long``'s generation starts to follow the prompt), the ablation matched on
+  reasoning examples (32.1 per step: 1,481 steps); 2 seeds; 200 test images + 100 indirect prompts.
 - ``quick``: the ``smoke`` chain, 24 scenes, 3 steps, 3 indirect prompts, one seed (tests).
 """
 from uvjax.experiments.common import add_overrides, experiment_config
