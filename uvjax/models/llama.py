@@ -252,7 +252,8 @@ def _blocked_attention(qh, kh, vh, mask, block: int):
       as stored: dK and dV are formed transposed, [D, S] = [D, t]·[t, S], which transposes only the
       small [t, D] operands. Autodiff's dK = dSᵀ·Q transposed each block's [t, S] gradient first
       (XLA:CPU's GEMMs read the contracted dimension of the left operand as the minor one).
-    On the M benchmark's shapes, forward + backward of one layer's attention: 165 → 140 ms.
+    On the M benchmark's shapes, forward + backward of one layer's attention: 165–171 → 148–150 ms
+    (``benchmarks/attention.py``).
     Needs every query row to see at least one key (true for causal self-attention: the diagonal): masked
     keys then have probability exactly 0, so their gradient is 0."""
     return _blocked_forward(qh, kh, vh, mask, block)[0]
