@@ -234,8 +234,6 @@ def test_attention_benchmark_runs_and_both_sides_agree(tmp_path):
     """benchmarks/attention.py on the tiny config (one block): writes its JSON/table, and the autodiff and
     hand-written sides give the same gradients (the timing itself is not asserted)."""
     import json
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     from benchmarks import attention
     out = tmp_path / "attention.json"
     attention.main(["--config=tiny", "--reps=1", f"--out={out}"])
