@@ -219,9 +219,7 @@ def _self_attention(qh, kh, vh, mask, block: int):
 
 def _block_logits(qh, kh, mask, start: int, end: int):
     """Masked logits of queries [start, end) against keys [0, end)."""
-    logits = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, start:end], kh[:, :, :end],
-                        preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, None, None, start:end, :end], logits, jnp.finfo(jnp.float32).min)
+    return _masked_logits(qh[:, :, :, start:end], kh[:, :, :end], mask[:, start:end, :end])
 
 
 def _blocked_forward(qh, kh, vh, mask, block: int):
@@ -229,14 +227,9 @@ def _blocked_forward(qh, kh, vh, mask, block: int):
     outs, lses = [], []
     for i in range(qh.shape[3] // block):
         start, end = i * block, (i + 1) * block
-        logits = _block_logits(qh, kh, mask, start, end)
-        shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-        p = jnp.exp(logits - shift)
-        total = p.sum(axis=-1, keepdims=True)
-        # normalised after the probability-value product: one division over t·D values, not t×S
-        outs.append((jnp.einsum("bkgts,bksd->bkgtd", p.astype(vh.dtype), vh[:, :, :end],
-                                preferred_element_type=jnp.float32) / total).astype(vh.dtype))
-        lses.append(shift + jnp.log(total))
+        out, lse = _softmax_values(_block_logits(qh, kh, mask, start, end), vh[:, :, :end])
+        outs.append(out)
+        lses.append(lse)
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 
@@ -302,16 +295,26 @@ def _token_major(o):
 
 
 def _attend(qh, kh, vh, mask):
-    """Softmax attention on head-major blocks; mask [B,T,S]. The softmax is normalised *after* the
-    probability-value product (one division over T·D values instead of T×S probabilities; the
-    max-shift is a constant of the softmax, so it carries no gradient). A row with no visible key
-    (padding) averages all values, as a softmax over equal logits does."""
+    """Softmax attention on head-major blocks (the decode step against its cache); mask [B,T,S]."""
+    return _softmax_values(_masked_logits(qh, kh, mask), vh)[0]
+
+
+def _masked_logits(qh, kh, mask):
+    """fp32 logits [B,K,G,T,S] of head-major q (pre-scaled) and k, masked keys at the most negative float."""
     logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+
+
+def _softmax_values(logits, vh):
+    """softmax(logits)·V and the row logsumexps. The softmax is normalised *after* the probability-value
+    product (one division over T·D values instead of T×S probabilities; the max-shift is a constant of the
+    softmax, so it carries no gradient). A row with no visible key (padding in the decode cache) averages
+    all values, as a softmax over equal logits does."""
     shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
     p = jnp.exp(logits - shift)
+    total = p.sum(axis=-1, keepdims=True)
     out = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-    return (out / p.sum(axis=-1, keepdims=True)).astype(vh.dtype)
+    return (out / total).astype(vh.dtype), shift + jnp.log(total)
 
 
 class MLP(nn.Module):
