@@ -103,13 +103,12 @@ def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable
         weight, transposed = text_head
         ce_sum, z_sum, hits = head_ce_sums(h_src[idx], weight, labels[idx], w, max(1, min(head_chunk, idx.shape[0])),
                                            transposed, z_grad, head_grad)
-        out.update(text_loss=ce_sum, text_count=jnp.sum(w), text_correct=hits, text_z=z_sum,
-                   text_dropped=dropped.astype(jnp.float32))
     else:
         ce, lse, correct = _ce(text_logits_fn(h_src[idx]), labels[idx])
         masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # where, not *: no NaN leaks from unused slots
-        out.update(text_loss=masked(ce), text_count=jnp.sum(w), text_correct=masked(correct.astype(jnp.float32)),
-                   text_z=masked(lse ** 2), text_dropped=dropped.astype(jnp.float32))
+        ce_sum, z_sum, hits = masked(ce), masked(lse ** 2), masked(correct.astype(jnp.float32))
+    out.update(text_loss=ce_sum, text_count=jnp.sum(w), text_correct=hits, text_z=z_sum,
+               text_dropped=dropped.astype(jnp.float32))
 
     # image: generation head
     idx, valid, dropped = select(image_mask, image_capacity)
