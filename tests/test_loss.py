@@ -157,11 +157,12 @@ def test_top1_hits_and_gradient_match_float64():
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_fused_head_loss_and_gradients_match_float64(transposed):
+@pytest.mark.parametrize("transposed,chunk", [(False, 4), (True, 4), (False, 20)])
+def test_fused_head_loss_and_gradients_match_float64(transposed, chunk):
     """The chunked head + CE (gradient formed in the forward, uvjax/training/fused_ce.py) against float64
     loops: the total with a z-loss, d/dh and d/dW (hand-derived: (softmax − onehot + 2z·lse·softmax)/N),
-    with 4-row chunks over a row count that is not a multiple of 4, for an [E, V] head and a tied [V, E] one."""
+    with 4-row chunks over a row count that is not a multiple of 4, for an [E, V] head and a tied [V, E] one,
+    and with a 20-row ceiling that the 42 gathered rows split into three equal 16-row chunks."""
     import jax
     rng = np.random.default_rng(11)
     batch = random_batch(rng, 3, 14, K, V)
@@ -174,7 +175,7 @@ def test_fused_head_loss_and_gradients_match_float64(transposed):
     w_arg = jnp.asarray(W_text.T if transposed else W_text, jnp.float32)
 
     def total(hh, ww):
-        sums = L.loss_sums(hh, jb, ft, fi, text_head=(ww, transposed), head_chunk=4, z_grad=True, head_grad=True)
+        sums = L.loss_sums(hh, jb, ft, fi, text_head=(ww, transposed), head_chunk=chunk, z_grad=True, head_grad=True)
         return L.total_loss(sums, counts, w_text=1.0, w_image=0.0, z_loss=z), sums  # text only: h's gradient
 
     (got, sums), (gh, gw) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(jnp.asarray(h), w_arg)
