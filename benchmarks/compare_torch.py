@@ -457,7 +457,8 @@ def worker_main(args):
     t = time.perf_counter()
     obj = WORKERS[(args.side, args.task)](s, w, args)
     del w
-    _send(proto, {"ready": True, "setup_s": time.perf_counter() - t, "info": obj.info, "rss_mb": _rss_mb()})
+    _send(proto, {"ready": True, "setup_s": time.perf_counter() - t, "info": obj.info, "rss_mb": _rss_mb(),
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
     for line in sys.stdin:
         cmd = json.loads(line)
         if "quit" in cmd:
@@ -479,6 +480,10 @@ class Worker:
                    ["--hf_full_logits"] if args.hf_full_logits else [])
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
+        if side == "jax" or args.hf_malloc_hugetlb:
+            # what `python -m uvjax.train` sets for itself (uvjax/runtime_env.py); HF measured no faster with it
+            from uvjax.runtime_env import tuned_env
+            env = tuned_env(env) or env
         self.side = side
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self._recv()
@@ -502,6 +507,9 @@ class Worker:
         return bye
 
 
+TUNABLES: dict = {}  # side → the GLIBC_TUNABLES its workers ran with (reported in the payload)
+
+
 def alternate(workers: dict, arg, rounds: int, snap_s: float):
     """Timed units A B A B …, a CPU snapshot before each; returns per side: results and snapshots."""
     from benchmarks.common import cpu_snapshot
@@ -523,6 +531,7 @@ def train_compare(name, weights, args):
     from uvjax.training.flops import train_flops_per_step
     s = spec_of(name)
     ws = {"jax": Worker("jax", "train", name, weights, args), "torch": Worker("torch", "train", name, weights, args)}
+    TUNABLES.update({k: w.ready["glibc_tunables"] for k, w in ws.items()})
     if args.ablate_attn_block:  # the same uvjax step with the attention as one T×T block (before issue 9)
         ws["jax_one_block"] = Worker("jax", "train", name, weights, args, attn_block=0)
     # warm-up (first steps: compile on the JAX side, allocator warm-up on both) — losses kept for the check
@@ -572,6 +581,7 @@ def train_compare(name, weights, args):
 
 def decode_compare(name, weights, args):
     ws = {"jax": Worker("jax", "decode", name, weights, args), "torch": Worker("torch", "decode", name, weights, args)}
+    TUNABLES.update({k: w.ready["glibc_tunables"] for k, w in ws.items()})
     rows = []
     for B in [int(x) for x in args.decode_batches.split(",")]:
         warm = {k: w.run(B) for k, w in ws.items()}  # compile on the JAX side
@@ -602,7 +612,9 @@ def markdown(payload) -> str:
              f"Machine: {m['platform']}, {idle['cores']} cores, jax {m['jax']}, torch {payload['torch_version']} "
              f"({payload['args']['torch_threads']} threads), transformers {payload['transformers_version']}, "
              f"peft {payload['peft_version']}. Idle check at start: {idle['cpu_busy_percent']}% busy, "
-             f"load {idle['loadavg_1m']:.2f}.", "", f"Command: `{payload['command']}`", "",
+             f"load {idle['loadavg_1m']:.2f}. GLIBC_TUNABLES uvjax / HF workers: "
+             f"`{payload.get('glibc_tunables', {}).get('jax') or '-'}` / "
+             f"`{payload.get('glibc_tunables', {}).get('torch') or '-'}`.", "", f"Command: `{payload['command']}`", "",
              "## Train step (fp32, LoRA on 7 projections, AdamW on LoRA only)", "",
              "| config | uvjax tok/s | HF+peft tok/s | ratio | target | max loss diff | uvjax GFLOP/s | % of matmul peak "
              "| RSS uvjax / HF (MB) | compile (s) | CPU busy before units (median/max %) |",
@@ -653,6 +665,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch_threads", type=int, default=2)
     ap.add_argument("--hf_full_logits", action="store_true", help="HF computes logits at every position")
+    ap.add_argument("--hf_malloc_hugetlb", action="store_true",
+                    help="give the HF workers glibc's huge-page malloc too (uvjax's always have it, as its commands do)")
     ap.add_argument("--ablate_attn_block", action="store_true",
                     help="also time uvjax with its causal attention as one T×T block (a third worker)")
     ap.add_argument("--attn_block", type=int, default=-1, help=argparse.SUPPRESS)
@@ -693,6 +707,7 @@ def main():
             payload["train"].append(train_compare(name, paths[name], args))
         if args.decode_batches:
             payload["decode"] = decode_compare(args.decode_config, paths[args.decode_config], args)
+    payload["glibc_tunables"] = dict(TUNABLES)
     write_json(args.out, payload)
     md = args.md or os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as f:

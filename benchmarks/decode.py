@@ -122,4 +122,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from uvjax.runtime_env import reexec_with_malloc_hugetlb
+    reexec_with_malloc_hugetlb()  # as `python -m uvjax.train` does (uvjax/runtime_env.py)
     main()

@@ -1,0 +1,69 @@
+"""uvjax/runtime_env.py: `python -m uvjax.*` restarts itself once with glibc's huge-page malloc."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from uvjax import runtime_env as R
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="GLIBC_TUNABLES is a Linux/glibc setting")
+
+
+@linux
+def test_tuned_env_appends_keeps_user_settings_and_honours_the_opt_out():
+    assert R.tuned_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    got = R.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1", "X": "y"})
+    assert got == {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1:glibc.malloc.hugetlb=1", "X": "y"}
+    assert R.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice wins
+    assert R.tuned_env({"UVJAX_MALLOC_HUGETLB": "0"}) is None
+
+
+def test_only_uvjax_modules_count_as_uvjax_commands():
+    py = sys.executable
+    assert R.launched_as_uvjax_module([py, "-m", "uvjax.train", "--config=configs/vqvq.py"])
+    assert R.launched_as_uvjax_module([py, "-X", "dev", "-m", "uvjax.experiments.ratio"])
+    assert not R.launched_as_uvjax_module([py, "-m", "pytest", "-m", "uvjax.train"])
+    assert not R.launched_as_uvjax_module([py, "script.py", "-m", "uvjax.train"])
+    assert not R.launched_as_uvjax_module([py, "-c", "import uvjax"])
+    assert not R.launched_as_uvjax_module([py, "-m", "uvjaxx"])
+
+
+def _run(code_or_module, env_extra, module=False):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "UVJAX_MALLOC_HUGETLB")}
+    env.update(env_extra)
+    cmd = [sys.executable, "-m", code_or_module] if module else [sys.executable, "-c", code_or_module]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@linux
+def test_package_import_reexecs_a_uvjax_command_and_nothing_else():
+    """The hook in uvjax/__init__.py, with os.execve replaced by a print: a `-m uvjax.x` launch re-executes
+    with the same arguments and the tunable; a plain import (tests, notebooks, scripts) does not."""
+    fake = ("import os, sys, json\n"
+            "os.execve = lambda exe, argv, env: (print(json.dumps([exe, argv, env.get('GLIBC_TUNABLES')])), sys.exit(0))\n"
+            "{setup}\nimport uvjax\nprint('no exec')\n")
+    launched = "sys.argv = ['-m']; sys.orig_argv = [sys.executable, '-m', 'uvjax.train', '--config=c.py']"
+    exe, argv, tun = json.loads(_run(fake.format(setup=launched), {}))
+    assert exe == sys.executable and argv == [sys.executable, "-m", "uvjax.train", "--config=c.py"]
+    assert tun == "glibc.malloc.hugetlb=1"
+    assert _run(fake.format(setup=""), {}).strip() == "no exec"
+    assert _run(fake.format(setup=launched), {"UVJAX_MALLOC_HUGETLB": "0"}).strip() == "no exec"
+
+
+@linux
+def test_the_restarted_process_gets_huge_pages_from_malloc():
+    """End to end: `python -m uvjax.runtime_env` re-executes itself and writes one 256 MB malloc; with 4 KB
+    pages that is 256 minor faults per MB, with 2 MB transparent huge pages under 1 (a few stragglers)."""
+    if R.transparent_hugepage_mode() not in ("always", "madvise"):
+        pytest.skip(f"transparent huge pages are {R.transparent_hugepage_mode()!r} on this kernel")
+    on = json.loads(_run("uvjax.runtime_env", {}, module=True))
+    off = json.loads(_run("uvjax.runtime_env", {"UVJAX_MALLOC_HUGETLB": "0"}, module=True))
+    assert on["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and off["GLIBC_TUNABLES"] == ""
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+    assert off["minor_faults_per_mb"] >= 0.9 * 1024 / page_kb
+    assert on["minor_faults_per_mb"] < 0.1 * 1024 / page_kb
