@@ -1,6 +1,6 @@
 """Process environment for the CPU hot path: glibc's malloc backed by transparent huge pages.
 
-XLA:CPU allocates every execution's temporary buffer afresh (3.1 GB for the M benchmark step, ≈ 1 GB for
+XLA:CPU allocates every execution's temporary buffer afresh (3.1 GB for the M benchmark step, 0.9 GB for
 S) and glibc serves allocations that large with a new ``mmap``, so every training step touches gigabytes
 of never-used 4 KB pages: 820k minor page faults per M step, ≈ 10% of the CPU time spent in the kernel
 zeroing pages. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) malloc advises the kernel
