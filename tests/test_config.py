@@ -78,9 +78,47 @@ def test_attention_kernel_and_layer_unrolling_are_not_part_of_the_lm_fingerprint
     a, b, c = _cfg(), _cfg(), _cfg()
     b.model.attention = "cudnn"
     b.model.scan_unroll = 0
+    b.loss.fused_head_chunk = 64
     c.model.dtype = "bfloat16"
     assert lm_fingerprint(a) == lm_fingerprint(b)
     assert lm_fingerprint(a) != lm_fingerprint(c)
+
+
+def test_resume_check_lets_keys_added_since_the_run_started_through_and_names_changed_ones(tmp_path):
+    """A run started by older code (its config.json lacks a key the current code added, its fingerprint
+    differs) resumes; a changed value or a removed key refuses, naming the key (hand-built configs)."""
+    import json
+    from uvjax.train import check_workdir_matches, lm_fingerprint
+    cfg = _cfg()
+    current = json.loads(cfg.to_json_best_effort())
+
+    def workdir(name, run_cfg):
+        d = tmp_path / name
+        (d / "checkpoints" / "5").mkdir(parents=True)
+        (d / "lm_fingerprint.json").write_text(json.dumps({"fingerprint": "an-older-fingerprint"}))
+        (d / "config.json").write_text(json.dumps(run_cfg))
+        return str(d)
+
+    older = json.loads(json.dumps(current))
+    del older["loss"]["z_loss"]  # the run started before this key existed
+    d = workdir("added", older)
+    assert check_workdir_matches(cfg, d) == lm_fingerprint(cfg)
+    assert json.loads((tmp_path / "added" / "lm_fingerprint.json").read_text())["fingerprint"] == lm_fingerprint(cfg)
+
+    changed = json.loads(json.dumps(current))
+    changed["optim"]["lr"] = 2 * current["optim"]["lr"]
+    with pytest.raises(ValueError, match=r"optim\.lr differ"):
+        check_workdir_matches(cfg, workdir("changed", changed))
+
+    removed = json.loads(json.dumps(current))
+    removed["loss"]["a_key_the_current_code_dropped"] = 1
+    with pytest.raises(ValueError, match="a_key_the_current_code_dropped"):
+        check_workdir_matches(cfg, workdir("removed", removed))
+
+    # a how-it-is-computed knob is no difference at all
+    knob = json.loads(json.dumps(current))
+    knob["loss"]["fused_head_chunk"] = 64
+    check_workdir_matches(cfg, workdir("knob", knob))
 
 
 def test_cudnn_attention_config_runs_on_cpu_as_xla():

@@ -335,24 +335,54 @@ def _close(ckpt, writer, quiet: bool = False) -> None:
 
 LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
                                     "async_checkpoint", "progress", "spike_factor", "spike_window"),
-                          "model": ("attention", "scan_unroll")}  # how the same function is computed
+                          "model": ("attention", "scan_unroll"),  # how the same function is computed
+                          "loss": ("fused_head_chunk",)}
 
 
-def lm_fingerprint(cfg) -> str:
-    """What the trained LM depends on; extending ``train.steps`` or logging knobs keeps the run."""
-    from uvjax.stages import fingerprint
-    d = json.loads(cfg.to_json_best_effort(sort_keys=True))
+def lm_identity(cfg_dict: dict) -> dict:
+    """The part of a config (as a dict) that the trained LM depends on."""
+    d = json.loads(json.dumps(cfg_dict, sort_keys=True))
     for section, keys in LM_FINGERPRINT_EXCLUDE.items():
         for k in keys:
             d.get(section, {}).pop(k, None)
     d.pop("stages", None)
     d.pop("workdir", None)
     d.get("data", {}).pop("workers", None)
-    return fingerprint("lm", d)
+    return d
+
+
+def lm_fingerprint(cfg) -> str:
+    """What the trained LM depends on; extending ``train.steps`` or logging knobs keeps the run."""
+    from uvjax.stages import fingerprint
+    return fingerprint("lm", lm_identity(json.loads(cfg.to_json_best_effort(sort_keys=True))))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(keys only the new config has, keys whose value differs or that the new config lacks), between
+    the LM identities of two configs."""
+    a, b = _flat(lm_identity(old)), _flat(lm_identity(new))
+    added = sorted(k for k in b if k not in a)
+    changed = sorted(k for k in a if k not in b or a[k] != b[k])
+    return added, changed
 
 
 def check_workdir_matches(cfg, workdir: str) -> str:
-    """Refuses to resume a work dir that holds a run of a different model/data config."""
+    """Refuses to resume a work dir that holds a run of a different model/data config.
+
+    The run's own ``config.json`` (written at every start) is compared key by key with the current config:
+    a key that only the current one has — a setting added to uvjax since the run started, whose default
+    keeps what older code computed — does not block the resume (it is logged); a changed or removed key
+    does, and the error names it."""
     fp = lm_fingerprint(cfg)
     path = os.path.join(workdir, "lm_fingerprint.json")
     has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
@@ -361,8 +391,19 @@ def check_workdir_matches(cfg, workdir: str) -> str:
         with open(path) as f:
             old = json.load(f)["fingerprint"]
         if old != fp:
-            raise ValueError(f"{workdir} holds a run of a different config (fingerprint {old}, now {fp}); "
-                             f"use another --workdir, or delete it to retrain")
+            run_cfg = os.path.join(workdir, "config.json")
+            if not os.path.exists(run_cfg):
+                raise ValueError(f"{workdir} holds a run of a different config (fingerprint {old}, now {fp}; "
+                                 f"no config.json to compare keys); use another --workdir, or delete it to retrain")
+            with open(run_cfg) as f:
+                added, changed = config_changes(json.load(f), json.loads(cfg.to_json_best_effort()))
+            if changed:
+                raise ValueError(f"{workdir} holds a run of a different config: {', '.join(changed[:12])}"
+                                 f"{' …' if len(changed) > 12 else ''} differ from {run_cfg}; use another "
+                                 f"--workdir, or delete it to retrain")
+            if added:
+                logging.warning("resuming %s: config keys added since the run started (taken at their "
+                                "current values): %s", workdir, ", ".join(added))
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
         json.dump({"fingerprint": fp}, f)
