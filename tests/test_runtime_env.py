@@ -58,12 +58,13 @@ def test_package_import_reexecs_a_uvjax_command_and_nothing_else():
 @linux
 def test_the_restarted_process_gets_huge_pages_from_malloc():
     """End to end: `python -m uvjax.runtime_env` re-executes itself and writes one 256 MB malloc; with 4 KB
-    pages that is 256 minor faults per MB, with 2 MB transparent huge pages under 1 (a few stragglers)."""
+    pages that is 256 minor faults per MB, with 2 MB transparent huge pages ≈ 2.5 (measured)."""
     if R.transparent_hugepage_mode() not in ("always", "madvise"):
         pytest.skip(f"transparent huge pages are {R.transparent_hugepage_mode()!r} on this kernel")
     on = json.loads(_run("uvjax.runtime_env", {}, module=True))
     off = json.loads(_run("uvjax.runtime_env", {"UVJAX_MALLOC_HUGETLB": "0"}, module=True))
     assert on["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and off["GLIBC_TUNABLES"] == ""
-    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
-    assert off["minor_faults_per_mb"] >= 0.9 * 1024 / page_kb
-    assert on["minor_faults_per_mb"] < 0.1 * 1024 / page_kb
+    per_mb = 1024 / (os.sysconf("SC_PAGE_SIZE") // 1024)  # faults per MB with small pages only
+    if R.transparent_hugepage_mode() == "madvise":  # ("always" gives huge pages without the advice too)
+        assert off["minor_faults_per_mb"] >= 0.9 * per_mb
+    assert on["minor_faults_per_mb"] < 0.25 * per_mb  # 0.01 measured; margin for a fragmented machine
