@@ -61,6 +61,10 @@ def test_the_restarted_process_gets_huge_pages_from_malloc():
     pages that is 256 minor faults per MB, with 2 MB transparent huge pages ≈ 2.5 (measured)."""
     if R.transparent_hugepage_mode() not in ("always", "madvise"):
         pytest.skip(f"transparent huge pages are {R.transparent_hugepage_mode()!r} on this kernel")
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    version = tuple(int(x) for x in libc.split()[-1].split(".")[:2]) if libc.startswith("glibc") else (0, 0)
+    if version < (2, 35):
+        pytest.skip(f"glibc.malloc.hugetlb needs glibc >= 2.35 (this is {libc or 'not glibc'})")
     on = json.loads(_run("uvjax.runtime_env", {}, module=True))
     off = json.loads(_run("uvjax.runtime_env", {"UVJAX_MALLOC_HUGETLB": "0"}, module=True))
     assert on["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and off["GLIBC_TUNABLES"] == ""
