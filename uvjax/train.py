@@ -357,20 +357,11 @@ def lm_fingerprint(cfg) -> str:
     return fingerprint("lm", lm_identity(json.loads(cfg.to_json_best_effort(sort_keys=True))))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys only the new config has, keys whose value differs or that the new config lacks), between
     the LM identities of two configs."""
-    a, b = _flat(lm_identity(old)), _flat(lm_identity(new))
+    from flax.traverse_util import flatten_dict
+    a, b = (flatten_dict(lm_identity(c), keep_empty_nodes=True, sep=".") for c in (old, new))
     added = sorted(k for k in b if k not in a)
     changed = sorted(k for k in a if k not in b or a[k] != b[k])
     return added, changed
