@@ -269,3 +269,23 @@ def test_biased_and_reasoning_stages(ran):
         assert a.segments[0].text == b.segments[0].text  # the same prompt
         assert len(a.segments) == len(b.segments) + 1 and a.attributes["rationale_segments"]
         assert np.array_equal(a.segments[-1].codes, b.segments[-1].codes)  # the same image
+
+
+def test_smollm2_gpu_preset_builds_the_documented_runs(tmp_path):
+    """``mutual_benefit.py:smollm2_gpu`` (docs/RESULTS.md §1d) is the smollm2 + LoRA model in bf16 with cuDNN
+    attention at batch 32 and 2,000 unified steps, the single-task arms dropping the other stream. Checked on
+    the arm configs the driver builds, not on the preset file's text."""
+    from uvjax.config import load_config_file
+    from uvjax.experiments import common
+    ec = load_config_file("experiments/mutual_benefit", "smollm2_gpu")
+    arms = {a.name: a for a in importlib.import_module("uvjax.experiments.mutual_benefit").arms(ec)}
+    assert sorted(arms) == ["vqvq-generation", "vqvq-understanding", "vqvq-understanding-steps", "vqvq-unified"]
+    uni = common.arm_config(ec, arms["vqvq-unified"], 0, str(tmp_path / "mb"))
+    assert (uni.model.layers, uni.model.hidden, uni.model.lora.rank) == (30, 576, 16)
+    assert uni.model.pretrained.kind == "gguf" and uni.model.param_dtype == "float32"
+    assert (uni.model.dtype, uni.model.attention) == ("bfloat16", "cudnn")
+    assert (uni.train.steps, uni.train.batch_size, uni.train.seq_len, uni.optim.warmup_steps) == (2000, 32, 192, 100)
+    gen = common.arm_config(ec, arms["vqvq-generation"], 2, str(tmp_path / "mb"), steps=656)
+    assert gen.data.streams.understanding.weight == 0.0 and gen.data.streams.generation.weight > 0
+    assert (gen.train.seed, gen.train.steps, gen.model.dtype) == (2, 656, "bfloat16")
+    assert (ec.eval.num_images, tuple(ec.seeds)) == (200, (0, 1, 2))
