@@ -4,9 +4,10 @@ The decoder takes input *embeddings* (the unified model decides per position whe
 the text embedding or an image adapter) plus ``segment_ids``/``positions`` from the sequence arrays,
 and returns final-norm hidden states. Logits are computed by the caller only where needed.
 
-Decoding uses a ``"cache"`` collection: per layer the keys/values (head-major), the segment id of every cached slot
-and a write index. A chunk of C tokens (C = prompt length at prefill, 1 per decode step) is written at
-the index and attends to every earlier slot of its segment, so cached logits equal the full forward.
+Decoding uses a ``"cache"`` collection: per layer the keys/values ([batch·kv heads, slots, head dim]),
+the segment id of every cached slot and a write index. A chunk of C tokens (C = prompt length at
+prefill, 1 per decode step) is written at the index and attends to every earlier slot of its segment,
+so cached logits equal the full forward.
 """
 from __future__ import annotations
 
@@ -154,16 +155,19 @@ class Attention(nn.Module):
         q_index = jnp.arange(T)
         kv_seg, kv_index = segment_ids, jnp.arange(T)
         if decode:
-            # the cache is head-major [B, K, L, D], the layout the attention matmuls read, so a decode
-            # step transposes only its own new keys/values, not the whole cache
+            # Keys and values are cached [B·K, L, D] (batch and kv heads merged), the layout the decode
+            # step's attention matmuls read as stored, so a step writes only its own new keys/values.
+            # Stored [B, K, L, D], the matmuls merged (b, k) in a bitcast, XLA fused the cache update once
+            # into the loop's new state and once more into that bitcast, and copied every layer's cache
+            # two to four times per step to give each its own buffer (~20% of a batch-1 step on config S).
             L = cfg.max_cache_len
-            ck = self.variable("cache", "key", jnp.zeros, (B, K, L, D), k.dtype)
-            cv = self.variable("cache", "value", jnp.zeros, (B, K, L, D), v.dtype)
+            ck = self.variable("cache", "key", jnp.zeros, (B * K, L, D), k.dtype)
+            cv = self.variable("cache", "value", jnp.zeros, (B * K, L, D), v.dtype)
             cs = self.variable("cache", "segment", jnp.zeros, (B, L), jnp.int32)
             ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
             idx = ci.value
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k.transpose(0, 2, 1, 3), (0, 0, idx, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v.transpose(0, 2, 1, 3), (0, 0, idx, 0))
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.transpose(0, 2, 1, 3).reshape(B * K, T, D), (0, idx, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.transpose(0, 2, 1, 3).reshape(B * K, T, D), (0, idx, 0))
             cs.value = jax.lax.dynamic_update_slice(cs.value, segment_ids.astype(jnp.int32), (0, idx))
             ci.value = idx + T
             kv_seg = cs.value
@@ -173,7 +177,7 @@ class Attention(nn.Module):
         same_segment = segment_ids[:, :, None] == kv_seg[:, None, :]
         mask = (kv_index[None, None, :] <= q_index[None, :, None]) & same_segment
         if decode:
-            out = _token_major(_attend(_q_head_major(q, K), ck.value, cv.value, mask))
+            out = _token_major(_attend_cache(_q_head_major(q, K), ck.value, cv.value, mask))
         elif cfg.attention == "cudnn" and jax.default_backend() == "gpu":
             # cuDNN's fused kernel applies the causal part itself and never stores T×T probabilities;
             # packed segments enter as a mask (cuDNN turns it into an additive bias). On other backends
@@ -294,9 +298,19 @@ def _token_major(o):
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
 
 
-def _attend(qh, kh, vh, mask):
-    """Softmax attention on head-major blocks (the decode step against its cache); mask [B,T,S]."""
-    return _softmax_values(_masked_logits(qh, kh, mask), vh)[0]
+def _attend_cache(qh, kc, vc, mask):
+    """Softmax attention of decode-step queries qh [B,K,G,T,D] (pre-scaled) against the cache: keys and
+    values [B·K, L, D] (see ``Attention``), mask [B,T,L]; returns [B,K,G,T,D]. The softmax is that of
+    :func:`_softmax_values` (normalised after the value product; a row with no visible key averages all
+    values); the matmuls run on the merged (b, k) axis so that they read the cache buffers as stored."""
+    B, K, G, T, D = qh.shape
+    logits = jnp.einsum("ntd,nsd->nts", qh.reshape(B * K, G * T, D), kc, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits.reshape(B, K, G, T, -1), jnp.finfo(jnp.float32).min)
+    p = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    total = p.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("nts,nsd->ntd", p.reshape(B * K, G * T, -1).astype(vc.dtype), vc,
+                     preferred_element_type=jnp.float32)
+    return (out.reshape(B, K, G, T, D) / total).astype(vc.dtype)
 
 
 def _masked_logits(qh, kh, mask):
