@@ -181,6 +181,42 @@ def test_lora_is_merged_for_decoding_and_equals_the_unmerged_full_forward():
     assert not np.array_equal(Generator(base_model, base, IDS).generate(prompts, s).tokens, out.tokens)
 
 
+def test_fused_projections_equal_the_separate_ones():
+    """Decoding runs q/k/v and gate/up as one matmul each (``fuse_projections``); the reference is the
+    unfused model on the same tokens. Grouped-query heads (8 query / 2 kv heads, so q, k and v have
+    different widths) make a wrong split point or order show; the gate/up order too (silu(g)·u is not
+    symmetric in g and u)."""
+    from uvjax.models.llama import fuse_projections
+    model = UnifiedModel(model_config(tiny_config(**{"model.heads": 8, "model.kv_heads": 2})).validate())
+    from uvjax.training.step import dummy_batch
+    v = nn.unbox(model.init({"params": jax.random.key(3)}, dummy_batch(0), method=UnifiedModel.init_all))
+    v = jax.tree_util.tree_map(lambda t: t * 3.0, v)  # layers that change the residual stream visibly
+    fused_model = UnifiedModel(dataclasses.replace(model.cfg, decoder=dataclasses.replace(
+        model.cfg.decoder, fused_projections=True)).validate())
+    fused = {**v, "params": {**v["params"], "decoder": fuse_projections(v["params"]["decoder"])}}
+    layers = fused["params"]["decoder"]["layers"]
+    assert set(layers["attn"]) == {"qkv", "o"} and set(layers["mlp"]) == {"gate_up", "down"}
+    E, D = model.cfg.decoder.hidden, model.cfg.decoder.dim_head
+    assert layers["attn"]["qkv"]["kernel"].shape == (model.cfg.decoder.layers, E, (8 + 2 * 2) * D)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 12, E)), jnp.float32)
+    seg = jnp.ones((2, 12), jnp.int32)
+    pos = jnp.tile(jnp.arange(12, dtype=jnp.int32), (2, 1))
+    want = model.apply(v, x, seg, pos, method=UnifiedModel.hidden_from_embeddings)
+    got = fused_model.apply(fused, x, seg, pos, method=UnifiedModel.hidden_from_embeddings)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # q/k/v and gate/up swapped inside the fused kernels: a different function
+    swapped = jax.tree_util.tree_map(lambda t: t, fused)  # a copy of the dict structure
+    k = swapped["params"]["decoder"]["layers"]["mlp"]["gate_up"]["kernel"]
+    I = model.cfg.decoder.intermediate
+    swapped["params"]["decoder"]["layers"]["mlp"]["gate_up"]["kernel"] = jnp.concatenate([k[..., I:], k[..., :I]], -1)
+    bad = fused_model.apply(swapped, x, seg, pos, method=UnifiedModel.hidden_from_embeddings)
+    assert float(jnp.abs(bad - want).max()) > 1e-2
+    with pytest.raises(ValueError, match="merged"):
+        dataclasses.replace(model.cfg.decoder, fused_projections=True,
+                            lora=dataclasses.replace(model.cfg.decoder.lora, rank=4)).validate()
+
+
 def test_image_cells_by_hand():
     from uvjax.models.unified import image_cells
     T, I, O = TEXT, IMAGE_IN, IMAGE_OUT
