@@ -62,23 +62,52 @@ class Dense(nn.Module):
         # (a quarter of a LoRA training step on CPU, docs/PERFORMANCE.md); a 2-D dot needs no copy.
         lead = x.shape[:-1]
         x = x.reshape(-1, in_features)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.lora.applies_to(self.proj):
-            r = self.lora.rank
-            a = self.variable("lora", "a", nn.with_logical_partitioning(
-                lambda: _lora_a_init(self.make_rng("params"), (in_features, r), self.param_dtype),
-                (self.axes[0], "lora_rank"))).value
-            b = self.variable("lora", "b", nn.with_logical_partitioning(
-                lambda: jnp.zeros((r, self.features), self.param_dtype),
-                ("lora_rank", self.axes[1]))).value
-            xl = x
-            if self.lora.dropout > 0 and not deterministic:
-                xl = nn.Dropout(self.lora.dropout)(x, deterministic=False)
-            # scale·(x·A)·B with the scale on B's r×out values: the backward then needs no scaled copy
-            # of the whole output gradient (an elementwise pass over tokens × out per projection)
-            b_scaled = b.astype(self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+        if not self.lora.applies_to(self.proj):
+            return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)).reshape(*lead, self.features)
+        r = self.lora.rank
+        a = self.variable("lora", "a", nn.with_logical_partitioning(
+            lambda: _lora_a_init(self.make_rng("params"), (in_features, r), self.param_dtype),
+            (self.axes[0], "lora_rank"))).value
+        b = self.variable("lora", "b", nn.with_logical_partitioning(
+            lambda: jnp.zeros((r, self.features), self.param_dtype),
+            ("lora_rank", self.axes[1]))).value
+        xl = x
+        if self.lora.dropout > 0 and not deterministic:
+            xl = nn.Dropout(self.lora.dropout)(x, deterministic=False)
+        # scale·(x·A)·B with the scale on B's r×out values: the backward then needs no scaled copy
+        # of the whole output gradient (an elementwise pass over tokens × out per projection)
+        b_scaled = b.astype(self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+        if xl is x and self.dtype == jnp.float32 and kernel.dtype == jnp.float32:
+            y = lora_dense(x.astype(self.dtype), kernel, a.astype(self.dtype), b_scaled)
+        else:  # bf16 (a merged kernel would round the small delta away) or LoRA dropout on
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
             y = y + jnp.dot(jnp.dot(xl.astype(self.dtype), a.astype(self.dtype)), b_scaled)
         return y.reshape(*lead, self.features)
+
+
+@jax.custom_vjp
+def lora_dense(x, w, a, bs):
+    """``x·W + (x·A)·Bs`` for fp32 training, computed as ``x·(W + A·Bs)``: one GEMM in the forward and one
+    for the input gradient, instead of the base GEMM plus two thin ones (K = r, then N = r) and an add
+    in each direction; the factors' gradients are the usual ``dBs = (x·A)ᵀ·dy`` and ``dA = xᵀ·(dy·Bsᵀ)``.
+    ``W + A·Bs`` costs in·r·out multiply-adds, nothing against tokens·in·out. CPU A/B in one process:
+    S step −8%, M −6%, and 86 / 353 MB less XLA temp memory (the thin products are not kept). A frozen
+    ``W``'s gradient ``xᵀ·dy`` is dead code that XLA drops."""
+    return jnp.dot(x, w + jnp.dot(a, bs))
+
+
+def _lora_dense_fwd(x, w, a, bs):
+    return lora_dense(x, w, a, bs), (x, w, a, bs)
+
+
+def _lora_dense_bwd(res, dy):
+    x, w, a, bs = res
+    du = jnp.dot(dy, bs.T)
+    return (jnp.dot(dy, (w + jnp.dot(a, bs)).T), jnp.dot(x.T, dy), jnp.dot(x.T, du),
+            jnp.dot(jnp.dot(x, a).T, dy))
+
+
+lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
 
 
 def merge_lora(params: dict, lora: dict, cfg: LoRAConfig) -> dict:
