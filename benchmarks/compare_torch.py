@@ -471,7 +471,7 @@ def worker_main(args):
 
 # ============================================================================ the parent
 class Worker:
-    def __init__(self, side, task, config, weights, args, attn_block=-1):
+    def __init__(self, side, task, config, weights, args, attn_block=-1, malloc="uvjax"):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--side", side, "--task", task,
                "--config", config, "--weights", weights, "--lr", str(args.lr), "--seed", str(args.seed),
                "--new_tokens", str(args.new_tokens), "--prompt", str(args.prompt),
@@ -480,8 +480,9 @@ class Worker:
                    ["--hf_full_logits"] if args.hf_full_logits else [])
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
-        if side == "jax" or args.hf_malloc_hugetlb:
-            # what `python -m uvjax.train` sets for itself (uvjax/runtime_env.py); HF measured no faster with it
+        if malloc == "uvjax":
+            # the glibc malloc settings `python -m uvjax.train` sets for itself (uvjax/runtime_env.py); HF's
+            # steps are faster with them too on the benchmark machine, so both sides get them by default
             from uvjax.runtime_env import tuned_env
             env = tuned_env(env) or env
         self.side = side
@@ -507,6 +508,10 @@ class Worker:
         return bye
 
 
+def hf_malloc(args) -> str:
+    return "default" if args.hf_malloc == "default" else "uvjax"
+
+
 TUNABLES: dict = {}  # side → the GLIBC_TUNABLES its workers ran with (reported in the payload)
 
 
@@ -530,7 +535,10 @@ def _snap_summary(snaps):
 def train_compare(name, weights, args):
     from uvjax.training.flops import train_flops_per_step
     s = spec_of(name)
-    ws = {"jax": Worker("jax", "train", name, weights, args), "torch": Worker("torch", "train", name, weights, args)}
+    ws = {"jax": Worker("jax", "train", name, weights, args),
+          "torch": Worker("torch", "train", name, weights, args, malloc=hf_malloc(args))}
+    if args.hf_malloc == "both":  # a third worker: HF in glibc's default malloc (its own defaults)
+        ws["torch_default_malloc"] = Worker("torch", "train", name, weights, args, malloc="default")
     TUNABLES.update({k: w.ready["glibc_tunables"] for k, w in ws.items()})
     if args.ablate_attn_block:  # the same uvjax step with the attention as one T×T block (before issue 9)
         ws["jax_one_block"] = Worker("jax", "train", name, weights, args, attn_block=0)
@@ -566,6 +574,11 @@ def train_compare(name, weights, args):
         row[k]["achieved_gflops"] = fl["total"] / row[k]["step_s_median"] / 1e9
     row["fraction_of_matmul_peak"] = row["jax"]["achieved_gflops"] / row["matmul_peak_gflops"]
     row["rss_ratio"] = row["jax"]["peak_rss_mb"] / row["torch"]["peak_rss_mb"]
+    if "torch_default_malloc" in ws:
+        row["ratio_vs_torch_default_malloc"] = row["jax"]["tokens_per_s"] / row["torch_default_malloc"]["tokens_per_s"]
+        print(f"  HF+peft with glibc's default malloc: {row['torch_default_malloc']['tokens_per_s']:.0f} tok/s "
+              f"(uvjax ×{row['ratio_vs_torch_default_malloc']:.2f}), RSS "
+              f"{row['torch_default_malloc']['peak_rss_mb']:.0f} MB")
     if "jax_one_block" in ws:
         row["jax_one_block"]["compile_s"] = ws["jax_one_block"].ready["info"]["compile_s"]
         row["ratio_one_block_vs_torch"] = row["jax_one_block"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
@@ -580,7 +593,8 @@ def train_compare(name, weights, args):
 
 
 def decode_compare(name, weights, args):
-    ws = {"jax": Worker("jax", "decode", name, weights, args), "torch": Worker("torch", "decode", name, weights, args)}
+    ws = {"jax": Worker("jax", "decode", name, weights, args),
+          "torch": Worker("torch", "decode", name, weights, args, malloc=hf_malloc(args))}
     TUNABLES.update({k: w.ready["glibc_tunables"] for k, w in ws.items()})
     rows = []
     for B in [int(x) for x in args.decode_batches.split(",")]:
@@ -628,6 +642,15 @@ def markdown(payload) -> str:
             f"{r['matmul_peak_gflops']:.0f} | {r['jax']['peak_rss_mb']:.0f} / {r['torch']['peak_rss_mb']:.0f} | "
             f"{r['compile_s']:.1f} | {r['jax']['idle']['cpu_busy_percent_median']:.0f}/"
             f"{max(r['jax']['idle']['cpu_busy_percent_max'], r['torch']['idle']['cpu_busy_percent_max']):.0f} |")
+    dm = [r for r in payload["train"] if "torch_default_malloc" in r]
+    if dm:
+        lines += ["", "Same run, a third worker: HF+peft with glibc's default malloc (no GLIBC_TUNABLES):", "",
+                  "| config | HF tok/s (uvjax's malloc) | HF tok/s (default malloc) | uvjax ratio vs default-malloc HF "
+                  "| RSS (MB) |", "| --- | ---: | ---: | ---: | ---: |"]
+        for r in dm:
+            lines.append(f"| {r['config']} | {r['torch']['tokens_per_s']:.0f} | "
+                         f"{r['torch_default_malloc']['tokens_per_s']:.0f} | ×{r['ratio_vs_torch_default_malloc']:.2f} | "
+                         f"{r['torch_default_malloc']['peak_rss_mb']:.0f} |")
     abl = [r for r in payload["train"] if "jax_one_block" in r]
     if abl:
         lines += ["", "Ablation, same run: uvjax with its causal attention as one T×T block (no query blocks):", "",
@@ -665,8 +688,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch_threads", type=int, default=2)
     ap.add_argument("--hf_full_logits", action="store_true", help="HF computes logits at every position")
-    ap.add_argument("--hf_malloc_hugetlb", action="store_true",
-                    help="give the HF workers glibc's huge-page malloc too (uvjax's always have it, as its commands do)")
+    ap.add_argument("--hf_malloc", default="uvjax", choices=["uvjax", "default", "both"],
+                    help="glibc malloc settings of the HF workers: uvjax's (uvjax/runtime_env.py, as the uvjax workers "
+                         "and `python -m uvjax.*` have them), glibc's defaults, or both (a third, default-malloc HF "
+                         "worker in training; decoding uses uvjax's)"),
     ap.add_argument("--ablate_attn_block", action="store_true",
                     help="also time uvjax with its causal attention as one T×T block (a third worker)")
     ap.add_argument("--attn_block", type=int, default=-1, help=argparse.SUPPRESS)

@@ -1,37 +1,56 @@
-"""Process environment for the CPU hot path: glibc's malloc backed by transparent huge pages.
+"""Process environment for the CPU hot path: glibc's malloc keeps XLA's per-step buffers, on huge pages.
 
-XLA:CPU allocates every execution's temporary buffer afresh (3.1 GB for the M benchmark step, 0.9 GB for
-S) and glibc serves allocations that large with a new ``mmap``, so every training step touches gigabytes
-of never-used 4 KB pages: 820k minor page faults per M step, ≈ 10% of the CPU time spent in the kernel
-zeroing pages. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) malloc advises the kernel
-to back those mappings with 2 MB pages: 2k faults per step, M −8%, S −5% on the 2-core machine of
-``docs/PERFORMANCE.md`` (HF + torch measured no faster with it).
+XLA:CPU allocates every execution's temporary buffer afresh (2.8 GB for the M benchmark step, 0.7 GB for
+S) and frees it at the end of the step. By default glibc serves allocations that large with a new ``mmap``
+and returns them with ``munmap``, so every training step faults in and zeroes gigabytes of fresh pages:
 
-The tunable is read when the process starts, so it cannot be switched on from Python; a uvjax command
-(``python -m uvjax.<module>``) re-executes itself once with it set — same PID, same arguments — before
+- with 4 KB pages, 820k minor page faults per M step (≈ 10% of the CPU time in the kernel);
+- with 2 MB pages (``glibc.malloc.hugetlb=1``) 1.4k faults, but the kernel still zeroes 2.8 GB per step,
+  and on a VM whose freed guest memory goes back to the host (free page reporting), a step that follows
+  anything else that ran for a few seconds (a data loader, an eval, another process) finds its huge pages
+  reported and zeroes them at a few hundred MB/s: 7–8 s of kernel time per M step measured on the 2-core
+  machine of ``docs/PERFORMANCE.md`` (step 7 → 11 s).
+
+So a uvjax command runs with glibc's malloc told to keep what it gets from the kernel:
+``glibc.malloc.mmap_max=0`` (large blocks come from the heap, not from their own mappings),
+``glibc.malloc.arena_max=1`` (one heap: threads' own arenas would fall back to ``mmap`` for blocks larger
+than an arena), ``glibc.malloc.trim_threshold`` = 64 GiB (the heap's free top is not handed back), and
+``glibc.malloc.hugetlb=1`` (the heap on 2 MB pages). After the first step the buffers are reused with no
+page faults at all. The cost: the process keeps its high-water mark of heap memory until it exits (its
+peak RSS is the same; the XLA step's buffers are needed every step anyway).
+
+The tunables are read when the process starts, so they cannot be switched on from Python; a uvjax command
+(``python -m uvjax.<module>``) re-executes itself once with them set — same PID, same arguments — before
 anything heavy is imported. Library imports (tests, notebooks, user scripts) are never re-executed.
-``UVJAX_MALLOC_HUGETLB=0`` turns it off; other platforms and an already-set tunable are left alone.
+``UVJAX_MALLOC_HUGETLB=0`` turns all of it off; a tunable the user set in ``GLIBC_TUNABLES`` keeps the
+user's value; other platforms are left alone.
 
-``python -m uvjax.runtime_env`` prints what is in effect and probes it (page faults of one large malloc).
+``python -m uvjax.runtime_env`` prints what is in effect and probes it (page faults of one large malloc,
+and of a second one after the first was freed).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb"
+TUNABLES = (("glibc.malloc.hugetlb", "1"),             # 2 MB pages for malloc's memory
+            ("glibc.malloc.mmap_max", "0"),            # no per-block mappings: large blocks from the heap
+            ("glibc.malloc.arena_max", "1"),           # one heap for all threads (no per-thread arenas)
+            ("glibc.malloc.trim_threshold", str(1 << 36)))  # never give the heap's free top back
 OPT_OUT = "UVJAX_MALLOC_HUGETLB"
 
 
 def tuned_env(env: dict) -> dict | None:
-    """``env`` with the huge-page tunable appended to GLIBC_TUNABLES, or None if nothing is to change."""
+    """``env`` with uvjax's malloc tunables appended to GLIBC_TUNABLES, or None if nothing is to change."""
     if sys.platform != "linux" or env.get(OPT_OUT, "1") == "0":
         return None
     current = env.get("GLIBC_TUNABLES", "")
-    if TUNABLE in current:
-        return None  # set (or explicitly unset with =0) by the user: theirs wins
+    user = {item.split("=", 1)[0] for item in current.split(":") if item}
+    add = [f"{name}={value}" for name, value in TUNABLES if name not in user]  # the user's own values win
+    if not add:
+        return None
     out = dict(env)
-    out["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
+    out["GLIBC_TUNABLES"] = ":".join(([current] if current else []) + add)
     return out
 
 
@@ -58,9 +77,19 @@ def reexec_with_malloc_hugetlb() -> None:
     os.execve(sys.executable, [sys.executable] + list(sys.orig_argv[1:]), env)
 
 
-def probe_faults_per_mb(mb: int = 256) -> float:
+def probe_faults_per_mb(mb: int = 256, in_thread: bool = False) -> tuple[float, float]:
     """Minor page faults per MB when one ``mb`` MB malloc is written once (≈ 256 with 4 KB pages, ≈ 0.5
-    with 2 MB pages). Uses libc's malloc directly: numpy would advise huge pages on its own."""
+    with 2 MB pages), and again for a second malloc of the same size after the first was freed (the same
+    as the first when glibc gives large blocks back to the kernel, ≈ 0 when it keeps them). Uses libc's
+    malloc directly: numpy would advise huge pages on its own. ``in_thread``: from a new thread, i.e. from
+    a thread arena of its own unless ``glibc.malloc.arena_max=1`` (XLA allocates on its worker threads)."""
+    if in_thread:
+        import threading
+        box = []
+        t = threading.Thread(target=lambda: box.append(probe_faults_per_mb(mb)))
+        t.start()
+        t.join()
+        return box[0]
     import ctypes
     import resource
     libc = ctypes.CDLL(None)
@@ -68,14 +97,16 @@ def probe_faults_per_mb(mb: int = 256) -> float:
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     n = mb << 20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    p = libc.malloc(n)
-    if not p:
-        raise MemoryError(f"malloc({n}) failed")
-    ctypes.memset(p, 1, n)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    libc.free(p)
-    return faults / mb
+    out = []  # (ru_minflt counts the whole process: the calling thread is the only one working here)
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(n)
+        if not p:
+            raise MemoryError(f"malloc({n}) failed")
+        ctypes.memset(p, 1, n)
+        out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / mb)
+        libc.free(p)
+    return out[0], out[1]
 
 
 def transparent_hugepage_mode() -> str:
@@ -92,4 +123,6 @@ if __name__ == "__main__":
     reexec_with_malloc_hugetlb()
     print(json.dumps({"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
                       "transparent_hugepage": transparent_hugepage_mode(),
-                      "minor_faults_per_mb": round(probe_faults_per_mb(), 2)}))
+                      **dict(zip(("minor_faults_per_mb", "minor_faults_per_mb_after_free"),
+                                 (round(x, 2) for x in probe_faults_per_mb()))),
+                      "thread_minor_faults_per_mb_after_free": round(probe_faults_per_mb(in_thread=True)[1], 2)}))
