@@ -272,6 +272,13 @@ def _send(out, obj):
     out.flush()
 
 
+def _cpu_since(c0) -> tuple[float, float]:
+    """(user, system) CPU seconds of this worker process (all threads) since ``os.times()`` gave ``c0``:
+    system time is where page faults and the kernel's page zeroing show (PERFORMANCE.md, change 22)."""
+    c1 = os.times()
+    return c1.user - c0.user, c1.system - c0.system
+
+
 def _rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -332,17 +339,18 @@ class JaxTrain:
 
     def run(self, n):
         import jax
-        times, losses = [], []
+        times, losses, cpu = [], [], []
         for _ in range(n):
-            t = time.perf_counter()
+            c, t = os.times(), time.perf_counter()
             self.state, m = self.step(self.state, self.gb)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t)
+            cpu.append(_cpu_since(c))
             losses.append(float(m["loss/text"]))
             if float(m["tokens/dropped_targets"]):
                 raise RuntimeError("uvjax dropped targets: capacity too small")
         # the matmul peak again, under the same machine load as these steps (the machine is shared)
-        return {"times": times, "losses": losses, "matmul_peak_gflops": matmul_peak_gflops(reps=3)}
+        return {"times": times, "losses": losses, "cpu": cpu, "matmul_peak_gflops": matmul_peak_gflops(reps=3)}
 
 
 def torch_optimizer(model, lr: float = 2e-4):
@@ -374,12 +382,13 @@ class TorchTrain:
                      "threads": torch.get_num_threads(), "compile_s": 0.0}
 
     def run(self, n):
-        times, losses = [], []
+        times, losses, cpu = [], [], []
         for _ in range(n):
-            t = time.perf_counter()
+            c, t = os.times(), time.perf_counter()
             losses.append(torch_train_step(self.model, self.opt, self.batch, self.keep))
             times.append(time.perf_counter() - t)
-        return {"times": times, "losses": losses}
+            cpu.append(_cpu_since(c))
+        return {"times": times, "losses": losses, "cpu": cpu}
 
 
 def decode_prompts(s, batch, prompt, seed):
@@ -532,6 +541,14 @@ def _snap_summary(snaps):
             "loadavg_1m_max": max(s["loadavg_1m"] for s in snaps)}
 
 
+def matmul_floor(flops_per_step: float, peak_gflops: float, hf_step_s: float) -> tuple[float, float]:
+    """(floor seconds, ratio at the floor): the step's useful FLOPs at the in-run 2048² matmul rate — a
+    uvjax step made of nothing but GEMMs at that rate — and HF's step time over it, the largest training
+    ratio the machine's state allows (other GEMM shapes run a little faster or slower than the square one)."""
+    floor = flops_per_step / (peak_gflops * 1e9)
+    return floor, hf_step_s / floor
+
+
 def train_compare(name, weights, args):
     from uvjax.training.flops import train_flops_per_step
     s = spec_of(name)
@@ -550,8 +567,10 @@ def train_compare(name, weights, args):
     for k in ws:
         times = [t for r in res[k]["runs"] for t in r["times"]]
         losses = warm[k]["losses"] + [l for r in res[k]["runs"] for l in r["losses"]]
+        cpu = [c for r in res[k]["runs"] for c in r["cpu"]]
         med = statistics.median(times)
         row[k] = {"step_s_median": med, "step_s_all": times, "tokens_per_s": row["tokens_per_step"] / med,
+                  "cpu_user_s_all": [u for u, _ in cpu], "cpu_sys_s_all": [y for _, y in cpu],
                   "losses": losses, "peak_rss_mb": bye[k]["rss_mb"], "setup": ws[k].ready,
                   "idle": _snap_summary(res[k]["snapshots"]), "warmup_s": warm[k]["times"]}
     row["ratio_tokens_per_s"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
@@ -573,6 +592,8 @@ def train_compare(name, weights, args):
     for k in ws:
         row[k]["achieved_gflops"] = fl["total"] / row[k]["step_s_median"] / 1e9
     row["fraction_of_matmul_peak"] = row["jax"]["achieved_gflops"] / row["matmul_peak_gflops"]
+    row["matmul_floor_s"], row["ratio_at_matmul_floor"] = matmul_floor(
+        fl["total"], row["matmul_peak_gflops"], row["torch"]["step_s_median"])
     row["rss_ratio"] = row["jax"]["peak_rss_mb"] / row["torch"]["peak_rss_mb"]
     if "torch_default_malloc" in ws:
         row["ratio_vs_torch_default_malloc"] = row["jax"]["tokens_per_s"] / row["torch_default_malloc"]["tokens_per_s"]
@@ -588,7 +609,8 @@ def train_compare(name, weights, args):
           f" → ×{row['ratio_tokens_per_s']:.2f} | loss diff {row['loss_max_abs_diff']:.2e} | uvjax "
           f"{row['jax']['achieved_gflops']:.0f} GFLOP/s = {100 * row['fraction_of_matmul_peak']:.0f}% of "
           f"{row['matmul_peak_gflops']:.0f} | RSS {row['jax']['peak_rss_mb']:.0f} vs "
-          f"{row['torch']['peak_rss_mb']:.0f} MB | compile {row['compile_s']:.1f} s", flush=True)
+          f"{row['torch']['peak_rss_mb']:.0f} MB | compile {row['compile_s']:.1f} s | at the matmul floor "
+          f"({row['matmul_floor_s']:.2f} s) the ratio would be ×{row['ratio_at_matmul_floor']:.2f}", flush=True)
     return row
 
 
@@ -620,6 +642,10 @@ def decode_compare(name, weights, args):
     return rows
 
 
+SIDE_NAMES = {"jax": "uvjax", "torch": "HF+peft", "torch_default_malloc": "HF+peft, default malloc",
+              "jax_one_block": "uvjax, one block"}
+
+
 def markdown(payload) -> str:
     m, idle = payload["machine"], payload["idle"]
     lines = [f"# uvjax vs HF transformers + peft ({m['date']})", "",
@@ -630,14 +656,16 @@ def markdown(payload) -> str:
              f"`{payload.get('glibc_tunables', {}).get('jax') or '-'}` / "
              f"`{payload.get('glibc_tunables', {}).get('torch') or '-'}`.", "", f"Command: `{payload['command']}`", "",
              "## Train step (fp32, LoRA on 7 projections, AdamW on LoRA only)", "",
-             "| config | uvjax tok/s | HF+peft tok/s | ratio | target | max loss diff | uvjax GFLOP/s | % of matmul peak "
-             "| RSS uvjax / HF (MB) | compile (s) | CPU busy before units (median/max %) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| config | uvjax tok/s | HF+peft tok/s | ratio | target | ratio at the matmul floor | max loss diff "
+             "| uvjax GFLOP/s | % of matmul peak | RSS uvjax / HF (MB) | compile (s) "
+             "| CPU busy before units (median/max %) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in payload["train"]:
         t = TARGETS.get(r["config"], {}).get("train")
         lines.append(
             f"| {r['config']} | {r['jax']['tokens_per_s']:.0f} | {r['torch']['tokens_per_s']:.0f} | "
-            f"×{r['ratio_tokens_per_s']:.2f} | {'≥ ×%.1f' % t if t else '–'} | {r['loss_max_abs_diff']:.1e} | "
+            f"×{r['ratio_tokens_per_s']:.2f} | {'≥ ×%.1f' % t if t else '–'} | "
+            f"{'×%.2f' % r['ratio_at_matmul_floor'] if 'ratio_at_matmul_floor' in r else '–'} | {r['loss_max_abs_diff']:.1e} | "
             f"{r['jax']['achieved_gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f}% of "
             f"{r['matmul_peak_gflops']:.0f} | {r['jax']['peak_rss_mb']:.0f} / {r['torch']['peak_rss_mb']:.0f} | "
             f"{r['compile_s']:.1f} | {r['jax']['idle']['cpu_busy_percent_median']:.0f}/"
@@ -651,6 +679,19 @@ def markdown(payload) -> str:
             lines.append(f"| {r['config']} | {r['torch']['tokens_per_s']:.0f} | "
                          f"{r['torch_default_malloc']['tokens_per_s']:.0f} | ×{r['ratio_vs_torch_default_malloc']:.2f} | "
                          f"{r['torch_default_malloc']['peak_rss_mb']:.0f} |")
+    if payload["train"]:
+        lines += ["", "*Ratio at the matmul floor*: HF's step time over the step's useful FLOPs at the in-run 2048² "
+                      "matmul rate — the ratio a uvjax step made of nothing but GEMMs at that rate would reach; the "
+                      "largest this machine state allows (GEMMs of other shapes can run a little faster or slower)."]
+        sides = [k for k in ("jax", "torch", "torch_default_malloc", "jax_one_block") if k in payload["train"][0]]
+        lines += ["", "CPU seconds per timed step, median user / system (the worker process, all threads; system "
+                      "time is page faults and the kernel zeroing pages):", "",
+                  "| config | " + " | ".join(SIDE_NAMES[k] for k in sides) + " |",
+                  "| --- |" + " ---: |" * len(sides)]
+        for r in payload["train"]:
+            cells = [f"{statistics.median(r[k]['cpu_user_s_all']):.2f} / {statistics.median(r[k]['cpu_sys_s_all']):.2f}"
+                     if r.get(k, {}).get("cpu_user_s_all") else "–" for k in sides]
+            lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
     abl = [r for r in payload["train"] if "jax_one_block" in r]
     if abl:
         lines += ["", "Ablation, same run: uvjax with its causal attention as one T×T block (no query blocks):", "",

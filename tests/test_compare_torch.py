@@ -154,3 +154,28 @@ def test_argmax_last_is_first_index_of_max():
     np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(x))), x.argmax(-1))
     import jax
     assert [int(sample_logits(jax.random.key(0), jnp.asarray(r), 0.0)) for r in x[:8]] == list(x[:8].argmax(-1))
+
+
+def test_report_matmul_floor_and_cpu_table():
+    """The report's matmul floor (hand-derived: 173 GFLOP at 179 GFLOP/s = 0.966 s; HF's 2.056 s over it
+    = ×2.13) and its CPU-seconds table (medians of the per-step user / system times; '–' for a run
+    recorded before the CPU times were)."""
+    floor, ratio = ct.matmul_floor(173e9, 179.0, 2.056)
+    assert floor == pytest.approx(0.96648, rel=1e-4) and ratio == pytest.approx(2.12730, rel=1e-4)
+    side = lambda tps, user, sys: dict(tokens_per_s=tps, peak_rss_mb=1000.0, cpu_user_s_all=user,
+                                       cpu_sys_s_all=sys, idle=dict(cpu_busy_percent_median=1.0,
+                                                                    cpu_busy_percent_max=2.0))
+    row = dict(config="S", jax=side(2745.0, [2.6, 2.7, 3.4], [0.0, 0.02, 0.01]),
+               torch=side(1993.0, [3.9, 3.5, 4.0, 4.5], [0.2, 0.0, 0.1, 0.0]),
+               ratio_tokens_per_s=2745 / 1993, ratio_at_matmul_floor=ratio, loss_max_abs_diff=9.5e-7,
+               matmul_peak_gflops=179.0, fraction_of_matmul_peak=0.65, compile_s=6.0)
+    row["jax"]["achieved_gflops"] = 116.0
+    old = {**row, "config": "M", "jax": {**row["jax"], "cpu_user_s_all": None}}
+    del old["ratio_at_matmul_floor"]
+    payload = dict(machine=dict(date="d", platform="p", jax="j"), idle=dict(cores=2, cpu_busy_percent=0.0,
+                   loadavg_1m=1.0), torch_version="t", transformers_version="tf", peft_version="pf",
+                   args=dict(torch_threads=2), command="c", train=[row, old], decode=[])
+    md = ct.markdown(payload)
+    assert "| S | 2745 | 1993 | ×1.38 | ≥ ×2.0 | ×2.13 |" in md
+    assert "| S | 2.70 / 0.01 | 3.95 / 0.05 |" in md  # medians; four HF steps: mean of the middle two
+    assert "| M | – | 3.95 / 0.05 |" in md and "| M | 2745 | 1993 | ×1.38 | ≥ ×1.5 | – |" in md
