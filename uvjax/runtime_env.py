@@ -17,8 +17,12 @@ So a uvjax command runs with glibc's malloc told to keep what it gets from the k
 than an arena), ``glibc.malloc.trim_threshold`` = 64 GiB (the heap's free top is not handed back), and
 ``glibc.malloc.hugetlb=1`` (the heap on 2 MB pages). After the first step the buffers are reused with no
 page faults at all. The costs: the process keeps its high-water mark of heap memory until it exits, and
-fragmentation around the kept blocks raises the peak (M benchmark step 4.2 → 4.7 GB RSS); compiling is
-slower with one arena for LLVM's threads (S step 5 → 7 s).
+fragmentation around the kept blocks raises the peak (M benchmark step 4.2 → 4.7 GB RSS); now and then a
+freed temp buffer's hole is split by a smaller allocation and the heap grows by a whole buffer (a solo M
+run: 4.7 GB for 16 steps, 7.4 GB from the 17th on, that step paying ~8 s of page faults once); compiling
+is slower with one arena for LLVM's threads (S step 5 → 7 s). mimalloc (``LD_PRELOAD``, purging off,
+memory reserved up front) was tried instead: it still returned the large blocks (RSS 2.0 ↔ 4.7 GB, 0.5–1.8 s
+of system time per M step), so glibc stays.
 
 The tunables are read when the process starts, so they cannot be switched on from Python; a uvjax command
 (``python -m uvjax.<module>``) re-executes itself once with them set — same PID, same arguments — before
