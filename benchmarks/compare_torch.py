@@ -272,11 +272,14 @@ def _send(out, obj):
     out.flush()
 
 
-def _cpu_since(c0) -> tuple[float, float]:
-    """(user, system) CPU seconds of this worker process (all threads) since ``os.times()`` gave ``c0``:
-    system time is where page faults and the kernel's page zeroing show (PERFORMANCE.md, change 22)."""
-    c1 = os.times()
-    return c1.user - c0.user, c1.system - c0.system
+def _timed(fn):
+    """(fn(), wall seconds, (user, system) CPU seconds of this worker process, all threads): one timed unit,
+    measured the same way on both sides. System time is where page faults and the kernel's page zeroing
+    show (PERFORMANCE.md, change 22)."""
+    c0, t0 = os.times(), time.perf_counter()
+    out = fn()
+    t1, c1 = time.perf_counter(), os.times()
+    return out, t1 - t0, (c1.user - c0.user, c1.system - c0.system)
 
 
 def _rss_mb() -> float:
@@ -341,11 +344,9 @@ class JaxTrain:
         import jax
         times, losses, cpu = [], [], []
         for _ in range(n):
-            c, t = os.times(), time.perf_counter()
-            self.state, m = self.step(self.state, self.gb)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-            cpu.append(_cpu_since(c))
+            (self.state, m), dt, c = _timed(lambda: jax.block_until_ready(self.step(self.state, self.gb)))
+            times.append(dt)
+            cpu.append(c)
             losses.append(float(m["loss/text"]))
             if float(m["tokens/dropped_targets"]):
                 raise RuntimeError("uvjax dropped targets: capacity too small")
@@ -384,10 +385,10 @@ class TorchTrain:
     def run(self, n):
         times, losses, cpu = [], [], []
         for _ in range(n):
-            c, t = os.times(), time.perf_counter()
-            losses.append(torch_train_step(self.model, self.opt, self.batch, self.keep))
-            times.append(time.perf_counter() - t)
-            cpu.append(_cpu_since(c))
+            loss, dt, c = _timed(lambda: torch_train_step(self.model, self.opt, self.batch, self.keep))
+            losses.append(loss)
+            times.append(dt)
+            cpu.append(c)
         return {"times": times, "losses": losses, "cpu": cpu}
 
 
