@@ -34,7 +34,7 @@ setup(
         "scipy==1.17.1",
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "hypothesis==6.155.2"],
+        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "hypothesis==6.155.2"],
         # torchvision + pytorch-fid: the independent reference of tests/test_inception_fid.py
         "torch": ["torch==2.13.0", "peft==0.21.2", "torchvision==0.28.0", "pytorch-fid==0.3.0"],
         # deviceless AOT compilation for TPU topologies (uvjax.plan); keep it out of normal envs
