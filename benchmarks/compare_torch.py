@@ -37,6 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import peak_rss_mb  # noqa: E402
 from benchmarks.train_step import CONFIGS  # noqa: E402
 
 PROJ_HF = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -282,11 +283,6 @@ def _timed(fn):
     return out, t1 - t0, (c1.user - c0.user, c1.system - c0.system)
 
 
-def _rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def uvjax_trainer(s: dict, w: dict, batch: dict, lr: float = 2e-4, devices=None, scan_unroll: int = 1):
     """(step, state, global batch): the uvjax train step (uvjax/training/step.py) for ``batch`` with the
     shared weights in its state; text-logit capacity just above the batch's target count."""
@@ -467,16 +463,16 @@ def worker_main(args):
     t = time.perf_counter()
     obj = WORKERS[(args.side, args.task)](s, w, args)
     del w
-    _send(proto, {"ready": True, "setup_s": time.perf_counter() - t, "info": obj.info, "rss_mb": _rss_mb(),
+    _send(proto, {"ready": True, "setup_s": time.perf_counter() - t, "info": obj.info, "rss_mb": peak_rss_mb(),
                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
     for line in sys.stdin:
         cmd = json.loads(line)
         if "quit" in cmd:
             break
         res = obj.run(cmd["run"])
-        res["rss_mb"] = _rss_mb()
+        res["rss_mb"] = peak_rss_mb()
         _send(proto, res)
-    _send(proto, {"bye": True, "rss_mb": _rss_mb()})
+    _send(proto, {"bye": True, "rss_mb": peak_rss_mb()})
 
 
 # ============================================================================ the parent
