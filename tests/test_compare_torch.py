@@ -179,3 +179,32 @@ def test_report_matmul_floor_and_cpu_table():
     assert "| S | 2745 | 1993 | ×1.38 | ≥ ×2.0 | ×2.13 |" in md
     assert "| S | 2.70 / 0.01 | 3.95 / 0.05 |" in md  # medians; four HF steps: mean of the middle two
     assert "| M | – | 3.95 / 0.05 |" in md and "| M | 2745 | 1993 | ×1.38 | ≥ ×1.5 | – |" in md
+
+
+def test_attention_benchmark_torch_side_computes_the_same_gradients():
+    """benchmarks/attention.py --torch: torch's sdpa worker, given uvjax's head-major inputs (GQA, two packed
+    documents, two query blocks), returns the gradients of uvjax's hand-written attention backward — and a
+    reference with one wrong gradient is reported as far off."""
+    import jax
+    import jax.numpy as jnp
+    from benchmarks import attention
+    from uvjax.models import llama
+
+    B, K, G, T, D = 2, 2, 2, 256, 16
+    rng = np.random.default_rng(0)
+    q, d_out = (rng.standard_normal((B, K, G, T, D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((B, K, T, D)).astype(np.float32) for _ in range(2))
+    seg = np.ones((B, T), np.int32)
+    seg[:, 100:] = 2
+    idx = np.arange(T)
+    mask = jnp.asarray((idx[None, None, :] <= idx[None, :, None]) & (seg[:, :, None] == seg[:, None, :]))
+    grads = jax.grad(lambda q, k, v: jnp.sum(llama._blocked_attention(q, k, v, mask, 128) * d_out),
+                     argnums=(0, 1, 2))(q, k, v)
+    grads = [np.asarray(g) for g in grads]
+    worker = attention._TorchWorker([q, k, v, d_out], seg)
+    try:
+        assert worker.max_grad_diff(grads) < 1e-4
+        wrong = [grads[0], grads[1] * 0.5, grads[2]]
+        assert worker.max_grad_diff(wrong) > 0.1 * float(np.abs(grads[1]).max())
+    finally:
+        worker.close()
