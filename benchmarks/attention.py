@@ -146,6 +146,8 @@ def torch_worker(dirname: str) -> None:
     [B, H, T, D] with k/v repeated per group and ``scale=1`` (q is already scaled), as HF's sdpa path runs."""
     import json
     import numpy as np
+    proto = sys.stdout
+    sys.stdout = sys.stderr  # library chatter must not corrupt the protocol (as compare_torch's workers)
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(2)
@@ -184,7 +186,8 @@ def torch_worker(dirname: str) -> None:
                                         for t, n in ((q, "dq"), (k, "dk"), (v, "dv")))}
         else:
             res = {"ok": True}
-        print(json.dumps(res), flush=True)
+        proto.write(json.dumps(res) + "\n")
+        proto.flush()
 
 
 if __name__ == "__main__":
