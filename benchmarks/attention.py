@@ -150,7 +150,7 @@ def torch_worker(dirname: str) -> None:
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol (as compare_torch's workers)
     import torch
     import torch.nn.functional as F
-    torch.set_num_threads(2)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # one thread per CPU, as XLA's pool
     a = np.load(os.path.join(dirname, "in.npz"))
     B, K, G, T, D = a["q"].shape
     q = torch.from_numpy(a["q"].reshape(B, K * G, T, D)).requires_grad_()

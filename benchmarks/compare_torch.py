@@ -445,10 +445,33 @@ WORKERS = {("jax", "train"): JaxTrain, ("torch", "train"): TorchTrain,
            ("jax", "decode"): JaxDecode, ("torch", "decode"): TorchDecode}
 
 
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """``--cpus`` ("0" or "0,1"): CPU ids this process may run on, checked against its own affinity."""
+    try:
+        cpus = tuple(sorted({int(c) for c in text.split(",") if c.strip()}))
+    except ValueError:
+        raise ValueError(f"--cpus={text!r}: expected comma-separated CPU ids, e.g. 0 or 0,1") from None
+    allowed = os.sched_getaffinity(0)
+    bad = [c for c in cpus if c not in allowed]
+    if not cpus or bad:
+        raise ValueError(f"--cpus={text!r}: CPU ids {bad or '(none)'} not available; this process may use "
+                         f"{sorted(allowed)}")
+    return cpus
+
+
+def pin_cpus(text: str) -> tuple[int, ...]:
+    """Pin this process (and the threads it starts later: XLA's and torch's pools) to ``--cpus``."""
+    cpus = parse_cpus(text)
+    os.sched_setaffinity(0, cpus)
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
 def worker_main(args):
     """A worker: builds one side, then answers JSON-line commands on stdin ({"run": n} / {"quit": 1})."""
     proto = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
+    if args.cpus:  # before jax / torch start their thread pools, which size themselves to the affinity
+        pin_cpus(args.cpus)
     import numpy as np
     if args.side == "torch":
         import torch
@@ -464,7 +487,7 @@ def worker_main(args):
     obj = WORKERS[(args.side, args.task)](s, w, args)
     del w
     _send(proto, {"ready": True, "setup_s": time.perf_counter() - t, "info": obj.info, "rss_mb": peak_rss_mb(),
-                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "cpus": sorted(os.sched_getaffinity(0))})
     for line in sys.stdin:
         cmd = json.loads(line)
         if "quit" in cmd:
@@ -481,7 +504,7 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--side", side, "--task", task,
                "--config", config, "--weights", weights, "--lr", str(args.lr), "--seed", str(args.seed),
                "--new_tokens", str(args.new_tokens), "--prompt", str(args.prompt),
-               "--torch_threads", str(args.torch_threads), "--attn_block", str(attn_block),
+               "--torch_threads", str(args.torch_threads), "--attn_block", str(attn_block), "--cpus", args.cpus,
                "--scan_unroll", str(args.scan_unroll), "--decode_scan_unroll", str(args.decode_scan_unroll)] + (
                    ["--hf_full_logits"] if args.hf_full_logits else [])
         env = dict(os.environ)
@@ -646,7 +669,9 @@ SIDE_NAMES = {"jax": "uvjax", "torch": "HF+peft", "torch_default_malloc": "HF+pe
 def markdown(payload) -> str:
     m, idle = payload["machine"], payload["idle"]
     lines = [f"# uvjax vs HF transformers + peft ({m['date']})", "",
-             f"Machine: {m['platform']}, {idle['cores']} cores, jax {m['jax']}, torch {payload['torch_version']} "
+             f"Machine: {m['platform']}, {idle['cores']} cores"
+             f"{' (every worker pinned to CPUs ' + payload['args']['cpus'] + ')' if payload['args'].get('cpus') else ''}"
+             f", jax {m['jax']}, torch {payload['torch_version']} "
              f"({payload['args']['torch_threads']} threads), transformers {payload['transformers_version']}, "
              f"peft {payload['peft_version']}. Idle check at start: {idle['cpu_busy_percent']}% busy, "
              f"load {idle['loadavg_1m']:.2f}. GLIBC_TUNABLES uvjax / HF workers: "
@@ -724,7 +749,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--torch_threads", type=int, default=2)
+    ap.add_argument("--torch_threads", type=int, default=0, help="torch's threads (0: one per CPU the workers run on)")
+    ap.add_argument("--cpus", default="", help="pin every worker to these CPU ids (e.g. 0: both sides on one core; "
+                                               "XLA's pool sizes itself to them, torch gets one thread each)")
     ap.add_argument("--hf_full_logits", action="store_true", help="HF computes logits at every position")
     ap.add_argument("--hf_malloc", default="uvjax", choices=["uvjax", "default", "both"],
                     help="glibc malloc settings of the HF workers: uvjax's (uvjax/runtime_env.py, as the uvjax workers "
@@ -748,6 +775,7 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker_main(args)
+    args.torch_threads = args.torch_threads or len(parse_cpus(args.cpus) if args.cpus else os.sched_getaffinity(0))
 
     import tempfile
     import numpy as np

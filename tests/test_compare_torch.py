@@ -208,3 +208,25 @@ def test_attention_benchmark_torch_side_computes_the_same_gradients():
         assert worker.max_grad_diff(wrong) > 0.1 * float(np.abs(grads[1]).max())
     finally:
         worker.close()
+
+
+def test_cpus_option_pins_a_process_and_names_bad_ids():
+    """``--cpus``: a process pinned with it runs on exactly those CPUs (checked in a child process, so this
+    test's own affinity is untouched); ids the machine does not offer, or no ids, are errors that name them."""
+    import os
+    import subprocess
+    import sys
+    first = min(os.sched_getaffinity(0))
+    code = ("import os; from benchmarks.compare_torch import pin_cpus; "
+            f"print(pin_cpus('{first}'), sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
+    assert out == [f"({first},)", f"[{first}]"]
+    missing = max(os.sched_getaffinity(0)) + 1000
+    with pytest.raises(ValueError, match=f"{missing}"):
+        ct.parse_cpus(f"{first},{missing}")
+    with pytest.raises(ValueError, match="comma-separated CPU ids"):
+        ct.parse_cpus("zero")
+    with pytest.raises(ValueError, match="none"):
+        ct.parse_cpus(",")
+    assert ct.parse_cpus(f"{first},{first}") == (first,)
