@@ -83,3 +83,36 @@ def test_missing_distributed_flags_are_a_clear_error():
         initialize("127.0.0.1:1234", 2, None)
     with pytest.raises(ValueError, match=r"must be in \[0, 2\)"):
         initialize("127.0.0.1:1234", 2, 5)
+
+
+def test_checkpoint_barriers_wait_on_the_coordinator_not_gloo(monkeypatch):
+    """On CPU, orbax's checkpoint barriers go through the coordination service (training/distributed.py):
+    with the flag set, orbax's own sync takes its distributed-barrier path (whose timeout is orbax's 300 s)
+    instead of a gloo collective, which every host must enter within gloo's fixed 30 s."""
+    from absl import flags
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    from orbax.checkpoint._src.multihost import multihost as orbax_multihost
+    from uvjax.training import distributed
+
+    calls = []
+    monkeypatch.setattr(orbax_multihost, "should_skip_process_sync", lambda processes=None: False)
+    monkeypatch.setattr(orbax_multihost, "get_barrier_sync_fn",
+                        lambda processes=None: lambda key, timeout_ms: calls.append(("coordinator", key, timeout_ms)))
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda key: calls.append(("gloo", key)))
+    name = distributed.ORBAX_BARRIER_FLAG
+    was_parsed = flags.FLAGS.is_parsed()
+    if not was_parsed:  # as under `python -m uvjax.train`, where absl has parsed the flags
+        flags.FLAGS.mark_as_parsed()
+    old = getattr(flags.FLAGS, name)
+    try:
+        setattr(flags.FLAGS, name, False)
+        ocp.multihost.sync_global_processes("before")
+        distributed.checkpoint_barriers_through_coordinator()
+        assert getattr(flags.FLAGS, name) is True
+        ocp.multihost.sync_global_processes("after")
+    finally:
+        setattr(flags.FLAGS, name, old)
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()
+    assert calls == [("gloo", "before"), ("coordinator", "after", 300_000)]

@@ -178,9 +178,8 @@ class Checkpointer:
         dst = os.path.join(self.directory, f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0 and os.path.isdir(src):
             os.rename(src, dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"uvjax_ckpt_move_aside_{step}")
+        if jax.process_count() > 1:  # orbax's barrier: the coordinator's on CPU (training/distributed.py)
+            ocp.multihost.sync_global_processes(f"uvjax_ckpt_move_aside_{step}")
         return dst
 
     def wait(self):

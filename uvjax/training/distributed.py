@@ -40,7 +40,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              f"num_processes={num_processes}, process_id={process_id})")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
-    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    gloo = jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu"
+    if gloo:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if explicit:
@@ -52,8 +53,30 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise RuntimeError(f"jax.distributed.initialize failed ({'flags' if explicit else env}: coordinator="
                            f"{coordinator}, num_processes={num_processes}, process_id={process_id}, timeout "
                            f"{timeout_s}s): {e}") from e
+    if gloo:
+        checkpoint_barriers_through_coordinator()
     info = {"mode": "flags" if explicit else env, "process_index": jax.process_index(),
             "process_count": jax.process_count(), "local_devices": jax.local_device_count(),
             "global_devices": jax.device_count()}
     logging.info("distributed runtime up: %s", info)
     return info
+
+
+ORBAX_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
+def checkpoint_barriers_through_coordinator() -> None:
+    """Orbax's checkpoint barriers wait on the coordination service instead of a gloo collective (CPU runs).
+
+    By default orbax synchronises hosts with a collective over a device set of its own; with gloo, every
+    process must enter it within gloo's fixed 30 s, its context set-up included, so a host that reached a
+    checkpoint more than 30 s after the other (a slower step on a loaded 2-core machine) failed the run with
+    "Gloo context initialization failed: DEADLINE_EXCEEDED". The coordinator's barrier waits up to orbax's
+    barrier timeout (300 s) and needs no collective. Orbax reads its absl flag when it synchronises, so this
+    takes effect where absl has parsed the flags: `python -m uvjax.train` and the launchers that run it."""
+    import orbax.checkpoint  # noqa: F401 - defines the flag
+    from absl import flags
+    if ORBAX_BARRIER_FLAG not in flags.FLAGS:
+        logging.warning("orbax has no --%s flag: checkpoint barriers stay gloo collectives", ORBAX_BARRIER_FLAG)
+        return
+    setattr(flags.FLAGS, ORBAX_BARRIER_FLAG, True)
