@@ -10,7 +10,7 @@ The two are alternated in one process (A B A B …) and the medians reported, wi
 difference between them and XLA's temp-buffer size of each compiled function. Writes JSON + a Markdown table.
 
 ``--torch`` (torch extra) adds torch's fused ``scaled_dot_product_attention`` forward + backward at the same
-shapes, as HF's Llama runs it (``sdpa``, 2 threads), in a worker process that takes its turn in the same
+shapes, as HF's Llama runs it (``sdpa``, one thread per CPU), in a worker process that takes its turn in the same
 alternation: "torch_causal" with ``is_causal=True`` (what the HF benchmark side runs: no packing) and
 "torch_mask" with the same boolean packed-segment mask as uvjax's (like for like). Its gradients are checked
 against uvjax's before timing.
@@ -105,7 +105,7 @@ _TORCH_SIDES = ("torch_causal", "torch_mask")
 
 class _TorchWorker:
     """torch's sdpa forward + backward in a process of its own (its thread pool and XLA's would otherwise
-    share the 2 cores in one process); one line of JSON per request on its stdin/stdout."""
+    share the cores in one process); one line of JSON per request on its stdin/stdout."""
 
     def __init__(self, arrays, seg):
         import subprocess

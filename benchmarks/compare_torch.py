@@ -668,10 +668,10 @@ SIDE_NAMES = {"jax": "uvjax", "torch": "HF+peft", "torch_default_malloc": "HF+pe
 
 def markdown(payload) -> str:
     m, idle = payload["machine"], payload["idle"]
+    cpus = payload["args"].get("cpus")
+    pinned = f" (every worker pinned to CPUs {cpus})" if cpus else ""
     lines = [f"# uvjax vs HF transformers + peft ({m['date']})", "",
-             f"Machine: {m['platform']}, {idle['cores']} cores"
-             f"{' (every worker pinned to CPUs ' + payload['args']['cpus'] + ')' if payload['args'].get('cpus') else ''}"
-             f", jax {m['jax']}, torch {payload['torch_version']} "
+             f"Machine: {m['platform']}, {idle['cores']} cores{pinned}, jax {m['jax']}, torch {payload['torch_version']} "
              f"({payload['args']['torch_threads']} threads), transformers {payload['transformers_version']}, "
              f"peft {payload['peft_version']}. Idle check at start: {idle['cpu_busy_percent']}% busy, "
              f"load {idle['loadavg_1m']:.2f}. GLIBC_TUNABLES uvjax / HF workers: "
