@@ -524,3 +524,197 @@ def test_fuzz_raw_files_only_raise_value_error(fuzz_dir, raw, jsonl):
                 assert isinstance(rec, Record)
         except ValueError:
             pass
+
+
+# ------------------------------------------------------------------------------------- issue #28
+# Fixtures in the LLaVA format itself: raw JSON items ({"id", "image", "conversations", "task"?}).
+def llava_item(iid, answer, *, task=None, image="a.png", question="<image>\nDescribe the picture."):
+    item = {"id": iid, "image": image,
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if task is not None:
+        item["task"] = task
+    return item
+
+
+def test_caption_generation_converts_only_captions(tmp_path, images):
+    multi = {"id": "m1", "image": "a.png",
+             "conversations": [{"from": "human", "value": "<image>\nDescribe the picture."},
+                               {"from": "gpt", "value": "A watch on a table."},
+                               {"from": "human", "value": "What is the battery level?"},
+                               {"from": "gpt", "value": "62%"}]}
+    items = [
+        llava_item("s0", "A round watch with a blue face."),        # ShareGPT4V: no task key
+        llava_item("c1", "A square watch, sunny icon.", task="caption"),
+        llava_item("v1", "62%", task="vqa", question="<image>\nWhat is the battery level?"),
+        llava_item("k1", "A watch.", task="conversation"),          # caption-shaped, not caption
+        multi,                                                      # no task, two exchanges
+        {**multi, "id": "m2", "task": "caption"},                   # says caption, is multi-turn
+        llava_item("s1", "Another watch, seen from above.", image="b.png"),
+    ]
+    path = write_json(tmp_path / "mixed.json", items)
+    with pytest.raises(ValueError) as e:
+        list(F.iter_caption_generation(path, images["dir"]))
+    msg = str(e.value)
+    assert f"{path} record 2 (id 'v1')" in msg and "not a caption record" in msg and "'vqa'" in msg
+    assert e.value.reason == "not_caption"
+    stats = F.ImportStats()
+    recs = list(F.iter_caption_generation(path, images["dir"], on_error="skip", stats=stats))
+    assert [r.attributes["converted_from"] for r in recs] == ["s0", "c1", "s1"]
+    assert [r.task for r in recs] == ["generation"] * 3
+    assert [r.segments[0].text for r in recs] == [
+        f"{F.REQUEST_PHRASINGS[r.attributes['request']]} {c}" for r, c in
+        zip(recs, ["A round watch with a blue face.", "A square watch, sunny icon.",
+                   "Another watch, seen from above."])]
+    assert not any("62%" in s.text for r in recs for s in r.segments if s.kind == "text")
+    assert [seg_tuple(s)[:2] for s in recs[1].segments] == [("user", "text"), ("assistant", "text"),
+                                                          ("assistant", "image")]
+    assert recs[2].segments[2].path == "b.png"
+    assert "task" not in recs[1].attributes                       # the output is not a caption record
+    assert stats.skipped == {"not_caption": 4} and stats.read == 7 and stats.kept == 3
+    by_id = {re.search(r"\(id '(\w+)'\)", m_).group(1): m_ for m_ in stats.messages}
+    assert set(by_id) == {"v1", "k1", "m1", "m2"}
+    for rid, index, what in [("v1", 2, "explicit task 'vqa'"), ("k1", 3, "explicit task 'conversation'"),
+                             ("m1", 4, "task 'conversation', inferred: a multi-turn conversation"),
+                             ("m2", 5, "task 'caption', explicit: a multi-turn conversation")]:
+        assert by_id[rid].startswith(f"{path} record {index} (id '{rid}'): not a caption record: {what}")
+    # the multi-turn one is rejected even though no task is given (shape), and named as such
+    with pytest.raises(ValueError, match=r"record 0 \(id 'm1'\): not a caption record: task "
+                                         r"'conversation', inferred: a multi-turn conversation"):
+        list(F.iter_caption_generation(write_json(tmp_path / "m.json", [multi]), images["dir"]))
+    # explicit vs inferred task is told apart on the imported record
+    raw = list(F.iter_llava(path, images["dir"]))
+    assert [F.explicit_task(r) for r in raw] == [None, "caption", "vqa", "conversation", None, "caption",
+                                                  None]
+    # through convert: same rule, counted in the manifest
+    res = F.convert(path, str(tmp_path / "out"), format="caption_generation", image_dir=images["dir"],
+                    on_error="skip")
+    assert res["counts"]["skipped"] == {"not_caption": 4} and res["counts"]["kept"] == 3
+    back = storage.RecordReader(res["paths"]["generation"])
+    assert [r.attributes["converted_from"] for r in back] == ["s0", "c1", "s1"]
+
+
+def test_ambiguous_hour_answers_are_counted_and_warned(tmp_path, images, caplog):
+    q = "<image>\nWhat time does the watch show?"
+    items = [llava_item("t0", "12:15:00", task="vqa", question=q),
+             llava_item("t1", " 00:40:10\n", task="vqa", question=q),
+             llava_item("t2", "00:05", task="vqa", question=q),
+             llava_item("t3", "11:15:00", task="vqa", question=q),       # unambiguous hour
+             llava_item("t4", "12:15:00 pm", task="vqa", question=q),    # not exactly a time
+             llava_item("t5", "The time is 12:15:00.", task="vqa", question=q),
+             llava_item("t6", "12:75:00", task="vqa", question=q),       # not a time
+             {"id": "t7", "image": "a.png",
+              "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "10:00:00"},
+                                {"from": "human", "value": "And one hour later?"},
+                                {"from": "gpt", "value": "12:00:00"}]}]   # 2nd answer counts
+    p1 = write_json(tmp_path / "watch_a.json", items)
+    p2 = write_json(tmp_path / "watch_b.jsonl", [items[0], items[3]], jsonl=True)
+    p3 = write_json(tmp_path / "watch_c.json", [items[3]])
+    stats = F.ImportStats()
+    with caplog.at_level("WARNING", logger="uvjax.data.formats"):
+        recs = [r for p in (p1, p2, p3) for r in F.iter_llava(p, images["dir"], stats=stats)]
+    assert stats.warnings == {"hour_00_12_ambiguous": 5}
+    assert stats.as_dict()["warnings"] == {"hour_00_12_ambiguous": 5}
+    assert stats.kept == 11 and not stats.skipped
+    # records unchanged: the answers are imported as written (stripped like every turn)
+    assert [r.segments[-1].text for r in recs[:7]] == [
+        "12:15:00", "00:40:10", "00:05", "11:15:00", "12:15:00 pm", "The time is 12:15:00.", "12:75:00"]
+    warned = [r for r in caplog.records if "hour 00 or 12" in r.getMessage()]
+    assert len(warned) == 2                                     # one per file that has any
+    m1, m2 = (r.getMessage() for r in warned)
+    assert m1.startswith(f"{p1}: 4 assistant answer(s)")
+    assert m2.startswith(f"{p2}: 1 assistant answer(s)")
+    assert "ambiguous" in m1 and "same hands" in m1 and "equal" in m1
+    assert all(r.levelname == "WARNING" for r in warned)
+    # a file without such answers counts nothing
+    clean = F.ImportStats()
+    list(F.iter_llava(p3, images["dir"], stats=clean))
+    assert clean.as_dict()["warnings"] == {}
+    # and the count reaches the manifest
+    res = F.convert([p1, p2], str(tmp_path / "out"), format="llava", image_dir=images["dir"])
+    assert F.read_manifest(str(tmp_path / "out"))["counts"]["warnings"] == {"hour_00_12_ambiguous": 5}
+    assert res["counts"]["warnings"] == {"hour_00_12_ambiguous": 5}
+
+
+def test_convert_writes_import_manifest_readable_from_any_cwd(tmp_path, images, monkeypatch):
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    os.symlink(images["dir"], work / "imgs_link")               # recorded as the real folder
+    items = [llava_item("u0", "A watch."),
+             {"id": "g0", "task": "generation", "image": "sub/d.png",
+              "conversations": [{"from": "human", "value": "Draw a watch."},
+                                {"from": "gpt", "value": "Here.\n<image>"}]},
+             llava_item("bad", "  ")]
+    write_json(work / "data" / "d.json", items)
+    monkeypatch.chdir(work)
+    res = F.convert("data/d.json", "shards", format="llava", image_dir="imgs_link", on_error="skip",
+                    prefix="llava")
+    manifest_path = os.path.join("shards", "import_manifest.json")
+    assert res["manifest"] == manifest_path and os.path.isfile(work / manifest_path)
+    with open(work / manifest_path) as f:
+        on_disk = json.load(f)
+    monkeypatch.chdir(tmp_path)                                 # a later stage elsewhere
+    m = F.read_manifest(str(work / "shards"))
+    assert m == on_disk
+    assert set(m) == {"format", "sources", "image_dir", "counts", "paths", "created"}
+    assert m["format"] == "llava"
+    assert m["sources"] == [str(work / "data" / "d.json")]
+    assert m["image_dir"] == os.path.realpath(images["dir"]) and os.path.isabs(m["image_dir"])
+    assert m["counts"] == res["counts"] and m["counts"]["skipped"] == {"empty_answer": 1}
+    shards = work / "shards"
+    assert m["paths"] == {"understanding": [str(shards / "llava-understanding-00000.array_record")],
+                          "generation": [str(shards / "llava-generation-00000.array_record")]}
+    import datetime
+    assert datetime.datetime.fromisoformat(m["created"]).tzinfo is not None
+    # images resolve from the manifest's folder, whatever the current directory
+    for s, ps in m["paths"].items():
+        for rec in storage.RecordReader(ps):
+            for seg in rec.images():
+                assert os.path.isfile(os.path.join(m["image_dir"], seg.path))
+    # found from a shard glob, a shard path, the manifest path, a list of shards
+    shard = m["paths"]["generation"][0]
+    for spec in (str(shards / "*.array_record"), shard, str(shards / "import_manifest.json"),
+                 [shard, m["paths"]["understanding"][0]]):
+        assert F.read_manifest(spec) == m
+    # missing manifests name where they looked
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        F.read_manifest(str(tmp_path / "bare"))
+    assert str(tmp_path / "bare" / "import_manifest.json") in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no import manifest"):
+        F.read_manifest(str(tmp_path / "nowhere" / "*" / "*.array_record"))
+    (tmp_path / "bare" / "import_manifest.json").write_text('{"format": "llava"}')
+    with pytest.raises(ValueError, match="not an import manifest"):
+        F.read_manifest(str(tmp_path / "bare"))
+    # caption_generation without image_dir: "" recorded; another image folder into the same dir refused
+    caps = write_json(tmp_path / "caps.json", [llava_item("c0", "A watch.")])
+    other = F.convert(caps, str(tmp_path / "o2"), format="caption_generation", check_files=False)
+    assert F.read_manifest(str(tmp_path / "o2"))["image_dir"] == "" and other["counts"]["kept"] == 1
+    with pytest.raises(ValueError, match="cannot name both"):
+        F.convert(caps, str(work / "shards"), format="caption_generation", image_dir=str(tmp_path),
+                  prefix="capgen")
+    assert F.read_manifest(str(work / "shards")) == m          # untouched by the refused import
+    again = F.convert(caps, str(work / "shards"), format="caption_generation", image_dir=images["dir"],
+                      prefix="capgen")                          # same folder: allowed
+    assert F.read_manifest(str(work / "shards"))["paths"] == {
+        "generation": [str(work / "shards" / "capgen-generation-00000.array_record")]}
+    assert again["counts"]["kept"] == 1
+
+
+def test_convert_cli_prints_manifest_and_summary(tmp_path, images, capsys):
+    items = [llava_item("t0", "12:15:00", task="vqa", question="<image>\nWhat time is it?"),
+             llava_item("u1", "A watch."), llava_item("bad", " "),
+             {"id": "x", "conversations": [{"from": "bot", "value": "?"}]}]
+    path = write_json(tmp_path / "d.json", items)
+    out = str(tmp_path / "out")
+    assert F.main(["convert", path, "--format", "llava", "--out_dir", out, "--image_dir", images["dir"],
+                   "--on_error", "skip"]) == 0
+    text = capsys.readouterr().out
+    body, manifest_line, summary = text.rstrip("\n").rsplit("\n", 2)
+    res = json.loads(body)
+    assert res["manifest"] == os.path.join(out, "import_manifest.json")
+    assert manifest_line == f"manifest: {res['manifest']}"
+    assert summary == ("import summary: read 4, kept 2, skipped 2 (empty_answer 1, unknown_role 1); "
+                       "warnings: hour_00_12_ambiguous 1")
+    assert F.read_manifest(out)["counts"] == res["counts"]
+    assert F.summary_line({"read": 1, "kept": 1, "skipped": {}, "warnings": {}}) == \
+        "read 1, kept 1, skipped 0; warnings: none"

@@ -93,6 +93,11 @@ def base_config() -> mlc.ConfigDict:
     # records: each host reads a disjoint share of the records (scales); rows: every host builds the
     # global batch and keeps its rows (identical batches for any host count; resumable across counts)
     c.data.host_sharding = "records"
+    # pretrained vision towers for imported data (uvjax/stages_imported.py): an HF SiglipVisionModel /
+    # CLIPVisionModel directory or a uvjax tower file; the Smart Watch chain pretrains its own instead
+    c.towers = mlc.ConfigDict(dict(
+        siglip=mlc.ConfigDict(dict(preset="", path="", select_layer=-2, feature_post_norm=False)),
+        clip=mlc.ConfigDict(dict(preset="", path="", select_layer=-2, feature_post_norm=False))))
     from uvjax.stages import stages_config
     c.stages = stages_config()
     # standard FID: the user's FID Inception weight file (pytorch-fid's .pth, or its .safetensors/.npz
@@ -100,6 +105,23 @@ def base_config() -> mlc.ConfigDict:
     c.stages.evaluate.inception_path = ""
     c.stages.build = False  # variant presets that render their own data switch this on
     return c
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """``--config=configs/x.py[:preset]`` works from any current directory: a relative config path that
+    does not exist there is taken relative to the uvjax checkout (where ``configs/`` lives)."""
+    import os
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = []
+    for a in argv:
+        if a.startswith("--config=") and not a.startswith("--config.") and "=" in a:
+            spec = a[len("--config="):]
+            path, sep, preset = spec.partition(":")
+            if path and not os.path.isabs(path) and not os.path.exists(path) \
+                    and os.path.exists(os.path.join(repo, path)):
+                a = "--config=" + os.path.join(repo, path) + sep + preset
+        out.append(a)
+    return out
 
 
 def load_config_file(name: str, arg: str | None = None) -> mlc.ConfigDict:

@@ -426,6 +426,15 @@ def main(argv):
     from uvjax.inference.loading import load_config
     from uvjax.stages_features import evaluation_kwargs
     run_cfg = load_config(F.workdir)
+    from uvjax.evaluation.heldout import evaluate_imported_run, format_table as heldout_table, is_imported_run
+    if is_imported_run(run_cfg):  # the run's own held-out split (no Smart Watch judge)
+        report = evaluate_imported_run(F.workdir, out_dir=F.out, num_records=F.num_images or None,
+                                       batch_size=F.batch_size, cfg_scale=F.cfg_scale,
+                                       image_temperature=F.image_temperature, image_top_k=F.image_top_k,
+                                       seed=F.seed, progress=True)
+        print(heldout_table(report))
+        print(f"\nwrote {report['files']['report']}")
+        return
     extra = evaluation_kwargs(F.workdir, run_cfg)  # SigLIP inputs: the run's own tower
     weights = F.inception_weights or inception_path(run_cfg)
     if weights:

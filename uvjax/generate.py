@@ -64,17 +64,15 @@ def read_requests(prompt, image, question, batch) -> list[dict]:
     return [{"image": image, "question": question}]
 
 
-def load_png(path: str, size: int) -> np.ndarray:
-    from PIL import Image
-    im = Image.open(path)
-    if im.mode in ("RGBA", "LA", "P"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    im = im.convert("RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BOX if im.size[0] > size else Image.Resampling.BICUBIC)
-    return np.asarray(im, np.uint8)
+def load_png(path: str, size: int, resize: str = "center_crop") -> np.ndarray:
+    """An image file as the pre-tokenisation pass reads it (``uvjax.pretokenise``): any mode to RGB (alpha
+    over white), then the run's resize rule (``stages.source.resize``: centre crop, or LLaVA's pad)."""
+    from uvjax import pretokenise as pt
+    try:
+        img, _ = pt.read_image_file(path, pt.ImagePolicy(min_side=1))
+    except pt.ImageError as e:
+        raise app.UsageError(f"--image: {e}")
+    return pt.preprocess(img, size, resize)
 
 
 def _vq_image_size(vq_path: str, cfg) -> int:
@@ -84,7 +82,8 @@ def _vq_image_size(vq_path: str, cfg) -> int:
             s = json.load(f).get("data", {}).get("image_size")
         if s:
             return int(s)
-    return int(cfg.data.get("image_size", 0) or 128)
+    stage_size = ((cfg.get("stages") or {}).get("data") or {}).get("image_size", 0)
+    return int(cfg.data.get("image_size", 0) or stage_size or 128)
 
 
 def main(argv):
@@ -122,7 +121,8 @@ def main(argv):
         if "prompt" in r:
             rec = Record("prompt", "generation", [Segment("user", "text", text=r["prompt"])])
         else:
-            codes = codec.encode(load_png(r["image"], size)[None])[0]
+            resize = str(((cfg.get("stages") or {}).get("source") or {}).get("resize", "center_crop"))
+            codes = codec.encode(load_png(r["image"], size, resize)[None])[0]
             rec = Record("question", "vqa", [Segment("user", "image", codes=codes),
                                              Segment("user", "text", text=r["question"])])
         prompts.append(encode_prompt(rec, tok, template))

@@ -58,7 +58,29 @@ def stages_config() -> mlc.ConfigDict:
     # costs ~11 s more on 500 test images: add "caption", or run `python -m uvjax.evaluate --workdir=RUN`.
     # num_images: test images evaluated (0: the whole test split); a slow preset (smollm2) evaluates fewer.
     c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False, tasks=("vqa", "generation"), num_images=0))
+    # where the records come from: the Smart Watch renderer (default) or the user's data (uvjax/stages_imported.py)
+    from uvjax.stages_imported import source_config
+    c.source = source_config()
     return c
+
+
+def stage_cache_dir(sc, workdir: str) -> str:
+    cache = os.path.abspath(sc.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache"))
+    os.makedirs(cache, exist_ok=True)
+    return cache
+
+
+def check_no_user_streams(cfg) -> None:
+    """The stages point ``data.streams.*.paths`` at their own shards; a config that set them itself would
+    have its data replaced without a word, so it is refused instead."""
+    given = {s: tuple(cfg.data.streams[s].paths) for s in cfg.data.streams if tuple(cfg.data.streams[s].paths)}
+    if given:
+        raise ValueError(
+            f"data.streams paths are set ({given}) while stages.build=True, which would replace them with the "
+            "stages' shards. To train on your own data either let the stages import and pre-tokenise it "
+            "(--config.stages.source.kind=imported --config.stages.source.train=DATA.json "
+            "--config.stages.source.image_dir=IMAGES; README 'Train on your own data'), or train on shards you "
+            "pre-tokenised yourself with --config.stages.build=False")
 
 
 class StageLog:
@@ -92,6 +114,8 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
         if progress:
             progress(f"{name}: reused {out}")
         return out, info
+    from uvjax import interrupt
+    interrupt.check()  # a stop requested during the previous stage: before starting this one
     work = out + ".partial"
     os.makedirs(work, exist_ok=True)  # a .partial left by a killed run is resumed (chunk markers)
     if progress:
@@ -215,7 +239,9 @@ def build_reasoning(sc, vq_dir: str, out: str) -> dict:
     chunk, batch = int(sc.data.records_per_shard), int(sc.data.encode_batch)
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
     n = 0
+    from uvjax import interrupt
     for c in range((spec.num_scenes + chunk - 1) // chunk):
+        interrupt.check()
         marker = os.path.join(out, "train", f".reasoning-chunk{c:05d}.done")
         if os.path.exists(marker):
             with open(marker) as f:
@@ -250,6 +276,10 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
     """Builds or reuses the stages before the LM; returns the config pointed at their outputs
     (tokenizer, data shards, image token count) and a summary of the stage paths."""
     from uvjax.stages_features import needs_feature_stages, prepare_features
+    check_no_user_streams(cfg)
+    from uvjax.stages_imported import is_imported, prepare_imported
+    if is_imported(cfg.stages):
+        return prepare_imported(cfg, workdir, progress=progress)
     if needs_feature_stages(cfg):  # SigLIP variants: + the tower stage, per-role encoding
         return prepare_features(cfg, workdir, progress=progress)
     sc = cfg.stages

@@ -111,7 +111,9 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
             raise ValueError(f"no encoder for {role} images")
     counts = {"understanding": 0, "generation": 0, "interleaved": 0}
     n_chunks = (spec.num_images + chunk - 1) // chunk
+    from uvjax import interrupt
     for c in range(n_chunks):
+        interrupt.check()
         marker = os.path.join(out_dir, f".{spec.name}-chunk{c:05d}.done")
         if os.path.exists(marker):
             with open(marker) as f:

@@ -408,7 +408,14 @@ def run_all(cfg, workdir: str) -> dict:
     t = time.time()
     if cfg.stages.build:
         from uvjax.stages import prepare
-        cfg, paths = prepare(cfg, workdir)
+        from uvjax import interrupt
+        try:
+            with interrupt.stop_on_signals():
+                cfg, paths = prepare(cfg, workdir)
+        except interrupt.StopRequested as e:
+            print(f"[stage] stopped by signal {e.args[0]} during the stages: finished stages (and finished chunks "
+                  "of the pre-tokenisation) are kept; run the same command again to resume", flush=True)
+            return {"stopped_by_signal": True, "stopped_in": "stages", "workdir": workdir}
         times["stages"] = time.time() - t
     fp = check_workdir_matches(cfg, workdir)
     t = time.time()
@@ -423,6 +430,18 @@ def run_all(cfg, workdir: str) -> dict:
             from uvjax.evaluate import evaluate_run
         except ImportError:
             evaluate_run = None
+        from uvjax.evaluation.heldout import evaluate_imported_run, is_imported_run
+        if is_imported_run(cfg):  # other people's data: the run's own held-out split
+            evaluate_run = None
+            if paths.get("test_split"):
+                n = int(cfg.stages.evaluate.get("num_images", 0) or 0)
+                summary["evaluation"] = evaluate_imported_run(workdir, num_records=n or None,
+                                                              progress=bool(cfg.train.progress))
+                times["evaluate"] = time.time() - t
+                StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
+                                        path=workdir)
+            else:
+                print("[stage] evaluate: no held-out split (stages.source.test is empty); skipped", flush=True)
         if evaluate_run is not None:
             from uvjax.stages_features import evaluation_kwargs
             tasks = tuple(cfg.stages.evaluate.get("tasks", ("vqa", "caption", "generation")))
@@ -467,7 +486,10 @@ def run_summary_table(summary: dict, workdir: str) -> str:
     lines = []
     ev = summary.get("evaluation")
     if ev:
-        from uvjax.evaluate import format_table
+        if ev.get("split") == "heldout":
+            from uvjax.evaluation.heldout import format_table
+        else:
+            from uvjax.evaluate import format_table
         lines += [format_table(ev), ""]
     log = read_stage_log(workdir)
     last = {}  # this invocation's entries: the stage log is appended to, one line per stage and run
@@ -490,4 +512,6 @@ if __name__ == "__main__":
     # Library code imports uvjax.train (e.g. loading a run for evaluation); make that the running
     # module instead of a second copy that would define the absl flags again.
     sys.modules.setdefault("uvjax.train", sys.modules["__main__"])
+    from uvjax.config import resolve_config_argv
+    sys.argv = resolve_config_argv(sys.argv)
     app.run(main)

@@ -9,7 +9,12 @@ Three sources, each read lazily (records are yielded one at a time):
   ``<image>`` at the end of the gpt turn with ``task == "generation"``). ``image`` is a path, or a
   list of paths, relative to ``image_dir``; the number of placeholders must equal the number of paths.
 - **caption -> generation** (:func:`caption_to_generation`, seed reference §8): caption records
-  become "request + caption -> acknowledgement + image" records, with our own phrasings.
+  become "request + caption -> acknowledgement + image" records, with our own phrasings. Only
+  captions are converted (a VQA answer such as ``62%`` must never become an image prompt): a record
+  with an *explicit* task (the LLaVA item's ``task`` key, kept in ``attributes["task"]``) other than
+  ``caption`` is skipped as ``not_caption``; a record without one (ShareGPT4V caption files have no
+  ``task`` key) is converted when it has the caption shape: one user turn with exactly one image, one
+  single-turn text answer, no assistant image. Multi-turn conversations are never captions.
 - **UnifiedVisual parquet** (:func:`iter_unifiedvisual`): the real schema is unverified, so the
   schema is read from each file and matched against the documented :data:`LAYOUTS`; anything else
   fails naming the columns found. :func:`describe` prints schema, detected layout and a few rows.
@@ -23,13 +28,30 @@ Bad input raises :class:`FormatError` (a ``ValueError``) naming the file, the re
 was expected; with ``on_error="skip"`` the record is skipped and counted per reason in an
 :class:`ImportStats`. File-level problems (unreadable or oversized file, a JSON list whose syntax
 breaks so later records cannot be located, an unknown parquet layout) always raise.
+
+**Ambiguous hours (warned and counted, data unchanged).** The paper's Smart Watch reference data
+(LLaVA JSON written by the paper's code) labels time answers ``HH:MM:SS`` with hours 00-12, so
+``00:MM`` and ``12:MM`` name the same dial (hour 0 and hour 12 draw the same hands). Every kept
+assistant answer that is exactly such a time (``^(00|12):MM(:SS)?$`` after stripping) is counted in
+``ImportStats.warnings["hour_00_12_ambiguous"]`` (so in ``as_dict()`` and the import manifest) and
+each file with any logs one ``logging.warning``. Records are kept as they are; evaluation should treat
+the two hours as equal (``evaluation.metrics``' tolerant/coarse/hour time scores compare hours modulo
+12; its strict string match does not).
+
+**Import manifest.** :func:`convert` writes ``{out_dir}/import_manifest.json`` (:data:`MANIFEST_NAME`)
+beside the shards: ``{"format", "sources": [absolute input files], "image_dir": absolute real path
+of the image folder ("" if none), "counts": ImportStats.as_dict(), "paths": {stream: [absolute shard
+paths]}, "created": ISO time}``. Images stay paths relative to ``image_dir``, so later stages take the
+folder from the manifest (:func:`read_manifest`) and work from any current directory.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -50,6 +72,7 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
 UNDERSTANDING_TASKS = ("vqa", "caption", "conversation", "text")
 GENERATION_TASKS = ("generation",)
 STREAMS = ("understanding", "generation", "interleaved")
+EXPLICIT_TASK = "task"  # attributes key of a task given by the data (LLaVA ``task`` key, parquet column)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -78,14 +101,20 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+HOUR_AMBIGUOUS = "hour_00_12_ambiguous"   # ImportStats.warnings key, see the module docstring
+_AMBIGUOUS_HOUR = re.compile(r"(?:00|12):[0-5]\d(?::[0-5]\d)?")
+
+
 class ImportStats:
-    """Counts of an import: ``read`` items, ``kept`` records, ``skipped`` per reason, and the
-    first few skip messages (so a person can find the bad records)."""
+    """Counts of an import: ``read`` items, ``kept`` records, ``skipped`` per reason, ``warnings``
+    per kind (kept records that are suspicious, e.g. :data:`HOUR_AMBIGUOUS`), and the first few skip
+    messages (so a person can find the bad records)."""
 
     def __init__(self, keep_messages: int = 20):
         self.read = 0
         self.kept = 0
         self.skipped: collections.Counter[str] = collections.Counter()
+        self.warnings: collections.Counter[str] = collections.Counter()
         self.messages: list[str] = []
         self._keep = keep_messages
 
@@ -97,9 +126,49 @@ class ImportStats:
             self.messages.append(str(err))
             log.warning("skipping: %s", err)
 
+    def absorb_reading(self, inner: "ImportStats") -> None:
+        """Adds what ``inner`` counted while reading (read, skipped, warnings, messages), not its
+        ``kept``: for a conversion stage that counts its own output."""
+        self.read += inner.read
+        self.skipped.update(inner.skipped)
+        self.warnings.update(inner.warnings)
+        self.messages.extend(inner.messages[:max(0, self._keep - len(self.messages))])
+
     def as_dict(self) -> dict[str, Any]:
         return {"read": self.read, "kept": self.kept, "skipped": dict(self.skipped),
-                "skipped_total": sum(self.skipped.values()), "messages": list(self.messages)}
+                "skipped_total": sum(self.skipped.values()), "warnings": dict(self.warnings),
+                "messages": list(self.messages)}
+
+    def summary(self) -> str:
+        return summary_line(self.as_dict())
+
+
+def summary_line(counts: dict[str, Any]) -> str:
+    """One human line from :meth:`ImportStats.as_dict`: read / kept / skipped per reason / warnings."""
+    def per(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
+    skipped = counts.get("skipped") or {}
+    total = counts.get("skipped_total", sum(skipped.values()))
+    warnings = per(counts.get("warnings") or {})
+    return (f"read {counts.get('read', 0)}, kept {counts.get('kept', 0)}, skipped {total}"
+            + (f" ({per(skipped)})" if skipped else "") + f"; warnings: {warnings}")
+
+
+def ambiguous_hour_answers(record: Record) -> int:
+    """How many assistant text answers of ``record`` are exactly a time whose hour is 00 or 12
+    (``HH:MM`` or ``HH:MM:SS`` after stripping), which the 12-hour dial cannot tell apart."""
+    return sum(1 for s in record.segments if s.role == "assistant" and s.kind == "text"
+               and _AMBIGUOUS_HOUR.fullmatch((s.text or "").strip()))
+
+
+def _warn_ambiguous_hours(path: str, n: int) -> None:
+    if n:
+        log.warning("%s: %d assistant answer(s) are a time with hour 00 or 12 (e.g. '12:15:00'); "
+                    "these labels are ambiguous: hour 0 and hour 12 draw the same hands, so the "
+                    "reference data's 00 vs 12 cannot be learnt from the image. Records are kept "
+                    "unchanged and counted as %r; uvjax's evaluation should treat the two hours as "
+                    "equal (evaluation.metrics' tolerant/coarse/hour time scores compare hours "
+                    "modulo 12; its strict string match does not)", path, n, HOUR_AMBIGUOUS)
 
 
 def _check_on_error(on_error: str) -> None:
@@ -339,6 +408,8 @@ def llava_record(item: Any, *, where: str, default_id: str = "", source: str = "
         turns.append((role, split_placeholders(turn["value"])))
     segs = build_segments(turns, refs, where, images, limits)
     attrs: dict[str, Any] = {"source": source, "index": index}
+    if task is not None:
+        attrs[EXPLICIT_TASK] = task  # given by the data, not inferred (see caption_to_generation)
     if any(s.path is not None for s in segs):
         attrs["image_dir"] = images.image_dir
     return _finish(rid, task, segs, attrs, where)
@@ -465,19 +536,27 @@ def iter_llava(path: str, image_dir: str = "", *, load_pixels: bool = False,
     stats = stats if stats is not None else ImportStats()
     opts = ImageOptions(image_dir, load_pixels, check_files, image_size)
     base = os.path.basename(path)
-    for i, item in iter_json_items(path, limits):
-        stats.read += 1
-        where = f"{path} record {i}"
-        try:
-            if isinstance(item, FormatError):
-                raise item
-            rec = llava_record(item, where=where, default_id=f"{base}#{i}", source=path, index=i,
-                               images=opts, limits=limits)
-        except FormatError as e:
-            stats.handle(e, on_error)
-            continue
-        stats.kept += 1
-        yield rec
+    ambiguous = 0
+    try:
+        for i, item in iter_json_items(path, limits):
+            stats.read += 1
+            where = f"{path} record {i}"
+            try:
+                if isinstance(item, FormatError):
+                    raise item
+                rec = llava_record(item, where=where, default_id=f"{base}#{i}", source=path, index=i,
+                                   images=opts, limits=limits)
+            except FormatError as e:
+                stats.handle(e, on_error)
+                continue
+            stats.kept += 1
+            n = ambiguous_hour_answers(rec)
+            if n:
+                stats.warnings[HOUR_AMBIGUOUS] += n
+            ambiguous += n
+            yield rec
+    finally:
+        _warn_ambiguous_hours(path, ambiguous)
 
 
 # ---------------------------------------------------------------------------------------- caption -> generation
@@ -511,13 +590,54 @@ def skip_paths(*needles: str) -> Callable[[Record], bool]:
     return pred
 
 
+def explicit_task(record: Record) -> str | None:
+    """The task the data gave ``record``, or None when its task was inferred from the shape:
+    ``attributes["task"]`` (:data:`EXPLICIT_TASK`; the LLaVA item's ``task`` key, or a parquet
+    ``task`` column) when set, else ``record.task`` when it differs from :func:`infer_task` (a tag set
+    by whoever built the record), else None."""
+    tag = record.attributes.get(EXPLICIT_TASK)
+    if isinstance(tag, str) and tag.strip():
+        return tag
+    return record.task if record.task != infer_task(record.segments) else None
+
+
+def caption_problem(record: Record) -> str | None:
+    """Why ``record`` is not a caption (None when it is). The rule: an explicit task
+    (:func:`explicit_task`) must be ``caption``; an absent one is fine (ShareGPT4V caption files have
+    no ``task`` key). Either way the shape must be a caption: an optional system turn, then one user
+    turn holding exactly one image, then one assistant answer that is a single non-empty text (no
+    assistant image). More than one human+gpt exchange (a multi-turn conversation) is not a caption."""
+    tag = explicit_task(record)
+    if tag is not None and tag.strip().lower() != "caption":
+        return (f"explicit task {tag!r}; only task 'caption' (or no task, with the caption shape) "
+                "becomes a generation prompt")
+    roles = [r for r, _ in itertools.groupby(s.role for s in record.segments)]
+    if roles[:1] == ["system"]:
+        roles = roles[1:]
+    answer = [s for s in record.segments if s.role == "assistant"]
+    n_user, n_asst = len(record.images("user")), len(record.images("assistant"))
+    label = f"task {record.task!r}" + (", explicit" if tag is not None else ", inferred")
+    if roles.count("assistant") > 1:
+        return (f"{label}: a multi-turn conversation ({roles.count('assistant')} exchanges); expected "
+                "one human turn and one gpt answer")
+    text = (answer[0].text or "").strip() if len(answer) == 1 and answer[0].kind == "text" else ""
+    if roles != ["user", "assistant"] or n_user != 1 or n_asst or not text:
+        return (f"{label}: expected 1 user image, no assistant image and a single-turn caption "
+                f"answer, got {n_user}/{n_asst} images and caption {text[:40]!r}")
+    return None
+
+
 def caption_to_generation(records: Iterable[Record], *, seed: int = 0,
                           skip: Callable[[Record], bool] | None = None, limit: int | None = None,
                           on_error: str = "raise", stats: ImportStats | None = None) -> Iterator[Record]:
-    """Caption records (one user image, a caption answer) -> generation records: user
-    ``"<request> <caption>"``, assistant ``"<acknowledgement>"`` + the image. Phrasings are drawn
-    from ``(seed, position in the input)``, so output is deterministic and independent of ``skip``
-    and ``limit``; at most ``limit`` records are produced (input is read no further)."""
+    """Caption records -> generation records: user ``"<request> <caption>"``, assistant
+    ``"<acknowledgement>"`` + the image. Which records are captions is :func:`caption_problem`'s
+    rule: an explicit task other than ``caption`` (e.g. a VQA record whose answer is ``62%``) or a
+    multi-turn conversation is skipped as ``not_caption`` (raised, naming file, record index, id and
+    task, under ``on_error="raise"``); a record without a task is converted when it has the caption
+    shape. Phrasings are drawn from ``(seed, position in the input)``, so output is deterministic and
+    independent of ``skip`` and ``limit``; at most ``limit`` records are produced (input is read no
+    further)."""
     _check_on_error(on_error)
     stats = stats if stats is not None else ImportStats()
     made = 0
@@ -529,18 +649,13 @@ def caption_to_generation(records: Iterable[Record], *, seed: int = 0,
         if skip is not None and skip(rec):
             stats.skipped["predicate"] += 1
             continue
-        user_imgs, asst_imgs = rec.images("user"), rec.images("assistant")
-        caption = ""
-        for s in rec.segments:
-            if s.role == "assistant" and s.kind == "text":
-                caption = s.text.strip()  # type: ignore[union-attr]
-                break
-        if len(user_imgs) != 1 or asst_imgs or not caption:
-            stats.handle(FormatError(where, f"not a caption record: expected 1 user image, no "
-                                            f"assistant image and a caption answer, got "
-                                            f"{len(user_imgs)}/{len(asst_imgs)} images and caption "
-                                            f"{caption[:40]!r}", "not_caption"), on_error)
+        problem = caption_problem(rec)
+        if problem is not None:
+            stats.handle(FormatError(where, f"not a caption record: {problem}", "not_caption"),
+                         on_error)
             continue
+        user_imgs = rec.images("user")
+        caption = next(s.text or "" for s in rec.segments if s.role == "assistant").strip()
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xCA9, i]))
         q, a = int(rng.integers(len(REQUEST_PHRASINGS))), int(rng.integers(len(ACKNOWLEDGEMENTS)))
         src = user_imgs[0]
@@ -548,7 +663,8 @@ def caption_to_generation(records: Iterable[Record], *, seed: int = 0,
                         features=src.features)
         segs = [Segment("user", "text", text=f"{REQUEST_PHRASINGS[q]} {caption}"),
                 Segment("assistant", "text", text=ACKNOWLEDGEMENTS[a]), image]
-        attrs = {**rec.attributes, "converted_from": rec.id, "request": q, "acknowledgement": a}
+        attrs = {k: v for k, v in rec.attributes.items() if k != EXPLICIT_TASK}  # task is now generation
+        attrs.update(converted_from=rec.id, request=q, acknowledgement=a)
         made += 1
         stats.kept += 1
         yield Record(f"{rec.id}/generation", "generation", segs, attrs).validate(where)
@@ -568,9 +684,7 @@ def iter_caption_generation(path: str, image_dir: str = "", *, seed: int = 0,
         yield from caption_to_generation(recs, seed=seed, skip=skip, limit=limit, on_error=on_error,
                                          stats=stats)
     finally:
-        stats.read += inner.read
-        stats.skipped.update(inner.skipped)
-        stats.messages.extend(inner.messages[:max(0, 20 - len(stats.messages))])
+        stats.absorb_reading(inner)
 
 
 # ---------------------------------------------------------------------------------------- UnifiedVisual parquet
@@ -836,19 +950,27 @@ def iter_unifiedvisual(path: str, image_dir: str = "", *, task: str | None = Non
     opts = ImageOptions(image_dir, load_pixels, check_files, image_size)
     base = os.path.basename(path)
     i = 0
-    for row in _parquet_rows(path, lay.columns(), batch_size):
-        stats.read += 1
-        where = f"{path} row {i}"
-        try:
-            rec = unifiedvisual_record(row, lay, where=where, default_id=f"{base}#{i}", source=path,
-                                       index=i, task=task, images=opts, limits=limits,
-                                       placeholder=placeholder)
-        except FormatError as e:
-            stats.handle(e, on_error)
-        else:
-            stats.kept += 1
-            yield rec
-        i += 1
+    ambiguous = 0
+    try:
+        for row in _parquet_rows(path, lay.columns(), batch_size):
+            stats.read += 1
+            where = f"{path} row {i}"
+            try:
+                rec = unifiedvisual_record(row, lay, where=where, default_id=f"{base}#{i}", source=path,
+                                           index=i, task=task, images=opts, limits=limits,
+                                           placeholder=placeholder)
+            except FormatError as e:
+                stats.handle(e, on_error)
+            else:
+                stats.kept += 1
+                n = ambiguous_hour_answers(rec)
+                if n:
+                    stats.warnings[HOUR_AMBIGUOUS] += n
+                ambiguous += n
+                yield rec
+            i += 1
+    finally:
+        _warn_ambiguous_hours(path, ambiguous)
 
 
 def _parquet_rows(path: str, columns: list[str], batch_size: int) -> Iterator[dict]:
@@ -932,8 +1054,13 @@ def iter_records(source: str | Sequence[str], *, format: str, image_dir: str = "
     ``placeholder`` for unifiedvisual, ``load_pixels``/``check_files``/``image_size``/``limits``)."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    yield from _iter_files(_expand_sources(source, format), format=format, image_dir=image_dir,
+                           on_error=on_error, stats=stats, **options)
+
+
+def _iter_files(files: Sequence[str], *, format: str, image_dir: str, on_error: str,
+                stats: ImportStats | None, **options) -> Iterator[Record]:
     stats = stats if stats is not None else ImportStats()
-    files = _expand_sources(source, format)
     if format == "caption_generation":
         kw = {k: options.pop(k) for k in ("seed", "skip", "limit") if k in options}
 
@@ -943,9 +1070,7 @@ def iter_records(source: str | Sequence[str], *, format: str, image_dir: str = "
                 for f in files:
                     yield from iter_llava(f, image_dir, on_error=on_error, stats=inner, **options)
             finally:
-                stats.read += inner.read
-                stats.skipped.update(inner.skipped)
-                stats.messages.extend(inner.messages[:max(0, 20 - len(stats.messages))])
+                stats.absorb_reading(inner)
         yield from caption_to_generation(caps(), on_error=on_error, stats=stats, **kw)
         return
     reader = iter_llava if format == "llava" else iter_unifiedvisual
@@ -953,19 +1078,125 @@ def iter_records(source: str | Sequence[str], *, format: str, image_dir: str = "
         yield from reader(f, image_dir, on_error=on_error, stats=stats, **options)
 
 
+MANIFEST_NAME = "import_manifest.json"
+MANIFEST_KEYS = ("format", "sources", "image_dir", "counts", "paths", "created")
+
+
+def _load_manifest(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the import manifest ({e})") from e
+    if not isinstance(m, dict) or set(m) != set(MANIFEST_KEYS) or not isinstance(m["image_dir"], str) \
+            or not isinstance(m["paths"], dict) or not isinstance(m["sources"], list):
+        got = sorted(m) if isinstance(m, dict) else type(m).__name__
+        raise ValueError(f"{path}: not an import manifest; expected a JSON object with keys "
+                         f"{list(MANIFEST_KEYS)} (image_dir a string), got {got}")
+    return m
+
+
+def read_manifest(shard_dir_or_glob: str | os.PathLike | Sequence[str]) -> dict[str, Any]:
+    """The import manifest (see the module docstring) of a shard directory: ``shard_dir_or_glob`` is
+    the directory, a shard path or glob whose directory holds :data:`MANIFEST_NAME`, the manifest
+    file itself, or a list of those (all in one directory). Raises FileNotFoundError naming where it
+    looked when there is none, ValueError when the shards span several directories' manifests or the
+    file is not a manifest."""
+    items = [shard_dir_or_glob] if isinstance(shard_dir_or_glob, (str, os.PathLike)) \
+        else list(shard_dir_or_glob)
+    looked: list[str] = []
+    for it in map(os.fspath, items):
+        if os.path.isdir(it):
+            dirs = [it]
+        elif os.path.basename(it) == MANIFEST_NAME:
+            dirs = [os.path.dirname(it) or "."]
+        elif any(ch in it for ch in "*?["):
+            dirs = sorted({os.path.dirname(p) or "." for p in glob.glob(it)})
+            if not dirs and not any(ch in os.path.dirname(it) for ch in "*?["):
+                dirs = [os.path.dirname(it) or "."]
+        else:
+            dirs = [os.path.dirname(it) or "."]
+        looked.extend(os.path.abspath(os.path.join(d, MANIFEST_NAME)) for d in dirs)
+    looked = list(dict.fromkeys(looked))
+    found = [p for p in looked if os.path.isfile(p)]
+    if not found:
+        where = ", ".join(looked) if looked else \
+            "nowhere (no path matches it, so no directory to look in)"
+        raise FileNotFoundError(f"no import manifest for shards {shard_dir_or_glob!r}: looked for "
+                                f"{where}. It is written beside the shards by `python -m "
+                                "uvjax.data.formats convert`; re-run the import to create it")
+    if len({os.path.realpath(p) for p in found}) > 1:
+        raise ValueError(f"shards {shard_dir_or_glob!r} span several import manifests {found}; "
+                         "read each directory's manifest separately")
+    return _load_manifest(found[0])
+
+
+def _check_out_dir_manifest(out_dir: str, image_dir: str, prefix: str) -> None:
+    """A shard directory has one manifest: refuse to import into a directory whose earlier import
+    (other shards, still present) used another image folder, which the manifest could not name."""
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        old = _load_manifest(path)
+    except ValueError as e:
+        log.warning("replacing an unreadable manifest: %s", e)
+        return
+    others = [p for ps in old["paths"].values() if isinstance(ps, list) for p in ps
+              if isinstance(p, str) and os.path.isfile(p)
+              and not os.path.basename(p).startswith(f"{prefix}-")]
+    if not others:
+        return
+    if old["image_dir"] != image_dir:
+        raise ValueError(f"{out_dir} already holds shards of another import ({len(others)} shard(s), "
+                         f"e.g. {others[0]}) whose images are relative to {old['image_dir']!r}, but "
+                         f"this import's images are relative to {image_dir!r}; the directory's one "
+                         f"{MANIFEST_NAME} cannot name both: use a separate out_dir")
+    log.warning("%s: replacing the manifest of an earlier import (%d other shard(s), same image "
+                "folder); it will describe this import only", path, len(others))
+
+
+def write_manifest(out_dir: str, *, format: str, sources: Sequence[str], image_dir: str,
+                   counts: dict[str, Any], paths: dict[str, list[str]]) -> str:
+    """Writes ``{out_dir}/import_manifest.json`` (atomically) and returns its path."""
+    manifest = {
+        "format": format,
+        "sources": [os.path.abspath(p) for p in sources],
+        "image_dir": os.path.realpath(image_dir) if image_dir else "",
+        "counts": counts,
+        "paths": {s: [os.path.abspath(p) for p in ps] for s, ps in paths.items()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def convert(source: str | Sequence[str], out_dir: str, *, format: str, image_dir: str = "",
             prefix: str = "data", stream: str | None = None, records_per_shard: int = 2000,
             on_error: str = "raise", **options) -> dict[str, Any]:
     """Imports ``source`` and writes ArrayRecord shards. ``stream=None`` splits by
     :func:`stream_for` into ``{out_dir}/{prefix}-{stream}-NNNNN.array_record``; a named stream writes
-    everything to ``{prefix}-{stream}-...`` via ``storage.write_records``. Returns
-    ``{"paths": {stream: [...]}, "counts": ImportStats.as_dict()}``."""
+    everything to ``{prefix}-{stream}-...`` via ``storage.write_records``. Then writes the import
+    manifest ``{out_dir}/import_manifest.json`` (module docstring; read it with
+    :func:`read_manifest`). Returns ``{"paths": {stream: [...]}, "counts": ImportStats.as_dict(),
+    "manifest": manifest path}``."""
     _check_on_error(on_error)
     if stream is not None and stream not in STREAMS:
         raise ValueError(f"stream must be one of {STREAMS} or None, got {stream!r}")
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    files = _expand_sources(source, format)
+    real_image_dir = os.path.realpath(image_dir) if image_dir else ""
+    _check_out_dir_manifest(out_dir, real_image_dir, prefix)
     stats = ImportStats()
-    recs = iter_records(source, format=format, image_dir=image_dir, on_error=on_error, stats=stats,
-                        **options)
+    recs = _iter_files(files, format=format, image_dir=image_dir, on_error=on_error, stats=stats,
+                       **options)
     if stream is not None:
         paths = {stream: storage.write_records(recs, out_dir, f"{prefix}-{stream}", records_per_shard)}
     else:
@@ -975,7 +1206,11 @@ def convert(source: str | Sequence[str], out_dir: str, *, format: str, image_dir
                 writers[stream_for(rec)].write(rec)
         finally:
             paths = {s: w.close() for s, w in writers.items()}
-    return {"paths": {s: p for s, p in paths.items() if p}, "counts": stats.as_dict()}
+    paths = {s: p for s, p in paths.items() if p}
+    counts = stats.as_dict()
+    manifest = write_manifest(out_dir, format=format, sources=files, image_dir=image_dir,
+                              counts=counts, paths=paths)
+    return {"paths": paths, "counts": counts, "manifest": manifest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1010,6 +1245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = convert(a.source, a.out_dir, format=a.format, image_dir=a.image_dir, prefix=a.prefix,
                   stream=a.stream, on_error=a.on_error, **opts)
     print(json.dumps(res, indent=1))
+    print(f"manifest: {res['manifest']}")
+    print(f"import summary: {summary_line(res['counts'])}")
     return 0
 
 

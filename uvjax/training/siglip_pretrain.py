@@ -213,7 +213,9 @@ def train_siglip(cfg, workdir: str | None = None, progress: bool = True) -> tupl
     compile_s = None
     n = train_u8.shape[0]
     done = 0
+    from uvjax import interrupt
     for s in range(1, int(tc.steps) + 1):
+        interrupt.check()  # SIGTERM during the SigLIP stage (uvjax.interrupt): stop between steps
         idx = rng.choice(n, size=min(int(tc.batch_size), n), replace=False)
         use_full = rng.random(len(idx)) < float(dc.full_caption_prob)
         texts = [train_full[i] if f else train_caps[i] for i, f in zip(idx, use_full)]

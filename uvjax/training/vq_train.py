@@ -228,7 +228,9 @@ def train_vq(images: np.ndarray, cfg, workdir: str | None = None, progress: bool
 
         bar = tqdm(total=tc.steps, desc="vq", unit="step", dynamic_ncols=True)
     ema = {}
+    from uvjax import interrupt
     for step in range(1, tc.steps + 1):
+        interrupt.check()  # SIGTERM during the VQ stage (uvjax.interrupt): stop between steps
         if pos + tc.batch_size > order.size:
             order, pos = rng.permutation(train_u8.shape[0]), 0
         batch = random_crops(train_u8[order[pos:pos + tc.batch_size]], tc.crop_size, vcfg.downsample, rng)

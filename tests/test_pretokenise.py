@@ -1,0 +1,276 @@
+"""Pre-tokenisation of imported data (uvjax/pretokenise.py) and the imported-data stage graph, on a
+LLaVA-format dataset written from the format's spec (tests/llava_fixture.py), not through uvjax."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_fixture import COLORS, write_llava
+from uvjax import pretokenise as pt
+from uvjax.data import formats
+from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT, PAD, TEXT
+from uvjax.data.storage import RecordReader
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_CODES = 4
+
+
+class ColourTower:
+    """A stand-in frozen tower whose codes are known by construction: every code is the index of the
+    fixture colour nearest to the image's centre pixel (the drawn shape's colour). Counts its images."""
+
+    def __init__(self):
+        self.calls, self.images = 0, 0
+
+    def encode(self, x):
+        self.calls += 1
+        self.images += len(x)
+        c = x[:, x.shape[1] // 2, x.shape[2] // 2].astype(np.int64)
+        ref = np.asarray(list(COLORS.values()), np.int64)
+        idx = np.argmin(((c[:, None] - ref[None]) ** 2).sum(-1), axis=1)
+        return np.repeat(idx[:, None], N_CODES, axis=1).astype(np.int32)
+
+
+def _enc(tower=None, size=32, resize="center_crop"):
+    e = pt.Encoder(tower or ColourTower(), "codes", size, resize)
+    return {"user": e, "assistant": e}
+
+
+@pytest.fixture
+def llava(tmp_path):
+    data = write_llava(str(tmp_path / "src"), n_images=6)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # import with relative paths from one directory ...
+    try:
+        res = formats.convert("src/data.json", "shards", format="llava", image_dir="src/images")
+    finally:
+        os.chdir(cwd)
+    return {**data, "shards": str(tmp_path / "shards"), "res": res}
+
+
+def _records(d, pattern="*"):
+    return [r for r in RecordReader(sorted(glob.glob(os.path.join(d, f"{pattern}.array_record"))))]
+
+
+def test_roundtrip_json_to_batch_arrays(llava, tmp_path, monkeypatch):
+    """JSON -> shards -> pre-tokenised -> sequence arrays, checked position by position against what the
+    format says: user images are understanding inputs (no target), the gpt image is the generation target
+    with its <boi>/<eoi> as text targets, and only gpt text is a text target."""
+    from uvjax.data import sequence as sq
+    from uvjax.data.tokenizer import get_template, train_bpe
+    out = str(tmp_path / "pre")
+    monkeypatch.chdir("/")  # ... and pre-tokenise from another: the manifest's absolute image folder is used
+    rep = pt.pretokenise_shards(os.path.join(llava["shards"], "*.array_record"), _enc(), out, split="train")
+    assert rep["records_read"] == 19 and rep["skipped_total"] == 0
+    assert rep["records_written"] == {"understanding": 13, "generation": 6}
+    items = {it["id"]: it for it in llava["items"]}
+    recs = {r.id: r for r in _records(out)}
+    tok = train_bpe(["What color is the shape? Draw a red square. A blue circle."] * 4, vocab_size=300)
+    template = get_template("vicuna_v1", "")
+    cfg = sq.SequenceConfig(seq_len=96, codebook_size=len(COLORS))
+    for i in range(6):
+        color = items[f"vqa-{i}"]["conversations"][1]["value"]
+        cidx = list(COLORS).index(color)
+        # VQA: the 4 codes after the user's <boi> are IMAGE_IN, never targets; answers are targets
+        a = sq.encode_record(recs[f"vqa-{i}"], tok, template, cfg).arrays
+        boi = int(np.flatnonzero(a["tokens"] == tok.boi_id)[0])
+        assert list(a["modality"][boi:boi + N_CODES + 2]) == [TEXT] + [IMAGE_IN] * N_CODES + [TEXT]
+        assert list(a["tokens"][boi + 1:boi + 1 + N_CODES]) == [cidx] * N_CODES
+        assert not a["image_target"].any() and not a["text_target"][:boi + N_CODES + 2].any()
+        tgt = tok.decode([int(t) for t, m in zip(a["tokens"], a["text_target"]) if m])
+        assert color in tgt and items[f"vqa-{i}"]["conversations"][3]["value"] in tgt
+        # generation: the gpt image is IMAGE_OUT + image targets, its <boi>/<eoi> text targets
+        g = sq.encode_record(recs[f"gen-{i}"], tok, template, cfg).arrays
+        boi = int(np.flatnonzero(g["tokens"] == tok.boi_id)[0])
+        span = slice(boi + 1, boi + 1 + N_CODES)
+        assert list(g["modality"][span]) == [IMAGE_OUT] * N_CODES and g["image_target"][span].all()
+        assert g["image_target"].sum() == N_CODES and list(g["tokens"][span]) == [cidx] * N_CODES
+        assert g["text_target"][boi] == 1 and g["text_target"][boi + N_CODES + 1] == 1
+        pre = [int(t) for t, m in zip(g["tokens"][:boi], g["text_target"][:boi]) if m]
+        assert tok.decode(pre) == " "  # only the answer's opening space: the prompt is never a target
+        assert g["modality"][-1] == PAD
+    assert recs["text-0"].images() == []
+
+
+def test_each_distinct_image_is_encoded_once(llava, tmp_path):
+    tower = ColourTower()
+    rep = pt.pretokenise_shards(llava["shards"], _enc(tower), str(tmp_path / "pre"), chunk=5, batch=4)
+    # 6 images, each used by a VQA, a caption and a generation record, spread over 4 chunks
+    assert tower.images == 6 and rep["images_encoded"] == 6 and rep["image_refs"] == 18
+
+
+def test_killed_pass_resumes_and_hosts_split_the_work(llava, tmp_path):
+    class Dies(ColourTower):
+        def encode(self, x):
+            if self.calls >= 1:
+                raise KeyboardInterrupt("killed")
+            return super().encode(x)
+
+    full = str(tmp_path / "full")
+    pt.pretokenise_shards(llava["shards"], _enc(), full, chunk=5)
+    part = str(tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        pt.pretokenise_shards(llava["shards"], _enc(Dies()), part, chunk=5)
+    done = glob.glob(os.path.join(part, ".train-chunk*.done"))
+    assert len(done) == 1
+    first = os.stat(done[0]).st_mtime_ns, os.stat(glob.glob(os.path.join(part, "train-generation-c00000-*"))[0]).st_mtime_ns
+    pt.pretokenise_shards(llava["shards"], _enc(), part, chunk=5)
+    assert (os.stat(done[0]).st_mtime_ns,  # the finished chunk was not redone
+            os.stat(glob.glob(os.path.join(part, "train-generation-c00000-*"))[0]).st_mtime_ns) == first
+    assert len(glob.glob(os.path.join(part, ".train-chunk*.done"))) == 4
+    key = lambda rs: sorted((r.id, tuple(np.asarray(s.codes).tolist() for s in r.images())) for r in rs)
+    assert key(_records(part)) == key(_records(full))
+    hosts = str(tmp_path / "hosts")
+    reps = [pt.pretokenise_shards(llava["shards"], _enc(), hosts, chunk=5, process_index=p, process_count=2)
+            for p in range(2)]
+    assert sum(r["records_read"] for r in reps) == 19 and reps[0]["records_read"] != 19
+    assert key(_records(hosts)) == key(_records(full))
+    assert pt.merge_reports(hosts, "train")["records_read"] == 19
+
+
+def _bad_images(root):
+    """Each kind of bad or unusual image file, as another program might leave them."""
+    img = os.path.join(root, "images")
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(os.path.join(img, "ok.png"))
+    good = open(os.path.join(img, "ok.png"), "rb").read()
+    open(os.path.join(img, "truncated.png"), "wb").write(good[:len(good) // 2])
+    open(os.path.join(img, "notimage.jpg"), "wb").write(b"this is not a jpeg")
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(os.path.join(img, "tiny.png"))
+    Image.new("RGB", (400, 300), (9, 9, 9)).save(os.path.join(img, "huge.png"))
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(os.path.join(img, "cmyk.jpg"))
+    Image.new("LA", (40, 40), (128, 0)).save(os.path.join(img, "la.png"))  # fully transparent grey
+    Image.fromarray(np.full((40, 40), 65535, np.uint16)).save(os.path.join(img, "grey16.png"))
+    names = ["ok.png", "truncated.png", "notimage.jpg", "tiny.png", "huge.png", "missing.png", "cmyk.jpg",
+             "la.png", "grey16.png"]
+    items = [{"id": f"r{i}", "image": n, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                          {"from": "gpt", "value": "a picture"}]}
+             for i, n in enumerate(names)]
+    with open(os.path.join(root, "bad.json"), "w") as f:
+        json.dump(items, f)
+    return names
+
+
+def test_bad_images_are_named_or_skipped_and_counted(tmp_path):
+    root = str(tmp_path / "src")
+    os.makedirs(os.path.join(root, "images"))
+    _bad_images(root)
+    # the importer keeps path records (files are checked for existence only): missing.png is its to report
+    res = formats.convert(os.path.join(root, "bad.json"), str(tmp_path / "shards"), format="llava",
+                          image_dir=os.path.join(root, "images"), on_error="skip")
+    assert res["counts"]["skipped"] == {"missing_image": 1}
+    policy = pt.ImagePolicy(max_pixels=100_000)
+    with pytest.raises(formats.FormatError) as e:
+        pt.pretokenise_shards(str(tmp_path / "shards"), _enc(), str(tmp_path / "raise"), policy=policy)
+    msg = str(e.value)
+    assert "record 1" in msg and "id 'r1'" in msg and "truncated.png" in msg and e.value.reason == "corrupt_image"
+    rep = pt.pretokenise_shards(str(tmp_path / "shards"), _enc(), str(tmp_path / "skip"), policy=policy,
+                                on_error="skip")
+    assert rep["skipped"] == {"corrupt_image": 2, "too_small": 1, "oversized": 1}
+    assert rep["converted"] == {"CMYK": 1, "LA": 1, "I;16": 1}
+    assert rep["records_written"] == {"understanding": 4}
+    kept = {r.id for r in _records(str(tmp_path / "skip"))}
+    assert kept == {"r0", "r6", "r7", "r8"}
+    report = json.load(open(os.path.join(tmp_path, "skip", "report-train.json")))
+    assert report["skipped_total"] == 4 and any("tiny.png" in m for m in report["messages"])
+
+
+def test_mode_conversions_are_exact():
+    """Alpha composites over white, 16-bit grey scales (not clips) to 8 bits, CMYK converts as PIL does."""
+    la = Image.new("LA", (8, 8), (100, 0))
+    assert (pt._to_rgb(la)[0] == 255).all()  # fully transparent -> white
+    half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
+    assert (pt._to_rgb(half)[0] == 127).all()  # 255 * (1 - 128/255) = 127
+    g16 = Image.fromarray(np.full((8, 8), 32896, np.uint16))  # 32896 / 65535 * 255 = 128.0
+    assert (pt._to_rgb(g16)[0] == 128).all()
+
+
+def test_preprocess_matches_llamagen_and_llava_rules():
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, 50:150] = 255  # a white square in the middle of a 2:1 image
+    c = pt.preprocess(img, 50)  # short side -> 50, centre crop: the white square fills it
+    assert c.shape == (50, 50, 3) and c[5:-5, 5:-5].min() == 255
+    p = pt.preprocess(img, 50, "pad")  # padded to 200x200 with the CLIP mean, then resized
+    assert p.shape == (50, 50, 3) and tuple(p[2, 25]) == pt.CLIP_MEAN_RGB and p[25, 25].min() == 255
+
+
+def _readme_recipe() -> list[str]:
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = text.split("## Train on your own data", 1)[1].split("```", 2)[1]
+    return [c.strip() for c in block.replace("\\\n", " ").strip().splitlines() if c.strip()]
+
+
+def test_readme_recipe_trains_and_evaluates_on_llava_json(tmp_path):
+    """The README's 'Train on your own data' block, verbatim but for the smoke preset and 6 steps: LLaVA JSON
+    + images written by another program -> import -> tokenizer -> VQ -> pre-tokenise -> train -> held-out
+    evaluation -> generate, run from an unrelated directory; a rerun reuses every stage; user stream paths
+    with build=True are refused."""
+    tr = write_llava(str(tmp_path / "train"), n_images=8, seed=0)
+    te = write_llava(str(tmp_path / "test"), n_images=3, seed=1)
+    run = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JSON=tr["json"], IMAGES="train/images", TEST_JSON="test/data.json", TEST_IMAGES=te["images"], RUN=run)
+    env.pop("XLA_FLAGS", None)
+    cmds = _readme_recipe()
+    assert len(cmds) <= 4 and cmds[0].startswith("python -m uvjax.train --config=configs/own_data.py ")
+    cmds[0] = cmds[0].replace("configs/own_data.py", "configs/own_data.py:smoke").replace(
+        "--config.train.steps=300", "--config.train.steps=6 --config.train.progress=False")
+    outs = []
+    for c in cmds:
+        p = subprocess.run(["bash", "-c", c], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, c + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
+        outs.append(p.stdout)
+    assert "import-train: 25 records read, 25 kept" in outs[0]
+    assert "held-out evaluation" in outs[0] and "answers (" in outs[0] and "held-out loss" in outs[1]
+    rep = json.load(open(os.path.join(run, "eval", "step_6", "report.json")))
+    hl = rep["heldout_loss"]
+    assert hl["records"] == 10 and hl["tokens/image_targets"] == 3 * 16 and hl["tokens/text_targets"] > 0
+    assert rep["answers"]["n"] == 7 and rep["generation"]["n"] == 3
+    assert os.path.exists(os.path.join(run, "eval", "step_6", "generations.png"))
+    assert os.path.exists(os.path.join(run, "red.png")) and Image.open(os.path.join(run, "red.png")).size == (32, 32)
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    for s in ("understanding", "generation"):  # trained on the user's data, nothing else
+        assert cfg["data"]["streams"][s]["paths"] and all("dataset-" in q for q in cfg["data"]["streams"][s]["paths"])
+    p2 = subprocess.run(["bash", "-c", cmds[0]], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    log = [json.loads(l) for l in open(os.path.join(run, "stages.jsonl"))]
+    last = {r["stage"]: r for r in log}
+    assert all(last[k]["reused"] for k in ("import-train", "import-test", "tokenizer", "vq", "dataset"))
+    p3 = subprocess.run(["bash", "-c", cmds[0] + f" --config.data.streams.understanding.paths=\"('{tr['json']}',)\""],
+                        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert p3.returncode != 0 and "would replace them" in p3.stderr
+
+
+def test_sigterm_during_the_stages_exits_cleanly_and_the_rerun_resumes(tmp_path):
+    """SIGTERM while the VQ stage trains: exit 0 with a message, the finished import and tokenizer stages are
+    kept and reused by the rerun, which completes."""
+    import signal
+    import time
+    tr = write_llava(str(tmp_path / "train"), n_images=6, seed=0)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "uvjax.train", "--config=configs/own_data.py:smoke", f"--workdir={tmp_path}/run",
+           f"--config.stages.source.train={tr['json']}", f"--config.stages.source.image_dir={tr['images']}",
+           "--config.train.steps=2", "--config.train.progress=False", "--config.stages.vq.train.steps=150"]
+    p = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if "vq: building" in line:
+            time.sleep(3)
+            p.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + p.stdout.read()
+    assert p.wait(timeout=120) == 0, out[-3000:]
+    assert "stopped by signal 15 during the stages" in out
+    assert glob.glob(str(tmp_path / "cache" / "vq-*.partial")) and not glob.glob(str(tmp_path / "cache" / "vq-*[0-9a-f]"))
+    q = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-2000:]
+    assert "import-train: reused" in q.stdout and "tokenizer: reused" in q.stdout and "vq: building" in q.stdout

@@ -1,0 +1,503 @@
+"""Pre-tokenisation of imported data: record shards with image paths/pixels -> shards with codes/features.
+
+``python -m uvjax.data.formats convert`` turns a LLaVA/ShareGPT4V JSON, caption file or parquet into
+ArrayRecord shards whose images are still ``path`` (relative to the import's image folder, recorded
+absolute in ``import_manifest.json``) or ``pixels`` segments. The train step never runs a frozen tower
+(PRODUCT decision 5), so this pass runs them once:
+
+- each record's images are loaded (path under the image root, or embedded pixels), checked, and
+  preprocessed for the tower that needs them: resize the short side + centre crop (LlamaGen's
+  ``center_crop_arr``) or LLaVA's pad-to-square with the CLIP mean colour (``resize="pad"``);
+- a *user* image goes through the understanding tower, an *assistant* image through the generation
+  tower (one encoder may serve both); every distinct image (by path, or by pixel digest) is encoded
+  once per tower per chunk, so an image shared by five records costs one encoder pass;
+- records are written per stream (understanding / generation / interleaved) as
+  ``{split}-{stream}-c{chunk}-00000.array_record``; a chunk is marked done last, so a killed pass
+  resumes at the first unfinished chunk; with ``process_count > 1`` chunk ``c`` belongs to process
+  ``c % process_count`` (the same command on every host, disjoint shares);
+- a bad image (missing file, corrupt or truncated bytes, decompression bomb, smaller than
+  ``min_side``) raises a :class:`~uvjax.data.formats.FormatError` naming the shard, record and file,
+  or with ``on_error="skip"`` drops that record and counts it per reason in ``report.json``. Images
+  that are *converted* (CMYK, LA/RGBA/P with alpha, 16-bit, greyscale -> RGB) are kept and counted
+  per source mode; nothing else is dropped or changed.
+
+Command: ``python -m uvjax.pretokenise --shards=DIR --vq=VQ_DIR --out=DIR [--image_size=256]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from uvjax.data import storage
+from uvjax.data.formats import FormatError, stream_for
+from uvjax.data.records import Record, Segment
+
+# CLIP's image mean (LLaVA pads with it), as uint8 RGB
+CLIP_MEAN_RGB = (122, 116, 104)
+# center_crop: LlamaGen/ADM (box halvings, bicubic short side, centre crop); resize_crop: CLIP's processor
+# (bicubic short side, centre crop); squash: SigLIP's (bicubic to S x S, aspect not kept); pad: LLaVA's
+# expand2square with the CLIP mean, then bicubic
+RESIZE_MODES = ("center_crop", "resize_crop", "squash", "pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePolicy:
+    """How images are read and checked. ``min_side``: smaller images (e.g. 1x1 placeholders) are
+    refused; ``max_pixels``: larger ones are refused from the header, before decoding (bombs)."""
+    min_side: int = 8
+    max_pixels: int = storage.MAX_IMAGE_PIXELS
+    max_bytes: int = 64 << 20
+
+
+class ImageError(Exception):
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _to_rgb(im) -> tuple[np.ndarray, str | None]:
+    """A PIL image -> uint8 RGB and the source mode when it was converted (None for RGB)."""
+    from PIL import Image
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, np.uint8), None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
+        g = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=-1), mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")  # alpha: composite over white, as a viewer shows it
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"), np.uint8), mode
+    return np.asarray(im.convert("RGB"), np.uint8), mode  # L, P, CMYK, YCbCr, 1, F ...
+
+
+def read_image_file(full: str, policy: ImagePolicy) -> tuple[np.ndarray, str | None]:
+    """Decodes one image file; raises :class:`ImageError` with a reason key."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(full):
+        raise ImageError(f"image file {full!r} not found", "missing_image")
+    size = os.path.getsize(full)
+    if size > policy.max_bytes:
+        raise ImageError(f"image file {full!r} is {size} bytes, more than {policy.max_bytes}", "oversized")
+    with open(full, "rb") as f:
+        data = f.read()
+    return decode_image(data, full, policy)
+
+
+def decode_image(data: bytes, name: str, policy: ImagePolicy) -> tuple[np.ndarray, str | None]:
+    import io
+    import warnings
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > policy.max_pixels:
+                    raise ImageError(f"image {name!r} is {w}x{h} pixels, more than the {policy.max_pixels} "
+                                     "allowed (decompression bomb?); refused", "oversized")
+                if min(w, h) < policy.min_side:
+                    raise ImageError(f"image {name!r} is {w}x{h} pixels, smaller than min_side="
+                                     f"{policy.min_side}", "too_small")
+                im.load()
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image {name!r}: {e}", "oversized") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"image {name!r} is corrupt, truncated or not an image ({type(e).__name__}: {e})",
+                         "corrupt_image") from e
+
+
+def preprocess(img: np.ndarray, size: int, mode: str = "center_crop", fill=CLIP_MEAN_RGB) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]. ``center_crop``: box-downsample while the short side is
+    at least twice ``size``, bicubic-resize the short side to ``size``, crop the centre (LlamaGen's
+    preprocessing, from ADM). ``resize_crop``: the same without the box steps (CLIP's processor).
+    ``squash``: bicubic to ``size`` x ``size`` (SigLIP's). ``pad``: pad to a square with ``fill`` (LLaVA's
+    ``expand2square``), then bicubic-resize."""
+    from PIL import Image
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode {mode!r}; expected one of {RESIZE_MODES}")
+    im = Image.fromarray(img)
+    if mode == "squash":
+        return np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC), np.uint8)
+    if mode == "pad":
+        w, h = im.size
+        if w != h:
+            s = max(w, h)
+            sq = Image.new("RGB", (s, s), tuple(int(v) for v in fill))
+            sq.paste(im, ((s - w) // 2, (s - h) // 2))
+            im = sq
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, np.uint8)
+    while mode == "center_crop" and min(im.size) >= 2 * size:
+        im = im.resize(tuple(x // 2 for x in im.size), Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize(tuple(round(x * scale) for x in im.size), Image.BICUBIC)
+    a = np.asarray(im, np.uint8)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return np.ascontiguousarray(a[top:top + size, left:left + size])
+
+
+class Encoder:
+    """A frozen tower with its input size and preprocessing: ``kind`` "codes" | "features"."""
+
+    def __init__(self, tower, kind: str, image_size: int, resize: str = "center_crop"):
+        if kind not in ("codes", "features"):
+            raise ValueError(f"encoder kind {kind!r}; expected 'codes' or 'features'")
+        self.tower, self.kind, self.image_size, self.resize = tower, kind, int(image_size), resize
+
+    def encode(self, images_u8: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.tower.encode(images_u8))
+        return out.astype(np.int32) if self.kind == "codes" else out
+
+
+def vq_encoder(vq_path: str, image_size: int, resize: str = "center_crop") -> Encoder:
+    from uvjax.inference.decode import VQCodec
+    return Encoder(VQCodec(vq_path), "codes", image_size, resize or "center_crop")
+
+
+class _ViTFeatures:
+    def __init__(self, cfg, params):
+        from uvjax.models.siglip import FeatureExtractor
+        self.cfg, self._fx = cfg, FeatureExtractor(cfg, params)
+
+    def encode(self, images_u8: np.ndarray) -> np.ndarray:
+        return self._fx(images_u8)
+
+
+def tower_encoder(path: str, *, kind: str = "siglip", resize: str = "", **overrides) -> Encoder:
+    """A SigLIP/CLIP vision tower as a features encoder: a uvjax tower file (``save_vit``: the SigLIP
+    stage's ``siglip.safetensors``) or an HF ``SiglipVisionModel``/``CLIPVisionModel`` directory (config.json
+    + safetensors, converted on load). Preprocessing is the tower's own unless ``resize`` says otherwise:
+    SigLIP squashes to S x S, CLIP resizes the short side and centre-crops; normalisation is the tower's."""
+    from uvjax.weights.hf_siglip import load_hf_vision, load_vit
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        cfg, params = load_hf_vision(path, **overrides)
+    else:
+        f = os.path.join(path, "siglip.safetensors") if os.path.isdir(path) else path
+        cfg, params = load_vit(f)
+    mode = resize or ("resize_crop" if kind == "clip" else "squash")
+    return Encoder(_ViTFeatures(cfg, params), "features", int(cfg.image_size), mode)
+
+
+# ----------------------------------------------------------------------------------------- the pass
+def shard_paths(spec: str | Sequence[str]) -> list[str]:
+    return storage.expand_paths(spec)
+
+
+def image_root_of(shards: Sequence[str]) -> str:
+    """The absolute image folder recorded by ``formats.convert`` next to the shards ("" if none)."""
+    for d in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in shards):
+        m = os.path.join(d, "import_manifest.json")
+        if os.path.exists(m):
+            with open(m) as f:
+                return str(json.load(f).get("image_dir") or "")
+    return ""
+
+
+def _where(reader: storage.RecordReader, i: int, rec: Record | None = None) -> str:
+    w = reader.where(i)
+    return f"{w} (id {rec.id!r})" if rec is not None else w
+
+
+def _store_features(f: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    out = np.asarray(f, np.float32).astype(dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{where}: non-finite features after casting to {dtype}; use float32")
+    return out
+
+
+class _Report:
+    def __init__(self):
+        self.records_read = 0
+        self.records_written = Counter()
+        self.skipped = Counter()
+        self.converted = Counter()
+        self.messages: list[str] = []
+        self.images_encoded = 0
+        self.image_refs = 0
+        self.encode_seconds = 0.0
+
+    def skip(self, err: FormatError) -> None:
+        self.skipped[err.reason] += 1
+        if len(self.messages) < 20:
+            self.messages.append(str(err))
+
+    def add(self, d: dict) -> None:
+        self.records_read += d["records_read"]
+        self.records_written.update(d["records_written"])
+        self.skipped.update(d["skipped"])
+        self.converted.update(d["converted"])
+        self.messages.extend(d["messages"][:max(0, 20 - len(self.messages))])
+        self.images_encoded += d["images_encoded"]
+        self.image_refs += d["image_refs"]
+        self.encode_seconds += d["encode_seconds"]
+
+    def as_dict(self) -> dict:
+        return {"records_read": self.records_read, "records_written": dict(self.records_written),
+                "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
+                "converted": dict(self.converted), "messages": list(self.messages),
+                "images_encoded": self.images_encoded, "image_refs": self.image_refs,
+                "encode_seconds": round(self.encode_seconds, 3)}
+
+
+def pretokenise_shards(shards: str | Sequence[str], encoders: Mapping[str, Encoder], out_dir: str, *,
+                       split: str = "train", image_root: str | None = None, chunk: int = 1000,
+                       batch: int = 64, on_error: str = "raise", feature_dtype: str = "float16",
+                       process_index: int = 0, process_count: int = 1, policy: ImagePolicy = ImagePolicy(),
+                       progress=None) -> dict:
+    """Pre-tokenises imported record shards into ``out_dir`` (see the module docstring); returns the
+    report of this process's chunks (finished chunks of an earlier attempt included) and writes it to
+    ``out_dir/report-{split}.json`` (``-p{i}`` suffixed when several processes share the work)."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    for role in ("user", "assistant"):
+        if role not in encoders:
+            raise ValueError(f"no encoder for {role} images")
+    paths = shard_paths(shards)
+    reader = storage.RecordReader(paths)
+    root = image_root if image_root is not None else image_root_of(paths)
+    os.makedirs(out_dir, exist_ok=True)
+    n = len(reader)
+    n_chunks = (n + chunk - 1) // chunk
+    report = _Report()
+    t0 = time.time()
+    memo: dict = {}  # (encoder, image key) -> output, across chunks: an image shared by chunks is encoded once
+    from uvjax import interrupt
+    for c in range(n_chunks):
+        if c % process_count != process_index:
+            continue
+        interrupt.check()
+        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+        marker = os.path.join(out_dir, f".{split}-chunk{c:05d}.done")
+        if os.path.exists(marker):
+            with open(marker) as f:
+                report.add(json.load(f))
+            if progress:
+                progress(hi - lo)
+            continue
+        part = _pretokenise_chunk(reader, range(lo, hi), encoders, root, batch=batch, on_error=on_error,
+                                  feature_dtype=feature_dtype, policy=policy, memo=memo)
+        recs_by_stream, chunk_report = part
+        for name, recs in recs_by_stream.items():
+            prefix = f"{split}-{name}-c{c:05d}"
+            for p in os.listdir(out_dir):  # leftovers of a killed attempt at this chunk
+                if p.startswith(prefix):
+                    os.remove(os.path.join(out_dir, p))
+            if recs:
+                storage.write_records(recs, out_dir, prefix, records_per_shard=10 ** 9)
+        d = chunk_report.as_dict()
+        with open(marker + ".tmp", "w") as f:
+            json.dump(d, f)
+        os.replace(marker + ".tmp", marker)
+        report.add(d)
+        if progress:
+            progress(hi - lo)
+    out = report.as_dict()
+    wall = time.time() - t0
+    out.update(split=split, shards=paths, image_root=root, process_index=process_index,
+               process_count=process_count, wall_seconds=round(wall, 3),
+               images_per_second=round(out["images_encoded"] / out["encode_seconds"], 2)
+               if out["encode_seconds"] > 0 else None)
+    name = f"report-{split}" + (f"-p{process_index}" if process_count > 1 else "") + ".json"
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+MEMO_ENTRIES = 200_000
+
+
+def _pretokenise_chunk(reader, indices, encoders, root, *, batch, on_error, feature_dtype, policy, memo=None):
+    rep = _Report()
+    loaded: dict[str, tuple[np.ndarray, str | None]] = {}  # image key -> (rgb, converted-from mode)
+    failed: dict[str, ImageError] = {}
+    kept: list[tuple[int, Record, list[str]]] = []
+    for i in indices:
+        rep.records_read += 1
+        try:
+            rec = reader.read(i)
+        except ValueError as e:
+            err = FormatError(reader.where(i), str(e), "invalid_record")
+            if on_error == "raise":
+                raise err from e
+            rep.skip(err)
+            continue
+        keys, bad = [], None
+        for k, s in enumerate(rec.images()):
+            if s.codes is not None or s.features is not None:
+                keys.append("")  # already encoded: kept as it is
+                continue
+            if s.path is not None:
+                key = "path:" + s.path
+                if key not in loaded and key not in failed:
+                    full = os.path.join(root, s.path) if root else s.path
+                    try:
+                        _check_inside(root, s.path)
+                        loaded[key] = read_image_file(full, policy)
+                    except ImageError as e:
+                        failed[key] = e
+            else:
+                px = np.ascontiguousarray(s.pixels)
+                key = "pix:" + hashlib.sha1(px.tobytes() + str(px.shape).encode()).hexdigest()
+                if key not in loaded:
+                    if min(px.shape[:2]) < policy.min_side:
+                        failed[key] = ImageError(f"embedded image of {px.shape[1]}x{px.shape[0]} pixels is "
+                                                 f"smaller than min_side={policy.min_side}", "too_small")
+                    else:
+                        loaded[key] = (storage.check_pixels(px, _where(reader, i, rec)), None)
+            if key in failed:
+                bad = (k, failed[key])
+                break
+            keys.append(key)
+        if bad is not None:
+            k, e = bad
+            err = FormatError(f"{_where(reader, i, rec)} image {k}", str(e), e.reason)
+            if on_error == "raise":
+                raise err
+            rep.skip(err)
+            continue
+        for key in keys:
+            if key and loaded[key][1] is not None:
+                rep.converted[loaded[key][1]] += 1
+        kept.append((i, rec, keys))
+    # distinct (encoder, image) pairs, encoded once each
+    need: dict[int, dict[str, None]] = {}
+    by_id = {id(e): e for e in encoders.values()}
+    for _, rec, keys in kept:
+        for s, key in zip(rec.images(), keys):
+            if key:
+                rep.image_refs += 1
+                need.setdefault(id(encoders[s.role]), {})[key] = None
+    memo = {} if memo is None else memo
+    encoded: dict[tuple[int, str], np.ndarray] = {}
+    t = time.time()
+    for eid, ks in need.items():
+        e = by_id[eid]
+        for k in [k for k in ks if (eid, k) in memo]:
+            encoded[(eid, k)] = memo[(eid, k)]
+        ks = [k for k in ks if (eid, k) not in memo]
+        for j in range(0, len(ks), batch):
+            part = ks[j:j + batch]
+            x = np.stack([preprocess(loaded[k][0], e.image_size, e.resize) for k in part])
+            out = e.encode(x)
+            for k, o in zip(part, out):
+                encoded[(eid, k)] = o
+                if len(memo) < MEMO_ENTRIES:
+                    memo[(eid, k)] = o
+        rep.images_encoded += len(ks)
+    rep.encode_seconds += time.time() - t
+    streams: dict[str, list[Record]] = {"understanding": [], "generation": [], "interleaved": []}
+    for i, rec, keys in kept:
+        segs, k = [], 0
+        for s in rec.segments:
+            if s.kind != "image":
+                segs.append(s)
+                continue
+            key = keys[k]
+            k += 1
+            if not key:
+                segs.append(s)
+                continue
+            e = encoders[s.role]
+            v = encoded[(id(e), key)]
+            if e.kind == "codes":
+                segs.append(Segment(s.role, "image", codes=np.asarray(v).reshape(-1).astype(np.int32)))
+            else:
+                segs.append(Segment(s.role, "image", features=_store_features(v, feature_dtype,
+                                                                              _where(reader, i, rec))))
+        out = Record(rec.id, rec.task, segs, rec.attributes)
+        stream = stream_for(out)
+        streams[stream].append(out)
+        rep.records_written[stream] += 1
+    return streams, rep
+
+
+def _check_inside(root: str, rel: str) -> None:
+    """Paths in shards were checked at import; a shard from elsewhere is checked again here."""
+    if not root:
+        return
+    r = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([r, full]) != r:
+        raise ImageError(f"image path {rel!r} leaves the image folder {root!r}; refused", "path_escape")
+
+
+def merge_reports(out_dir: str, split: str) -> dict:
+    """The per-process reports of ``split`` in ``out_dir`` summed (for a multi-host pass)."""
+    tot = _Report()
+    files = sorted(glob.glob(os.path.join(out_dir, f"report-{split}*.json")))
+    for p in files:
+        with open(p) as f:
+            tot.add(json.load(f))
+    return {**tot.as_dict(), "reports": files}
+
+
+def format_report(r: dict) -> str:
+    w = r.get("records_written", {})
+    lines = [f"pre-tokenised {r.get('split', '')}: read {r['records_read']} records, wrote "
+             + ", ".join(f"{k} {v}" for k, v in sorted(w.items())) + f"; {r['images_encoded']} distinct images "
+             f"encoded for {r['image_refs']} image references"
+             + (f" ({r['images_per_second']} images/s)" if r.get("images_per_second") else "")]
+    if r.get("skipped_total"):
+        lines.append(f"  SKIPPED {r['skipped_total']} records: "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())))
+        lines += [f"    {m}" for m in r["messages"][:5]]
+    if r.get("converted"):
+        lines.append("  converted to RGB (kept): " + ", ".join(f"{k} {v}" for k, v in sorted(r["converted"].items())))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- command
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m uvjax.pretokenise", description=__doc__.split("\n")[0])
+    ap.add_argument("--shards", required=True, nargs="+", help="imported shards: directory, glob or files")
+    ap.add_argument("--out", required=True, help="output directory of the pre-tokenised shards")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--vq", required=True, help="VQ tokenizer: vq.safetensors or its directory (uvjax-trained "
+                                                "or converted LlamaGen VQ-16)")
+    ap.add_argument("--image_size", type=int, default=256, help="tower input size (the VQ's training size)")
+    ap.add_argument("--resize", default="center_crop", choices=RESIZE_MODES)
+    ap.add_argument("--image_root", default=None, help="image folder (default: the import manifest's)")
+    ap.add_argument("--chunk", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--on_error", default="raise", choices=("raise", "skip"))
+    ap.add_argument("--process_index", type=int, default=0)
+    ap.add_argument("--process_count", type=int, default=1)
+    a = ap.parse_args(argv)
+    enc = vq_encoder(a.vq, a.image_size, a.resize)
+    paths = shard_paths(a.shards)
+    n = len(storage.RecordReader(paths))
+    from tqdm import tqdm
+    bar = tqdm(total=n, desc=f"pretokenise {a.split}", unit="rec", dynamic_ncols=True)
+    try:
+        rep = pretokenise_shards(paths, {"user": enc, "assistant": enc}, a.out, split=a.split,
+                                 image_root=a.image_root, chunk=a.chunk, batch=a.batch, on_error=a.on_error,
+                                 process_index=a.process_index, process_count=a.process_count,
+                                 progress=bar.update)
+    except FormatError as e:
+        bar.close()
+        print(f"uvjax.pretokenise: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(format_report(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
