@@ -1,11 +1,18 @@
-"""The first run's cached stages: tokenizer → VQ tokenizer → pre-tokenised dataset → LM → evaluation.
+"""The stage graph before the LM: source → tokenizer → towers → pre-tokenised dataset (→ LM → evaluation).
+
+One graph for every source and architecture (:func:`prepare`): the source is the Smart Watch renderer (the
+first run; + the reasoning generator) or the user's imported data (``stages.source``, uvjax/stages_imported.py);
+the towers are the VQ tokenizer and/or a SigLIP/CLIP tower, trained by uvjax or given as files; user images go
+through the understanding tower and assistant images through the generation tower (uvjax/stages_features.py
+has the SigLIP pieces).
 
 Each stage's output lives in ``<cache_dir>/<stage>-<fingerprint>/`` where the fingerprint hashes the
 config that produced it and the fingerprints of its inputs. A finished stage writes ``DONE.json``
 last (after its files are complete), so a killed stage is rebuilt and a finished one is reused by the
 next run — and by other configs that share it (e.g. vqvq and siglipvq share the dataset and the text
 tokenizer). Every decision is appended to ``<workdir>/stages.jsonl`` (stage, fingerprint, reused or
-built, seconds), which is also how tests check what was rebuilt.
+built, seconds), which is also how tests check what was rebuilt. SIGTERM/SIGINT stop a stage at its next
+safe point (``uvjax.interrupt``: between chunks or training steps); the rerun resumes.
 
 The pre-tokenisation pass renders the Smart Watch records image by image, runs the frozen VQ encoder
 over them in batches and stores codes in the records (ArrayRecord), so the train step never runs a
@@ -272,57 +279,237 @@ def _bar(desc: str, total: int):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 
+class SmartWatchSource:
+    """The records uvjax renders itself (``stages.data``, and ``stages.reasoning`` when on): the first run's
+    source. Its fingerprints are those of the original VQ-VQ chain, so existing caches stay valid."""
+
+    kind = "smartwatch"
+
+    def __init__(self, sc):
+        self.sc = sc
+
+    def tokenizer_fp(self, cfg, base_part) -> str:
+        sc = self.sc
+        return fingerprint("tokenizer", sc.tokenizer, data_fp_parts(sc, for_tokenizer=True), cfg.data.template,
+                           base_part, *_reasoning_tokenizer_parts(sc))
+
+    def build_tokenizer(self, cfg, out: str) -> dict:
+        return build_tokenizer(self.sc, cfg.data.template, out)
+
+    def vq_fp(self) -> str:
+        return fingerprint("vq", self.sc.vq, int(self.sc.data.image_size))
+
+    def dataset_fp(self, kinds, vq_fp, tower_fp, feature_dtype) -> str:
+        if "features" not in kinds.values():
+            return fingerprint("dataset", data_fp_parts(self.sc), vq_fp)
+        return fingerprint("dataset-features", data_fp_parts(self.sc), dict(kinds), vq_fp, tower_fp,
+                           dict(dtype=feature_dtype) if feature_dtype else None)
+
+    def train_paths(self, ds_dir: str) -> dict[str, tuple]:
+        return {s: (os.path.join(ds_dir, "train", f"train-{s}-*.array_record"),)
+                for s in ("understanding", "generation")}
+
+    def test_split(self, ds_dir: str) -> str:
+        return os.path.join(ds_dir, "test")
+
+
 def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict, dict]:
-    """Builds or reuses the stages before the LM; returns the config pointed at their outputs
-    (tokenizer, data shards, image token count) and a summary of the stage paths."""
-    from uvjax.stages_features import needs_feature_stages, prepare_features
+    """The one stage graph before the LM; returns the config pointed at its outputs and the stage paths.
+
+        source   the Smart Watch renderer (+ reasoning generator), or imported data (import-train/-test)
+        tokenizer  BPE trained on the source's texts, or the base model's
+        towers   vq: given (stages.source.vq) or trained on the source's images; SigLIP/CLIP: given
+                 (towers.siglip/clip.path) or, for the Smart Watch source, pretrained by uvjax (stages.siglip)
+        dataset  pre-tokenised shards: user images through the understanding tower, assistant images
+                 through the generation tower, each distinct image once (+ reasoning shards)
+        lengths  (imported) how many records train.seq_len cuts, printed at every start
+    """
+    from uvjax import stages_imported as si
+    from uvjax.stages_features import build_feature_dataset, build_siglip, features_config
+    from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
     check_no_user_streams(cfg)
-    from uvjax.stages_imported import is_imported, prepare_imported
-    if is_imported(cfg.stages):
-        return prepare_imported(cfg, workdir, progress=progress)
-    if needs_feature_stages(cfg):  # SigLIP variants: + the tower stage, per-role encoding
-        return prepare_features(cfg, workdir, progress=progress)
     sc = cfg.stages
-    cache = os.path.abspath(sc.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache"))
-    os.makedirs(cache, exist_ok=True)
+    cache = stage_cache_dir(sc, workdir)
     log = StageLog(workdir)
     say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
-    ds_parts = data_fp_parts(sc)
-    from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
+    im = cfg.model.image
+    kinds = {"user": str(im.input_kind), "assistant": str(im.output_kind)}
+    uses_codes, uses_features = "codes" in kinds.values(), "features" in kinds.values()
+    size = int(sc.data.image_size)
+    src_cfg = sc.get("source") or si.source_config()
+    given_vq_path = str(src_cfg.get("vq", "") or "")
+    tower_name, tower = si.given_tower(cfg) if uses_features else (None, None)
+
+    # checks before any work
+    imported = si.is_imported(sc)
+    if reasoning_enabled(sc) and (imported or kinds != {"user": "codes", "assistant": "codes"}):
+        raise ValueError("stages.reasoning.num_scenes > 0 is supported for VQ-VQ on the Smart Watch source only "
+                         "(the reasoning records are pre-tokenised with the VQ tokenizer)")
+    if uses_features and tower is None and (imported or "siglip" not in sc):
+        raise ValueError("this architecture reads or writes SigLIP/CLIP features" + (
+            ", and imported images need a pretrained tower" if imported else "") + ": set "
+            "--config.towers.siglip.path= (or towers.clip.path=) to an HF SiglipVisionModel/CLIPVisionModel "
+            "directory or a uvjax tower file (siglip.safetensors)" + (
+            "" if imported else ", or config.stages.siglip to pretrain one (configs/siglip_pretrain.py)"))
+    if uses_codes and not given_vq_path and (int(im.num_codes) != int(sc.vq.model.codebook_size)
+                                             or int(im.code_dim) != int(sc.vq.model.code_dim)):
+        raise ValueError(f"model.image.num_codes/code_dim ({im.num_codes}/{im.code_dim}) must match the VQ tokenizer "
+                         f"the stages train ({sc.vq.model.codebook_size}/{sc.vq.model.code_dim}): set "
+                         "stages.vq.model.codebook_size/code_dim or the model's, or stages.source.vq to a converted "
+                         "VQ tokenizer (e.g. LlamaGen VQ-16 for 16384 codes)")
+
+    # 1. source
+    source = si.ImportedSource(sc, cache, log, say) if imported else SmartWatchSource(sc)
+
+    # 2. text tokenizer
     base = pretrained_spec(cfg)
-    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts(sc, for_tokenizer=True), cfg.data.template,
-                         _jsonable(cfg.model.get("pretrained")) if base else None,
-                         *_reasoning_tokenizer_parts(sc))
-    build_tok = (lambda out: save_base_tokenizer(cfg, out)) if base else \
-        (lambda out: build_tokenizer(sc, cfg.data.template, out))
+    tok_fp = source.tokenizer_fp(cfg, _jsonable(cfg.model.get("pretrained")) if base else None)
+
+    def build_tok(out: str) -> dict:
+        if base:
+            return save_base_tokenizer(cfg, out)
+        if not imported:
+            return source.build_tokenizer(cfg, out)
+        from uvjax.data.tokenizer import template_texts, train_bpe
+        tok = train_bpe(source.texts() + template_texts(), vocab_size=int(sc.tokenizer.vocab_size))
+        tok.save(out)
+        return {"vocab_size": tok.vocab_size, "template": str(cfg.data.template)}
+
     tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
-    vq_fp = fingerprint("vq", sc.vq, int(sc.data.image_size))
-    vq_dir, vq_info = cached_stage("vq", vq_fp, cache, lambda out: build_vq(sc, out), log, say)
-    ds_fp = fingerprint("dataset", ds_parts, vq_fp)
-    ds_dir, ds_info = cached_stage("dataset", ds_fp, cache,
-                                   lambda out: build_dataset(sc, vq_dir, out, _bar if progress else None), log, say)
+
+    # 3. towers
+    vq_dir = vq_fp = None
+    vq_info: dict = {}
+    if uses_codes and given_vq_path:
+        vq_dir, vq_fp = si.given_vq(given_vq_path, log)
+    elif uses_codes:
+        vq_fp = source.vq_fp()
+
+        def build_vq_stage(out: str) -> dict:
+            if not imported:
+                return build_vq(sc, out)
+            from uvjax.training.vq_train import train_vq
+            vq_cfg = sc.vq.copy_and_resolve_references()
+            with vq_cfg.unlocked():
+                vq_cfg.data.image_size = size
+            images, vq_cfg = source.vq_images(vq_cfg)
+            _, metrics = train_vq(images, vq_cfg, out, progress=progress)
+            ev = metrics.get("eval", {})
+            return {"psnr": ev.get("psnr"), "usage": ev.get("usage"), "images": int(len(images)),
+                    "train_time_s": metrics.get("train_time_s")}
+
+        vq_dir, vq_info = cached_stage("vq", vq_fp, cache, build_vq_stage, log, say)
+    tower_dir = tower_fp = None
+    tower_info: dict = {}
+    if uses_features and tower is not None:
+        tower_dir = os.path.abspath(os.path.expanduser(str(tower.path)))
+        tower_fp = fingerprint("tower", si.given_tower_fp(tower_name, tower))
+        log.write(stage="siglip", fingerprint=tower_fp, reused=True, seconds=0.0, path=tower_dir, tower=tower_name)
+    elif uses_features:
+        tower_name, tower_fp = "siglip", fingerprint("siglip", sc.siglip, size)
+        tower_dir, tower_info = cached_stage("siglip", tower_fp, cache, lambda out: build_siglip(sc, out), log, say)
+
+    # 4. pre-tokenised dataset
+    feats_cfg = sc.get("features") or features_config()
+    feature_dtype = str(feats_cfg.get("dtype", "float16")) if uses_features else None
+    ds_fp = source.dataset_fp(kinds, vq_fp, tower_fp, feature_dtype)
+
+    def encoders() -> dict:
+        from uvjax import pretokenise as pt
+        made = {}
+        if uses_codes:
+            made["codes"] = pt.vq_encoder(vq_dir, size, str(src_cfg.get("resize", "")) if imported else "")
+        if uses_features:
+            made["features"] = pt.tower_encoder(
+                tower_dir, kind=tower_name, resize=str(src_cfg.get("resize", "")) if imported else "",
+                **({} if tower is None else dict(select_layer=int(tower.get("select_layer", -2)),
+                                                 feature_post_norm=bool(tower.get("feature_post_norm", False)))))
+        return {role: made[k] for role, k in kinds.items()}
+
+    def build_ds(out: str) -> dict:
+        if not imported and not uses_features:
+            return build_dataset(sc, vq_dir, out, _bar if progress else None)
+        enc = encoders()
+        if imported:
+            info = source.pretokenise(enc, out, feature_dtype or "float16", _bar if progress else None)
+        else:
+            sc_run = sc.copy_and_resolve_references()
+            with sc_run.unlocked():
+                sc_run.features = feats_cfg
+            info = build_feature_dataset(sc_run, kinds, None, None, out, _bar if progress else None,
+                                         encoders={r: _smartwatch_encoder(e) for r, e in enc.items()})
+        tokens = {}
+        for role, e in enc.items():
+            if e.kind == "codes":
+                h, w = e.tower.cfg.grid(e.image_size)
+                tokens[role] = int(h * w)
+                info.update(codebook_size=int(e.tower.cfg.codebook_size), code_dim=int(e.tower.cfg.code_dim))
+            else:
+                tokens[role] = int(e.tower.cfg.feature_tokens)
+                info["feature_dim"] = int(e.tower.cfg.width)
+        info["image_tokens_by_role"] = tokens
+        return info
+
+    ds_dir, ds_info = cached_stage("dataset", ds_fp, cache, build_ds, log, say)
+    if say and imported:
+        from uvjax import pretokenise as pt
+        for split in ("train", "test"):
+            if split in ds_info:
+                say(pt.format_report(ds_info[split]))
     rs_dir = None
     if reasoning_enabled(sc):
-        rs_fp = fingerprint("reasoning", sc.reasoning, int(sc.data.seed), int(sc.data.image_size), vq_fp)
+        rs_fp = fingerprint("reasoning", sc.reasoning, int(sc.data.seed), size, vq_fp)
         rs_dir, _ = cached_stage("reasoning", rs_fp, cache, lambda out: build_reasoning(sc, vq_dir, out), log, say)
+
+    # 5. the config, pointed at the stages' outputs
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.data.tokenizer = tok_dir
-        for stream in ("understanding", "generation"):
-            cfg.data.streams[stream].paths = (os.path.join(ds_dir, "train", f"train-{stream}-*.array_record"),)
+        for stream, paths in source.train_paths(ds_dir).items():
+            cfg.data.streams[stream].paths = paths
+            if not paths:
+                cfg.data.streams[stream].weight = 0.0
         if rs_dir is not None:
             cfg.data.streams.interleaved.paths = (os.path.join(rs_dir, "train", "train-interleaved-*.array_record"),)
-        cfg.data.image_tokens = int(ds_info["image_tokens"])
-        if "codes" in (cfg.model.image.input_kind, cfg.model.image.output_kind):
+        if not any(cfg.data.streams[s].paths for s in cfg.data.streams):
+            raise ValueError(f"no pre-tokenised training records in {ds_dir}/train; see the skip report above")
+        if "image_tokens_by_role" in ds_info:
+            n = set(ds_info["image_tokens_by_role"].values())
+            cfg.data.image_tokens = n.pop() if len(n) == 1 else 0  # mixed counts (e.g. 576 CLIP vs 256 VQ)
+        else:
+            cfg.data.image_tokens = int(ds_info["image_tokens"])
+        if uses_features and int(im.feature_dim) != int(ds_info["feature_dim"]):
+            raise ValueError(f"model.image.feature_dim={im.feature_dim} must equal the {tower_name} tower's width "
+                             f"{ds_info['feature_dim']} ({tower_dir}; stages.siglip.vit.width when uvjax pretrains it)")
+        if uses_codes:
+            if im.num_codes != ds_info["codebook_size"] or im.code_dim != ds_info["code_dim"]:
+                raise ValueError(f"model.image.num_codes/code_dim ({im.num_codes}/{im.code_dim}) must match the VQ "
+                                 f"tokenizer ({ds_info['codebook_size']}/{ds_info['code_dim']}) in {vq_dir}")
             cfg.model.image.codebook_from = vq_dir  # fresh runs start their code vectors from the VQ's
-        if cfg.model.image.num_codes != ds_info["codebook_size"] or cfg.model.image.code_dim != ds_info["code_dim"]:
-            raise ValueError(f"model.image.num_codes/code_dim ({cfg.model.image.num_codes}/{cfg.model.image.code_dim}) "
-                             f"must match the VQ tokenizer ({ds_info['codebook_size']}/{ds_info['code_dim']}): "
-                             f"set stages.vq.model.codebook_size/code_dim or the model's")
         if cfg.model.vocab_size < tok_info["vocab_size"]:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < tokenizer vocab {tok_info['vocab_size']}")
-    return cfg, {"tokenizer": tok_dir, "vq": vq_dir, "dataset": ds_dir, "vq_metrics": vq_info,
-                 "test_split": os.path.join(ds_dir, "test"), "reasoning": rs_dir}
+    paths = {"tokenizer": tok_dir, "vq": vq_dir, "dataset": ds_dir, "vq_metrics": vq_info,
+             "test_split": source.test_split(ds_dir), "reasoning": rs_dir}
+    if uses_features:
+        paths.update(siglip=tower_dir, siglip_metrics=tower_info)
+    if imported:
+        paths.update(import_train=source.train_dir, import_test=source.test_dir)
+        lengths = si.length_report(cfg, ds_dir, tok_dir, cache, log)
+        paths["lengths"] = lengths
+        if say:
+            say(si.format_length_report(lengths, int(cfg.train.seq_len)))
+    return cfg, paths
+
+
+def _smartwatch_encoder(e):
+    """A ``uvjax.pretokenise.Encoder`` as the Smart Watch pass wants it (rendered images are already at the
+    tower's size: no resize)."""
+    from uvjax.stages_features import CodesEncoder, TowerEncoder
+    if e.kind == "codes":
+        return CodesEncoder(e.tower)
+    t = TowerEncoder.__new__(TowerEncoder)
+    t.cfg, t._fx = e.tower.cfg, e.tower._fx
+    return t
 
 
 def _reasoning_tokenizer_parts(sc) -> tuple:

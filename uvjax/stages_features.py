@@ -1,11 +1,10 @@
-"""First-run stages for the architectures with continuous (SigLIP) images: SigLIP-VQ, SigLIP-SigLIP, VQ-SigLIP.
-
-Why a separate module: ``uvjax.stages`` is the VQ-VQ chain (tokenizer → VQ → dataset); the feature variants
-add a tower stage and encode images *per role*, and ``uvjax.stages.prepare`` dispatches here when the model
-reads or writes features (:func:`needs_feature_stages`). The chain:
+"""The pieces of the stage graph (``uvjax.stages.prepare``) for architectures with continuous (SigLIP/CLIP)
+images: SigLIP-VQ, SigLIP-SigLIP, VQ-SigLIP — the SigLIP pretraining stage, the per-role pre-tokenisation of the
+Smart Watch records, the encoders, evaluation helpers and the architecture presets. For the Smart Watch source
+the graph is
 
     tokenizer (shared with vqvq)  →  vq (only when some image is codes; shared with vqvq)
-                                  →  siglip (``uvjax.training.siglip_pretrain``, cached)
+                                  →  siglip (``uvjax.training.siglip_pretrain``, cached; or towers.*.path as given)
                                   →  dataset-features (pre-tokenisation, resumable by chunk)  →  LM
 
 Pre-tokenisation runs both frozen towers once (PRODUCT decision 5): a *user* image (understanding input)
@@ -190,10 +189,10 @@ def _encoders(kinds: Mapping[str, str], vq_dir: str | None, siglip_dir: str | No
 
 
 def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, siglip_dir: str | None, out: str,
-                          progress_factory=None) -> dict:
+                          progress_factory=None, encoders: Mapping[str, object] | None = None) -> dict:
     import dataclasses
     from uvjax.data import smartwatch as sw
-    enc = _encoders(kinds, vq_dir, siglip_dir)
+    enc = dict(encoders) if encoders is not None else _encoders(kinds, vq_dir, siglip_dir)
     d = sc.data
     splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                                image_size=int(d.image_size))
@@ -225,64 +224,6 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, sigl
     return info
 
 
-def prepare_features(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict, dict]:
-    """``uvjax.stages.prepare`` for feature architectures: builds or reuses tokenizer, VQ (if needed),
-    SigLIP tower and the pre-tokenised dataset; returns the config pointed at them and the stage paths."""
-    from uvjax.stages import StageLog, _bar, build_tokenizer, build_vq, cached_stage, data_fp_parts, fingerprint
-    from uvjax.stages import reasoning_enabled
-    sc = cfg.stages
-    if reasoning_enabled(sc):
-        raise ValueError("stages.reasoning.num_scenes > 0 is supported for VQ-VQ only (the reasoning records are "
-                         "pre-tokenised with the VQ tokenizer)")
-    if "siglip" not in sc:
-        raise ValueError("config.stages.siglip is missing: feature architectures need the SigLIP pretraining "
-                         "config there (configs/siglip_pretrain.py)")
-    feats = sc.get("features") or features_config()
-    cache = os.path.abspath(sc.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache"))
-    os.makedirs(cache, exist_ok=True)
-    log = StageLog(workdir)
-    say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
-    ds_parts = data_fp_parts(sc)
-    # same fingerprints as uvjax.stages.prepare, so vqvq and the feature variants share these caches
-    tok_fp = fingerprint("tokenizer", sc.tokenizer, data_fp_parts(sc, for_tokenizer=True), cfg.data.template)
-    tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache,
-                                     lambda out: build_tokenizer(sc, cfg.data.template, out), log, say)
-    im = cfg.model.image
-    kinds = {"user": str(im.input_kind), "assistant": str(im.output_kind)}
-    vq_fp = vq_dir = None
-    vq_info: dict = {}
-    if "codes" in kinds.values():
-        vq_fp = fingerprint("vq", sc.vq, int(sc.data.image_size))
-        vq_dir, vq_info = cached_stage("vq", vq_fp, cache, lambda out: build_vq(sc, out), log, say)
-    sg_fp = fingerprint("siglip", sc.siglip, int(sc.data.image_size))
-    sg_dir, sg_info = cached_stage("siglip", sg_fp, cache, lambda out: build_siglip(sc, out), log, say)
-    ds_fp = fingerprint("dataset-features", ds_parts, kinds, vq_fp, sg_fp, dict(feats))
-    sc_run = sc.copy_and_resolve_references()
-    with sc_run.unlocked():
-        sc_run.features = feats
-    ds_dir, ds_info = cached_stage(
-        "dataset", ds_fp, cache,
-        lambda out: build_feature_dataset(sc_run, kinds, vq_dir, sg_dir, out, _bar if progress else None), log, say)
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.data.tokenizer = tok_dir
-        for stream in ("understanding", "generation"):
-            cfg.data.streams[stream].paths = (os.path.join(ds_dir, "train", f"train-{stream}-*.array_record"),)
-        n = set(ds_info["image_tokens_by_role"].values())
-        cfg.data.image_tokens = n.pop() if len(n) == 1 else 0  # mixed counts (e.g. 196 vs 256): not checked
-        if int(cfg.model.image.feature_dim) != int(ds_info["feature_dim"]):
-            raise ValueError(f"model.image.feature_dim={cfg.model.image.feature_dim} must equal the SigLIP tower's "
-                             f"width {ds_info['feature_dim']} (stages.siglip.vit.width)")
-        if "codes" in kinds.values() and (cfg.model.image.num_codes != ds_info["codebook_size"]
-                                          or cfg.model.image.code_dim != ds_info["code_dim"]):
-            raise ValueError(f"model.image.num_codes/code_dim ({cfg.model.image.num_codes}/{cfg.model.image.code_dim}) "
-                             f"must match the VQ tokenizer ({ds_info['codebook_size']}/{ds_info['code_dim']})")
-        if cfg.model.vocab_size < tok_info["vocab_size"]:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < tokenizer vocab {tok_info['vocab_size']}")
-    return cfg, {"tokenizer": tok_dir, "vq": vq_dir, "siglip": sg_dir, "dataset": ds_dir, "vq_metrics": vq_info,
-                 "siglip_metrics": sg_info, "test_split": os.path.join(ds_dir, "test")}
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def find_stage_dir(workdir: str, stage: str) -> str | None:
     """The last ``stage`` directory recorded in ``<workdir>/stages.jsonl``."""
@@ -300,7 +241,13 @@ def evaluation_kwargs(workdir: str, cfg) -> dict:
     sg = find_stage_dir(workdir, "siglip")
     if sg is None:
         raise FileNotFoundError(f"no siglip stage recorded in {workdir}/stages.jsonl; cannot encode test images")
-    tower = TowerEncoder(sg)
+    if os.path.isdir(sg) and os.path.exists(os.path.join(sg, "config.json")):  # a given HF tower (towers.*.path)
+        from uvjax import pretokenise as pt
+        from uvjax.stages import read_stage_log
+        rec = [r for r in read_stage_log(workdir) if r.get("stage") == "siglip"][-1]
+        tower = pt.tower_encoder(sg, kind=str(rec.get("tower", "siglip"))).tower
+    else:
+        tower = TowerEncoder(sg)
     decode = None
     if cfg.model.image.output_kind == "codes":
         from uvjax.stages import VQCodec

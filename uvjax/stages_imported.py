@@ -151,189 +151,109 @@ def _train_images(shards: list[str], n: int, size: int, resize: str) -> np.ndarr
     return np.stack(imgs)
 
 
-def feature_tower(cfg):
-    """(name, config) of the vision tower that encodes feature images: ``towers.clip`` or ``towers.siglip``
-    with a ``path`` (an HF vision-model directory, or a uvjax tower file)."""
+class ImportedSource:
+    """The records of ``stages.source`` (imported): runs the import nodes on construction; then serves the
+    tokenizer corpus, VQ training images and the pre-tokenisation of both splits to ``uvjax.stages.prepare``."""
+
+    kind = "imported"
+
+    def __init__(self, sc, cache: str, log, say):
+        src = sc.source
+        if not str(src.train):
+            raise ValueError("stages.source.kind='imported' needs stages.source.train (a LLaVA JSON, parquet, or "
+                             "a directory of converted shards)")
+        self.sc, self.src = sc, src
+        self.train_dir, self.train_fp, self.counts = _import_split(src, "train", cache, log, say)
+        self.test_dir = self.test_fp = None
+        if str(src.test):
+            self.test_dir, self.test_fp, _ = _import_split(src, "test", cache, log, say)
+        self.train_shards = _shards(self.train_dir)
+        if not self.train_shards:
+            raise ValueError(f"import-train wrote no records ({self.train_dir}); see the skip counts above")
+        self.vq_resize = str(src.resize) or "center_crop"
+
+    def tokenizer_fp(self, cfg, base_part) -> str:
+        from uvjax.stages import fingerprint
+        return fingerprint("tokenizer-imported", self.sc.tokenizer, self.train_fp, cfg.data.template, base_part)
+
+    def texts(self) -> list[str]:
+        return _texts(self.train_shards)
+
+    def vq_fp(self) -> str:
+        from uvjax.stages import fingerprint
+        return fingerprint("vq-imported", self.sc.vq, int(self.sc.data.image_size), self.train_fp, self.vq_resize,
+                           int(self.src.vq_images))
+
+    def vq_images(self, vq_cfg) -> tuple[np.ndarray, object]:
+        """Training images for the VQ stage and its config with num_train/num_eval set to what was found."""
+        size = int(self.sc.data.image_size)
+        n = int(self.src.vq_images) or int(vq_cfg.data.num_train + vq_cfg.data.num_eval)
+        images = _train_images(self.train_shards, n, size, self.vq_resize)
+        with vq_cfg.unlocked():  # held-out images for its PSNR: the last num_eval (at most a quarter)
+            vq_cfg.data.num_eval = max(1, min(int(vq_cfg.data.num_eval), len(images) // 4))
+            vq_cfg.data.num_train = len(images) - int(vq_cfg.data.num_eval)
+        return images, vq_cfg
+
+    def dataset_fp(self, kinds, vq_fp, tower_fp, feature_dtype) -> str:
+        from uvjax.stages import fingerprint
+        feats = "features" in kinds.values()
+        return fingerprint("dataset-imported", self.train_fp, self.test_fp, vq_fp, int(self.sc.data.image_size),
+                           str(self.src.resize), str(self.src.on_error), int(self.sc.data.records_per_shard),
+                           dict(kinds) if feats else None, tower_fp, feature_dtype if feats else None)
+
+    def pretokenise(self, encoders, out: str, feature_dtype: str, progress_factory=None) -> dict:
+        from uvjax import pretokenise as pt
+        from uvjax.data.storage import RecordReader
+        info = {}
+        for split, d in (("train", self.train_dir), ("test", self.test_dir)):
+            shards = _shards(d) if d is not None else []
+            if not shards:
+                continue
+            bar = progress_factory(f"pretokenise {split}", len(RecordReader(shards))) if progress_factory else None
+            info[split] = pt.pretokenise_shards(shards, encoders, os.path.join(out, split), split=split,
+                                                chunk=int(self.sc.data.records_per_shard),
+                                                batch=int(self.sc.data.encode_batch), on_error=str(self.src.on_error),
+                                                feature_dtype=feature_dtype, progress=bar.update if bar else None)
+            if bar:
+                bar.close()
+        return info
+
+    def train_paths(self, ds_dir: str) -> dict[str, tuple]:
+        return {s: tuple(_shards(os.path.join(ds_dir, "train"), f"train-{s}"))
+                for s in ("understanding", "generation", "interleaved")}
+
+    def test_split(self, ds_dir: str) -> str | None:
+        d = os.path.join(ds_dir, "test")
+        return d if self.test_dir is not None and os.path.isdir(d) else None
+
+
+def given_vq(path: str, log) -> tuple[str, str]:
+    """(vq.safetensors path, fingerprint) of a VQ tokenizer used as given (logged as the ``vq`` stage)."""
+    from uvjax.inference.decode import VQ_FILE
+    from uvjax.stages import fingerprint
+    p = os.path.abspath(os.path.expanduser(path))
+    f = os.path.join(p, VQ_FILE) if os.path.isdir(p) else p
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"stages.source.vq={path!r}: no {VQ_FILE} there")
+    fp = fingerprint("vq-file", _file_stamp([f]))
+    log.write(stage="vq", fingerprint=fp, reused=True, seconds=0.0, path=f)
+    return f, fp
+
+
+def given_tower_fp(name: str, tower) -> list:
+    tp = os.path.abspath(os.path.expanduser(str(tower.path)))
+    stamp = _file_stamp(sorted(glob.glob(os.path.join(tp, "*"))) if os.path.isdir(tp) else [tp])
+    return [name, stamp, int(tower.get("select_layer", -2)), bool(tower.get("feature_post_norm", False))]
+
+
+def given_tower(cfg):
+    """(name, config) of a pretrained ``towers.clip`` / ``towers.siglip`` with a ``path``, or (None, None)."""
     towers = cfg.get("towers") or {}
     for name in ("clip", "siglip"):
         t = towers.get(name)
         if t is not None and str(t.get("path", "")):
             return name, t
-    raise ValueError("this architecture reads or writes SigLIP/CLIP features, and imported images need a "
-                     "pretrained tower: set --config.towers.siglip.path= (or towers.clip.path=) to an HF "
-                     "SiglipVisionModel/CLIPVisionModel directory or a uvjax tower file (siglip.safetensors)")
-
-
-def prepare_imported(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict, dict]:
-    """Builds or reuses the imported-data stages; returns the config pointed at them and the stage paths."""
-    from uvjax import pretokenise as pt
-    from uvjax.stages import StageLog, _bar, _jsonable, cached_stage, fingerprint, stage_cache_dir
-    sc = cfg.stages
-    src = sc.source
-    im = cfg.model.image
-    if not str(src.train):
-        raise ValueError("stages.source.kind='imported' needs stages.source.train (a LLaVA JSON, parquet, or "
-                         "a directory of converted shards)")
-    kinds = {"user": str(im.input_kind), "assistant": str(im.output_kind)}
-    uses_codes = "codes" in kinds.values()
-    tower_name, tower = feature_tower(cfg) if "features" in kinds.values() else (None, None)
-    if uses_codes and not str(src.vq) and (int(im.num_codes) != int(sc.vq.model.codebook_size)
-                            or int(im.code_dim) != int(sc.vq.model.code_dim)):
-        raise ValueError(f"model.image.num_codes/code_dim={im.num_codes}/{im.code_dim} but the VQ the stages would "
-                         f"train (stages.vq.model) has {sc.vq.model.codebook_size}/{sc.vq.model.code_dim}: set "
-                         "stages.source.vq to a converted VQ tokenizer (e.g. LlamaGen VQ-16 for 16384 codes) or "
-                         "make them equal")
-    cache = stage_cache_dir(sc, workdir)
-    log = StageLog(workdir)
-    say = (lambda m: print(f"[stage] {m}", flush=True)) if progress else None
-    size = int(sc.data.image_size)
-    tr_dir, tr_fp, tr_counts = _import_split(src, "train", cache, log, say)
-    te_dir = te_fp = None
-    if str(src.test):
-        te_dir, te_fp, _ = _import_split(src, "test", cache, log, say)
-    tr_shards = _shards(tr_dir)
-    if not tr_shards:
-        raise ValueError(f"import-train wrote no records ({tr_dir}); see the skip counts above")
-
-    # text tokenizer: the base model's, or a BPE trained on the imported texts
-    from uvjax.data.tokenizer import template_texts, train_bpe
-    from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
-    base = pretrained_spec(cfg)
-    tok_fp = fingerprint("tokenizer-imported", sc.tokenizer, tr_fp, cfg.data.template,
-                         _jsonable(cfg.model.get("pretrained")) if base else None)
-
-    def build_tok(out: str) -> dict:
-        if base:
-            return save_base_tokenizer(cfg, out)
-        tok = train_bpe(_texts(tr_shards) + template_texts(), vocab_size=int(sc.tokenizer.vocab_size))
-        tok.save(out)
-        return {"vocab_size": tok.vocab_size, "template": str(cfg.data.template)}
-
-    tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
-
-    # VQ tokenizer: given, or trained on the imported images (only when some image is codes)
-    vq_dir = vq_fp = None
-    vq_resize = str(src.resize) or "center_crop"
-    if not uses_codes:
-        pass
-    elif str(src.vq):
-        from uvjax.inference.decode import VQ_FILE
-        vq_path = os.path.abspath(str(src.vq))
-        vq_file = os.path.join(vq_path, VQ_FILE) if os.path.isdir(vq_path) else vq_path
-        if not os.path.isfile(vq_file):
-            raise FileNotFoundError(f"stages.source.vq={src.vq!r}: no {VQ_FILE} there")
-        vq_dir, vq_fp = vq_file, fingerprint("vq-file", _file_stamp([vq_file]))
-        log.write(stage="vq", fingerprint=vq_fp, reused=True, seconds=0.0, path=vq_file)
-    else:
-        vq_fp = fingerprint("vq-imported", sc.vq, size, tr_fp, vq_resize, int(src.vq_images))
-
-        def build_vq(out: str) -> dict:
-            from uvjax.training.vq_train import train_vq
-            vq_cfg = sc.vq.copy_and_resolve_references()
-            with vq_cfg.unlocked():
-                vq_cfg.data.image_size = size
-            n = int(src.vq_images) or int(vq_cfg.data.num_train + vq_cfg.data.num_eval)
-            images = _train_images(tr_shards, n, size, vq_resize)
-            with vq_cfg.unlocked():  # held-out images for its PSNR: the last num_eval (at most a quarter)
-                vq_cfg.data.num_eval = max(1, min(int(vq_cfg.data.num_eval), len(images) // 4))
-                vq_cfg.data.num_train = len(images) - int(vq_cfg.data.num_eval)
-            _, metrics = train_vq(images, vq_cfg, out, progress=progress)
-            ev = metrics.get("eval", {})
-            return {"psnr": ev.get("psnr"), "usage": ev.get("usage"), "images": int(len(images)),
-                    "train_time_s": metrics.get("train_time_s")}
-
-        vq_dir, _ = cached_stage("vq", vq_fp, cache, build_vq, log, say)
-
-    # pre-tokenisation of both splits: user images through the understanding tower, assistant images
-    # through the generation tower (one encoder when both are the VQ)
-    tower_fp = None
-    if tower is not None:
-        tp = os.path.abspath(str(tower.path))
-        stamp = _file_stamp(sorted(glob.glob(os.path.join(tp, "*"))) if os.path.isdir(tp) else [tp])
-        tower_fp = [tower_name, stamp, int(tower.get("select_layer", -2)), bool(tower.get("feature_post_norm", False))]
-    feature_dtype = str((sc.get("features") or {}).get("dtype", "float16"))
-    ds_fp = fingerprint("dataset-imported", tr_fp, te_fp, vq_fp, size, str(src.resize), str(src.on_error),
-                        int(sc.data.records_per_shard), kinds if tower is not None else None, tower_fp,
-                        feature_dtype if tower is not None else None)
-
-    def encoders():
-        made = {}
-        if uses_codes:
-            made["codes"] = pt.vq_encoder(vq_dir, size, vq_resize)
-        if tower is not None:
-            made["features"] = pt.tower_encoder(str(tower.path), kind=tower_name, resize=str(src.resize),
-                                                select_layer=int(tower.get("select_layer", -2)),
-                                                feature_post_norm=bool(tower.get("feature_post_norm", False)))
-        return {role: made[k] for role, k in kinds.items()}
-
-    def build_ds(out: str) -> dict:
-        enc = encoders()
-        info = {}
-        for split, d in (("train", tr_dir), ("test", te_dir)):
-            if d is None:
-                continue
-            shards = _shards(d)
-            if not shards:
-                continue
-            from uvjax.data.storage import RecordReader
-            bar = _bar(f"pretokenise {split}", len(RecordReader(shards))) if progress else None
-            rep = pt.pretokenise_shards(shards, enc, os.path.join(out, split), split=split,
-                                        chunk=int(sc.data.records_per_shard), batch=int(sc.data.encode_batch),
-                                        on_error=str(src.on_error), feature_dtype=feature_dtype,
-                                        progress=bar.update if bar else None)
-            if bar:
-                bar.close()
-            info[split] = rep
-        tokens = {}
-        for role, e in enc.items():
-            if e.kind == "codes":
-                h, w = e.tower.cfg.grid(e.image_size)
-                tokens[role] = int(h * w)
-                info.update(codebook_size=int(e.tower.cfg.codebook_size), code_dim=int(e.tower.cfg.code_dim))
-            else:
-                tokens[role] = int(e.tower.cfg.feature_tokens)
-                info["feature_dim"] = int(e.tower.cfg.width)
-        info["image_tokens_by_role"] = tokens
-        return info
-
-    ds_dir, ds_info = cached_stage("dataset", ds_fp, cache, build_ds, log, say)
-    if say:
-        for split in ("train", "test"):
-            if split in ds_info:
-                say(pt.format_report(ds_info[split]))
-
-    # the config, pointed at the stages' outputs
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.data.tokenizer = tok_dir
-        for stream in ("understanding", "generation", "interleaved"):
-            have = _shards(os.path.join(ds_dir, "train"), f"train-{stream}")
-            cfg.data.streams[stream].paths = tuple(have)
-            if not have:
-                cfg.data.streams[stream].weight = 0.0
-        if not any(cfg.data.streams[s].paths for s in cfg.data.streams):
-            raise ValueError(f"no pre-tokenised training records in {ds_dir}/train; see the skip report above")
-        n = set(ds_info["image_tokens_by_role"].values())
-        cfg.data.image_tokens = n.pop() if len(n) == 1 else 0  # mixed counts (e.g. 576 CLIP vs 256 VQ)
-        if "feature_dim" in ds_info and int(cfg.model.image.feature_dim) != int(ds_info["feature_dim"]):
-            raise ValueError(f"model.image.feature_dim={cfg.model.image.feature_dim} must equal the {tower_name} "
-                             f"tower's width {ds_info['feature_dim']} ({tower.path})")
-        if not uses_codes:
-            pass
-        elif cfg.model.image.num_codes != ds_info["codebook_size"] or cfg.model.image.code_dim != ds_info["code_dim"]:
-            raise ValueError(f"model.image.num_codes/code_dim ({cfg.model.image.num_codes}/{cfg.model.image.code_dim}) "
-                             f"must match the VQ tokenizer ({ds_info['codebook_size']}/{ds_info['code_dim']}) "
-                             f"in {vq_dir}")
-        else:
-            cfg.model.image.codebook_from = vq_dir
-        if cfg.model.vocab_size < tok_info["vocab_size"]:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} < tokenizer vocab {tok_info['vocab_size']}")
-    test_split = os.path.join(ds_dir, "test") if te_dir is not None and os.path.isdir(os.path.join(ds_dir, "test")) else None
-    lengths = length_report(cfg, ds_dir, tok_dir, cache, log)
-    if say:
-        say(format_length_report(lengths, int(cfg.train.seq_len)))
-    return cfg, {"tokenizer": tok_dir, "vq": vq_dir, "dataset": ds_dir, "test_split": test_split,
-                 "import_train": tr_dir, "import_test": te_dir, "lengths": lengths}
+    return None, None
 
 
 # ------------------------------------------------------------------------------------------ lengths
