@@ -34,6 +34,8 @@ def get_config(arg: str | None = None):
     c.name = f"own-{preset}"
     c.stages.build = True  # vicuna7b's vqvq preset trains on given shards; here the stages import the data
     c.stages.source.kind = "imported"
+    # what the data holds is what trains: understanding, generation and interleaved (UnifiedVisual) records
+    c.data.streams.understanding.weight = c.data.streams.generation.weight = c.data.streams.interleaved.weight = 1.0
     if preset == "tiny":
         c.train.seq_len = 512
         c.train.batch_size = 16

@@ -274,3 +274,76 @@ def test_sigterm_during_the_stages_exits_cleanly_and_the_rerun_resumes(tmp_path)
     q = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-2000:]
     assert "import-train: reused" in q.stdout and "tokenizer: reused" in q.stdout and "vq: building" in q.stdout
+
+
+def _png(color, size=(48, 40)) -> bytes:
+    import io
+    from llava_fixture import draw
+    b = io.BytesIO()
+    draw(color, "circle", size).save(b, format="PNG")
+    return b.getvalue()
+
+
+def test_hf_datasets_parquet_export_pretokenises(tmp_path):
+    """A parquet file laid out as ``datasets.Dataset.to_parquet`` writes an Image + conversation dataset
+    (``image``: struct<bytes, path>, ``conversations``: list<struct<from, value>>), written with pyarrow from
+    that schema: imported, pre-tokenised, each embedded image encoded once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    colors = ["red", "blue", "red", "green"]
+    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    turn_t = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+    rows = {"id": [f"hf-{i}" for i in range(4)],
+            "image": [{"bytes": _png(c), "path": None} for c in colors],
+            "conversations": [[{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": c}]
+                              for c in colors]}
+    pq.write_table(pa.table(rows, schema=pa.schema([("id", pa.string()), ("image", img_t),
+                                                    ("conversations", turn_t)])), tmp_path / "train.parquet")
+    formats.convert(str(tmp_path / "train.parquet"), str(tmp_path / "shards"), format="unifiedvisual")
+    tower = ColourTower()
+    rep = pt.pretokenise_shards(str(tmp_path / "shards"), _enc(tower), str(tmp_path / "pre"))
+    assert rep["records_written"] == {"understanding": 4} and tower.images == 3  # red twice: encoded once
+    for r in _records(str(tmp_path / "pre")):
+        c = colors[int(r.id.split("-")[1])]
+        assert list(r.images("user")[0].codes) == [list(COLORS).index(c)] * N_CODES
+
+
+def test_unifiedvisual_parquet_through_the_stage_graph(tmp_path):
+    """A UnifiedVisual-style parquet (prompt/response with <image> placeholders, input images as paths under
+    an image folder, output images embedded; a task column) through ``stages.prepare``: the interleaved
+    records reach the interleaved stream and are trained on (own_data weights), VQ codes of the right size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from uvjax.config import load_config_file
+    from uvjax.stages import prepare
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    from llava_fixture import draw
+    for i, c in enumerate(("red", "blue", "yellow", "green")):
+        draw(c, "square", (64, 64)).save(img_dir / f"in{i}.png")
+    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = {"id": [f"uv-{i}" for i in range(8)],
+            "task": ["gen_reasoning"] * 4 + ["vqa"] * 4,
+            "prompt": [f"Draw the {c} thing after thinking." for c in ("red", "blue", "yellow", "green")]
+                      + ["<image>\nWhat color is it?"] * 4,
+            "response": ["It should be round. <image>"] * 4 + ["red", "blue", "yellow", "green"],
+            "input_images": [[] for _ in range(4)] + [[f"in{i}.png"] for i in range(4)],
+            "output_images": [[{"bytes": _png(c, (64, 64)), "path": None}] for c in ("red", "blue", "yellow", "green")]
+                             + [[] for _ in range(4)]}
+    schema = pa.schema([("id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
+                        ("response", pa.string()), ("input_images", pa.list_(pa.string())),
+                        ("output_images", pa.list_(img_t))])
+    pq.write_table(pa.table(rows, schema=schema), tmp_path / "uv.parquet")
+    c = load_config_file("own_data", "smoke")
+    with c.unlocked():
+        c.stages.source.format = "unifiedvisual"
+        c.stages.source.train = str(tmp_path / "uv.parquet")
+        c.stages.source.image_dir = str(img_dir)
+        c.stages.vq.train.steps = 2
+    cfg, paths = prepare(c, str(tmp_path / "run"), progress=False)
+    assert cfg.data.streams.interleaved.paths and cfg.data.streams.interleaved.weight == 1.0
+    assert cfg.data.streams.understanding.paths and not cfg.data.streams.generation.paths
+    inter = _records(os.path.join(paths["dataset"], "train"), "train-interleaved-*")
+    assert sorted(r.id for r in inter) == [f"uv-{i}" for i in range(4)]
+    assert all(len(r.images("assistant")[0].codes) == 16 and r.task == "gen_reasoning" for r in inter)
+    assert paths["lengths"]["train"]["interleaved"]["records"] == 4

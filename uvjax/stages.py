@@ -337,7 +337,8 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
     uses_codes, uses_features = "codes" in kinds.values(), "features" in kinds.values()
     size = int(sc.data.image_size)
     src_cfg = sc.get("source") or si.source_config()
-    given_vq_path = str(src_cfg.get("vq", "") or "")
+    towers_vq = ((cfg.get("towers") or {}).get("vq") or {}).get("path", "")  # clipvq's name for it
+    given_vq_path = str(src_cfg.get("vq", "") or towers_vq or "")
     tower_name, tower = si.given_tower(cfg) if uses_features else (None, None)
 
     # checks before any work
@@ -469,6 +470,10 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
             cfg.data.streams[stream].paths = paths
             if not paths:
                 cfg.data.streams[stream].weight = 0.0
+            elif imported and float(cfg.data.streams[stream].weight) <= 0 and say:
+                n = (ds_info.get("train") or {}).get("records_written", {}).get(stream, "?")
+                say(f"WARNING: {n} imported {stream} records are not trained on: data.streams.{stream}.weight is "
+                    f"{cfg.data.streams[stream].weight} (set --config.data.streams.{stream}.weight=1 to use them)")
         if rs_dir is not None:
             cfg.data.streams.interleaved.paths = (os.path.join(rs_dir, "train", "train-interleaved-*.array_record"),)
         if not any(cfg.data.streams[s].paths for s in cfg.data.streams):
