@@ -347,3 +347,24 @@ def test_unifiedvisual_parquet_through_the_stage_graph(tmp_path):
     assert sorted(r.id for r in inter) == [f"uv-{i}" for i in range(4)]
     assert all(len(r.images("assistant")[0].codes) == 16 and r.task == "gen_reasoning" for r in inter)
     assert paths["lengths"]["train"]["interleaved"]["records"] == 4
+
+
+def test_llava_plus_caption_mix_in_one_folder(tmp_path):
+    """The paper's mix as the README builds it: LLaVA conversations and captions turned into generation
+    records, imported into one folder with two prefixes, pre-tokenised together (format=shards)."""
+    data = write_llava(str(tmp_path / "src"), n_images=4)
+    caps = [it for it in data["items"] if it["id"].startswith("cap-")]
+    with open(tmp_path / "src" / "caps.json", "w") as f:
+        json.dump(caps, f)
+    mix = str(tmp_path / "mix")
+    for src, fmt, prefix in ((data["json"], "llava", "llava"), (str(tmp_path / "src" / "caps.json"),
+                                                               "caption_generation", "sharegpt4v")):
+        p = subprocess.run([sys.executable, "-m", "uvjax.data.formats", "convert", src, f"--format={fmt}",
+                            f"--image_dir={data['images']}", f"--out_dir={mix}", f"--prefix={prefix}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+    rep = pt.pretokenise_shards(mix, _enc(), str(tmp_path / "pre"))
+    # 13 LLaVA records (4 generation among them) + 4 captions turned into generation records
+    assert rep["records_written"] == {"understanding": 9, "generation": 8} and rep["images_encoded"] == 4
+    gens = [r for r in _records(str(tmp_path / "pre"), "train-generation-*") if r.id.endswith("/generation")]
+    assert len(gens) == 4 and all(r.images("assistant") and not r.images("user") for r in gens)

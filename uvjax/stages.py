@@ -376,7 +376,16 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         tok.save(out)
         return {"vocab_size": tok.vocab_size, "template": str(cfg.data.template)}
 
-    tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
+    if str(cfg.data.get("tokenizer", "") or ""):  # the user's tokenizer directory, used as given
+        from uvjax.data.tokenizer import TextTokenizer
+        tok_dir = os.path.abspath(os.path.expanduser(str(cfg.data.tokenizer)))
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer!r}: no tokenizer.json there")
+        tok_info = {"vocab_size": TextTokenizer.load(tok_dir).vocab_size}
+        log.write(stage="tokenizer", fingerprint=fingerprint("tokenizer-given", tok_dir), reused=True, seconds=0.0,
+                  path=tok_dir)
+    else:
+        tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
 
     # 3. towers
     vq_dir = vq_fp = None
