@@ -133,7 +133,18 @@ def _grid(rows: list[tuple[np.ndarray, np.ndarray | None, str]], path: str, cell
                 canvas.paste(Image.fromarray(img).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
         d.multiline_text((2 * (cell + pad) + pad, y + 4), "\n".join(textwrap.wrap(text, 52)[:8]),
                          fill=(0, 0, 0), font=font)
-    canvas.save(path)
+    write_png(canvas, path)
+
+
+def write_png(image, path: str) -> None:
+    """A PIL image or uint8 [H, W, 3] array as a PNG at a local path or a gs:// URL (one atomic write)."""
+    import io
+    from PIL import Image
+    from uvjax import storage_paths as sp
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    sp.atomic_write_bytes(path, buf.getvalue())
 
 
 def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = None, loaded=None,
@@ -296,7 +307,6 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
             gen_rep["samples"] = [{"id": it.record_id, "prompt": it.truth, "text": res[i]["text"],
                                    "image": i in set(made)} for i, it in enumerate(sel[:10])]
             if write and sel:
-                os.makedirs(out_dir, exist_ok=True)
                 pos = {i: k for k, i in enumerate(made)}
                 rows = [(real[i], gen_imgs[pos[i]] if i in pos else None, it.truth)
                         for i, it in enumerate(sel[:grid_rows])]
@@ -307,14 +317,12 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     timing["total_s"] = round(time.time() - t_start, 2)
     report["timing"] = timing
     if write:
-        os.makedirs(out_dir, exist_ok=True)
+        from uvjax import storage_paths as sp
         files["report"] = os.path.join(out_dir, "report.json")
         files["table"] = os.path.join(out_dir, "table.txt")
         report["files"] = files
-        with open(files["report"], "w") as f:
-            json.dump(report, f, indent=1, default=_json_default)
-        with open(files["table"], "w") as f:
-            f.write(format_table(report) + "\n")
+        sp.atomic_write_text(files["report"], json.dumps(report, indent=1, default=_json_default))
+        sp.atomic_write_text(files["table"], format_table(report) + "\n")
     return report
 
 

@@ -96,7 +96,7 @@ def main(argv):
     from uvjax.inference.decode import (DecodeSettings, Generator, SpecialIds, VQCodec, encode_prompt,
                                         find_vq, null_prompt)
     from uvjax.inference.loading import load_trained
-    from uvjax.models.vq import save_png
+    from uvjax.evaluate import write_png
 
     reqs = read_requests(F.prompt, F.image, F.question, F.batch)
     run = load_trained(F.workdir)
@@ -137,10 +137,12 @@ def main(argv):
     ids = SpecialIds.from_tokenizer(tok)
     gen = Generator(run.model, run.variables, ids)
 
-    single = F.out.lower().endswith(".png")
-    out_dir = os.path.dirname(os.path.abspath(F.out)) if single else F.out
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.splitext(os.path.abspath(F.out))[0] if single else None
+    from uvjax import storage_paths as sp
+    out_path = sp.resolve(F.out)  # a local path or a gs:// URL (written through etils.epath)
+    single = out_path.lower().endswith(".png")
+    out_dir = os.path.dirname(out_path) if single else out_path
+    sp.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+    stem = os.path.splitext(out_path)[0] if single else None
     results, k_img = [None] * len(reqs), 0
     groups = [([i for i, r in enumerate(reqs) if "prompt" in r], t2i),
               ([i for i, r in enumerate(reqs) if "prompt" not in r], base)]
@@ -156,10 +158,10 @@ def main(argv):
                 paths = []
                 for j, c in enumerate(imgs):
                     if single:
-                        path = F.out if k_img == 0 else f"{stem}_{k_img}.png"
+                        path = out_path if k_img == 0 else f"{stem}_{k_img}.png"
                     else:
                         path = os.path.join(out_dir, f"{r.get('id', i)}" + (f"_{j}" if j else "") + ".png")
-                    save_png(codec.decode(np.asarray(c)[None])[0], path)
+                    write_png(codec.decode(np.asarray(c)[None])[0], path)
                     paths.append(path)
                     k_img += 1
                 results[i] = {**r, "text": out.text(row, ids, tok).strip(), "images": paths,
@@ -167,8 +169,7 @@ def main(argv):
     meta = {"workdir": run.workdir, "step": run.step, "vq": vq_path, "image_tokens": n_codes,
             "cfg_scale": F.cfg_scale, "seed": F.seed, "settings": dataclasses.asdict(t2i), "results": results}
     json_path = stem + ".json" if single else os.path.join(out_dir, "generations.json")
-    with open(json_path, "w") as f:
-        json.dump(meta, f, indent=1)
+    sp.atomic_write_text(json_path, json.dumps(meta, indent=1))
     for r in results:
         print(f"{r.get('prompt') or r.get('question')!r} -> {r['text']!r} {r['images']}")
     print(f"wrote {json_path}")

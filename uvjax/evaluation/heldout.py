@@ -176,7 +176,6 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
             pos = {i: k for k, i in enumerate(made)}
             rows = [(real[i], gen_imgs[pos[i]] if i in pos else None, it.truth[:_MAX_PROMPT_TEXT])
                     for i, (it, _) in enumerate(sel)]
-            os.makedirs(out_dir, exist_ok=True)
             files["grid"] = os.path.join(out_dir, "generations.png")
             _grid(rows, files["grid"], cell=max(64, min(128, int(real.shape[1]))))
         elif not vq_path:
@@ -185,14 +184,12 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
     timing["total_s"] = round(time.time() - t0, 2)
     report["timing"] = timing
     if write:
-        os.makedirs(out_dir, exist_ok=True)
+        from uvjax import storage_paths as sp  # a local path or a gs:// URL
         files["report"] = os.path.join(out_dir, "report.json")
         files["table"] = os.path.join(out_dir, "table.txt")
         report["files"] = files
-        with open(files["report"], "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        with open(files["table"], "w") as f:
-            f.write(format_table(report) + "\n")
+        sp.atomic_write_text(files["report"], json.dumps(report, indent=1, default=str))
+        sp.atomic_write_text(files["table"], format_table(report) + "\n")
     return report
 
 
