@@ -65,8 +65,8 @@ def _image_values(seg, where: str, cfg: SequenceConfig) -> tuple[np.ndarray, np.
     """(tokens [N] int32, features [N, F] or None) of a pre-tokenised image segment."""
     if seg.pixels is not None or seg.path is not None:
         kind = "pixels" if seg.pixels is not None else f"path {seg.path!r}"
-        raise ValueError(f"{where}: image given as {kind}; expected VQ codes or features: pre-tokenise "
-                         "the shards first (`python -m uvjax.pretokenise`, or let the stages do it: README "
+        raise ValueError(f"{where}: image given as {kind}; expected VQ codes or features: run the "
+                         "pre-tokenisation pass first (`python -m uvjax.pretokenise`, or the stages: README "
                          "'Train on your own data')")
     if seg.codes is not None:
         codes = np.asarray(seg.codes)
