@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -412,3 +413,247 @@ def test_lock_for_workdir_picks_the_mechanism(tmp_path, gcs):
     with pytest.raises(NotImplementedError):
         sp.lock_for_workdir("s3://b/wd")
     assert sp.lock_for_workdir(f"gs://{BUCKET}/wd", enabled=False).__class__.__name__ == "nullcontext"
+
+
+# ------------------------------------------------------------------------------ uvjax on gs:// (issue #28)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 12, 3
+
+
+@pytest.fixture(scope="module")
+def gcs_codes(gcs, tmp_path_factory):
+    """The small pre-tokenised code dataset of tests/datasets.py (+ its tokenizer), uploaded to gs://."""
+    import importlib.util
+    # tests/datasets.py, by path: `datasets` may already be Hugging Face's package in this process
+    spec = importlib.util.spec_from_file_location("uvjax_test_datasets",
+                                                  os.path.join(os.path.dirname(__file__), "datasets.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("codes")
+    ds = mod.make_code_dataset(str(root))
+    remote = sp.upload(str(root), f"gs://{BUCKET}/codes-{uuid.uuid4().hex[:8]}")
+    return {"local": ds, "remote": remote, "tokenizer": f"{remote}/tokenizer",
+            "paths": {s: f"{remote}/{s}" for s in ("understanding", "generation")}}
+
+
+def test_shards_tokenizer_and_images_read_from_gcs(gcs_codes, tmp_path, monkeypatch):
+    import pickle
+    import numpy as np
+    from PIL import Image
+    from uvjax import pretokenise as pt
+    from uvjax.data import storage
+    from uvjax.data.tokenizer import TextTokenizer
+    monkeypatch.setenv("UVJAX_CACHE", str(tmp_path / "cache"))
+    storage._LOCAL_SHARDS.clear()
+    remote, local = gcs_codes["paths"]["understanding"], gcs_codes["local"]["paths"]["understanding"]
+    urls = storage.expand_paths(remote)
+    assert urls == [f"{remote}/{n}" for n in sorted(os.listdir(local))] and len(urls) > 1
+    assert storage.expand_paths(f"{gcs_codes['remote']}/*/part-00001.array_record") == [
+        f"{gcs_codes['remote']}/generation/part-00001.array_record", urls[1]]
+    with pytest.raises(ValueError, match="does not exist"):
+        storage.expand_paths(f"{gcs_codes['remote']}/missing")
+    r, ref = storage.RecordReader(urls), storage.RecordReader(storage.expand_paths(local))
+    assert len(r) == len(ref) and r.where(60).startswith(urls[1])  # errors name the URL
+    r2 = pickle.loads(pickle.dumps(r))  # grain workers: the copy is made again per process, from the cache
+    assert [r2.read_bytes(i) for i in (0, 59, len(r) - 1)] == [ref.read_bytes(i) for i in (0, 59, len(r) - 1)]
+    assert len(os.listdir(tmp_path / "cache" / "remote")) == len(urls)  # one local copy per shard
+    # the tokenizer directory: a mirror in the cache, once per version of its files
+    from uvjax.train import load_text_tokenizer
+    from ml_collections import ConfigDict
+    cfg = ConfigDict({"data": {"tokenizer": gcs_codes["tokenizer"]}, "model": {"vocab_size": 10 ** 6}})
+    tok = load_text_tokenizer(cfg, "unused")
+    assert tok.vocab_size == TextTokenizer.load(gcs_codes["local"]["tokenizer"]).vocab_size
+    assert len(os.listdir(tmp_path / "cache" / "trees")) == 1
+    # images under a gs:// image root: the same checks and reasons as local files
+    img = tmp_path / "a.png"
+    Image.fromarray(np.full((16, 12, 3), 7, np.uint8)).save(img)
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    root = sp.upload(str(tmp_path / "a.png"), f"{gcs_codes['remote']}/images/a.png").rsplit("/", 1)[0]
+    sp.upload(str(tmp_path / "bad.png"), f"{root}/bad.png")
+    arr, mode = pt.read_image_file(f"{root}/a.png", pt.ImagePolicy())
+    assert arr.shape == (16, 12, 3) and mode is None and int(arr[0, 0, 0]) == 7
+    for name, policy, reason in (("none.png", pt.ImagePolicy(), "missing_image"),
+                                 ("a.png", pt.ImagePolicy(max_bytes=10), "oversized"),
+                                 ("bad.png", pt.ImagePolicy(), "corrupt_image")):
+        with pytest.raises(pt.ImageError) as e:
+            pt.read_image_file(f"{root}/{name}", policy)
+        assert e.value.reason == reason and f"{root}/{name}" in str(e.value)
+    pt._check_inside(root, "sub/../a.png")
+    for bad in ("../x.png", "sub/../../x.png", "/etc/passwd", "gs://other/x.png"):
+        with pytest.raises(pt.ImageError) as e:
+            pt._check_inside(root, bad)
+        assert e.value.reason == "path_escape"
+
+
+def test_checkpointer_moves_an_unreadable_step_aside_on_gcs(prefix):
+    import fsspec
+    import jax
+    import jax.numpy as jnp
+    from uvjax.training.checkpoint import Checkpointer
+    tree = {"w": jnp.arange(4.0), "b": jnp.ones(3)}
+    ck = Checkpointer(f"{prefix}/ckpt/", keep=3, async_save=False)
+    assert ck.directory == f"{prefix}/ckpt"  # a URL is kept, never made into ./gs:/...
+    ck.save(1, tree)
+    ck.save(2, jax.tree.map(lambda a: a * 2, tree))
+    ck.close()
+    fs, root = fsspec.core.url_to_fs(f"{prefix}/ckpt/2")
+    for f in fs.find(root):  # step 2 loses its array data
+        if "/d/" in f:
+            fs.rm(f)
+    ck = Checkpointer(f"{prefix}/ckpt", keep=3, async_save=False)
+    step, out, skipped = ck.restore_latest(tree)
+    ck.close()
+    assert step == 1 and [s["step"] for s in skipped] == [2]
+    assert float(out["state"]["w"][3]) == 3.0
+    moved = skipped[0]["moved_to"]
+    assert moved.startswith(f"{prefix}/ckpt/unreadable-2-") and sp.exists(f"{moved}/commit_success.txt")
+    assert sorted(sp.listdir(f"{prefix}/ckpt")) == ["1", moved.rsplit("/", 1)[1]]
+
+
+def _train_env(tmp_path, **extra) -> dict:
+    env = dict(os.environ)  # the emulator's variables (set by the gcs fixture)
+    env.pop("XLA_FLAGS", None)
+    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+               FSSPEC_GCS_TOKEN="anon",  # gcsfs: anonymous, without probing for credentials
+               UVJAX_CACHE=str(tmp_path / "uvjax-cache"),
+               # the three runs compile the same step: compiled once (a cached executable gives the same bits)
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _train_cmd(data, workdir):
+    return [sys.executable, "-m", "uvjax.train", f"--config={REPO}/configs/vqvq.py:smoke", f"--workdir={workdir}",
+            f"--config.data.tokenizer={data['tokenizer']}",
+            f"--config.data.streams.understanding.paths=('{data['paths']['understanding']}',)",
+            f"--config.data.streams.generation.paths=('{data['paths']['generation']}',)",
+            f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}",
+            "--config.train.log_every=1", "--config.train.progress=False", "--config.stages.build=False"]
+
+
+def _wait_for(cond, proc, what, timeout=240.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = cond()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
+
+
+def test_trainer_on_a_gcs_workdir_resumes_exactly_and_refuses_a_second_writer(gcs_codes, prefix, tmp_path):
+    """``python -m uvjax.train --workdir=gs://...`` with its shards and tokenizer in the bucket: a second run on
+    the same work dir is refused by the lease; SIGTERM mid-run + the same command again gives the per-step
+    losses of an uninterrupted gs:// run, bit for bit; the evaluation loader restores it; nothing lands in a
+    local ``./gs:`` directory."""
+    from uvjax.training.metrics import read_metrics
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = _train_env(tmp_path)
+    popen = dict(cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref_wd, wd = f"{prefix}/reference", f"{prefix}/run"
+
+    # 1. the uninterrupted reference run; while it holds the lease a second writer is refused
+    ref = subprocess.Popen(_train_cmd(gcs_codes, ref_wd), **popen)
+    lock = sp.as_path(f"{ref_wd}/train.lock")
+
+    def held():
+        if not lock.exists():
+            return None
+        rec = json.loads(lock.read_text() or "{}")
+        return rec.get("pid") == ref.pid and "released" not in rec
+
+    _wait_for(held, ref, "the reference run took the lease")
+    second = subprocess.run(_train_cmd(gcs_codes, ref_wd), timeout=300, capture_output=True, text=True,
+                            cwd=str(cwd), env=env)
+    assert second.returncode != 0 and "is held by another run" in second.stderr, second.stderr[-3000:]
+    assert f"pid {ref.pid} on host" in second.stderr and "Traceback" not in second.stderr
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    assert _summary(out)["steps_run"] == STEPS
+    reference = read_metrics(ref_wd)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert "released" in json.loads(lock.read_text())
+
+    # 2. SIGTERM once the first checkpoint is committed (orbax's marker on an object store), then resume
+    p = subprocess.Popen(_train_cmd(gcs_codes, wd), **popen)
+    _wait_for(lambda: sp.exists(f"{wd}/checkpoints/{EVERY}/commit_success.txt"), p, "the first checkpoint")
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    first = _summary(out)
+    assert first["stopped_by_signal"] and EVERY <= first["step"] < STEPS, first
+    again = subprocess.run(_train_cmd(gcs_codes, wd), timeout=300, capture_output=True, text=True, cwd=str(cwd),
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    s = _summary(again.stdout)
+    assert s["steps_run"] == STEPS - first["step"] and s["workdir"] == wd, s
+    got = read_metrics(wd)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step]["loss"] == reference[step]["loss"], (step, got[step]["loss"], reference[step]["loss"])
+        assert got[step]["data/records"] == reference[step]["data/records"], step
+
+    # 3. everything is in the bucket, nothing in a local ./gs: directory
+    names = set(sp.listdir(wd))
+    assert {"checkpoints", "config.json", "lm_fingerprint.json", "metrics.jsonl", "stages.jsonl", "tensorboard",
+            "train.lock"} <= names, names
+    assert str(STEPS) in sp.listdir(f"{wd}/checkpoints")
+    assert [n for n in sp.listdir(f"{wd}/tensorboard") if n.startswith("events.out.tfevents.")]
+    assert os.listdir(cwd) == [] and not os.path.exists(os.path.join(REPO, "gs:"))
+
+    # 4. evaluate / generate load a gs:// run (config, checkpoint, tokenizer)
+    from uvjax.inference.loading import load_config, load_trained
+    assert load_config(wd).train.steps == STEPS
+    run = load_trained(wd)
+    assert run.step == STEPS and run.workdir == wd and run.tokenizer.vocab_size == gcs_codes["local"]["vocab_size"]
+
+
+def test_stage_cache_on_gcs_is_built_once_and_mirrored(prefix, tmp_path, monkeypatch):
+    """``stages.cache_dir=gs://...``: the stages are built locally and uploaded (DONE.json last); a second
+    prepare on a machine without the local copies reuses every stage, mirrored from the bucket, and the
+    config points at local directories."""
+    import hashlib
+    import shutil
+    from llava_fixture import write_llava  # tests/llava_fixture.py
+    from uvjax.config import load_config_file
+    from uvjax.stages import prepare, read_stage_log
+    monkeypatch.setenv("UVJAX_CACHE", str(tmp_path / "local-cache"))
+    d = write_llava(str(tmp_path / "src"), n_images=10)
+    c = load_config_file("own_data", "smoke")
+    with c.unlocked():
+        c.stages.source.train = d["json"]
+        c.stages.source.image_dir = d["images"]
+        c.stages.vq.train.steps = 2
+        c.stages.cache_dir = f"{prefix}/cache"
+    wd = str(tmp_path / "run")
+    cfg, paths = prepare(c, wd, progress=False)
+    built = read_stage_log(wd)
+    assert [r["stage"] for r in built] == ["import-train", "tokenizer", "vq", "dataset", "lengths"]
+    for r in built:
+        assert not r["reused"] and r["remote"].startswith(f"{prefix}/cache/{r['stage']}-")
+        assert sp.exists(f"{r['remote']}/DONE.json") and r["path"].startswith(str(tmp_path / "local-cache"))
+
+    def tree(root):
+        def digest(path):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        return {os.path.relpath(os.path.join(a, n), root): digest(os.path.join(a, n))
+                for a, _, files in os.walk(root) for n in files}
+
+    local = {k: tree(paths[k]) for k in ("tokenizer", "vq", "dataset")}
+    shutil.rmtree(tmp_path / "local-cache")  # another machine
+    cfg2, paths2 = prepare(c, wd, progress=False)
+    again = read_stage_log(wd)[len(built):]
+    assert [r["stage"] for r in again] == [r["stage"] for r in built] and all(r["reused"] for r in again), again
+    for k in ("tokenizer", "vq", "dataset"):
+        assert not sp.is_remote(paths2[k]) and tree(paths2[k]) == local[k], k  # the same bytes, mirrored
+    assert cfg2.data.streams.understanding.paths == cfg.data.streams.understanding.paths
+    assert cfg2.data.tokenizer == cfg.data.tokenizer and os.path.isdir(cfg2.data.tokenizer)

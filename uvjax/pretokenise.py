@@ -83,8 +83,21 @@ def _to_rgb(im) -> tuple[np.ndarray, str | None]:
 
 
 def read_image_file(full: str, policy: ImagePolicy) -> tuple[np.ndarray, str | None]:
-    """Decodes one image file; raises :class:`ImageError` with a reason key."""
-    from PIL import Image, UnidentifiedImageError
+    """Decodes one image file; raises :class:`ImageError` with a reason key. ``full`` may be a ``gs://`` URL
+    (an image root in a bucket): its bytes are read through ``etils.epath``, with the same checks."""
+    from uvjax import storage_paths as sp
+    if sp.is_remote(full):
+        try:
+            size, _ = sp.remote_fingerprint(full)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ImageError(f"image file {full!r} not found", "missing_image") from None
+        if size > policy.max_bytes:
+            raise ImageError(f"image file {full!r} is {size} bytes, more than {policy.max_bytes}", "oversized")
+        try:
+            data = sp.as_path(full).read_bytes()
+        except FileNotFoundError:  # deleted in between
+            raise ImageError(f"image file {full!r} not found", "missing_image") from None
+        return decode_image(data, full, policy)
     if not os.path.isfile(full):
         raise ImageError(f"image file {full!r} not found", "missing_image")
     size = os.path.getsize(full)
@@ -201,11 +214,12 @@ def shard_paths(spec: str | Sequence[str]) -> list[str]:
 
 def image_root_of(shards: Sequence[str]) -> str:
     """The absolute image folder recorded by ``formats.convert`` next to the shards ("" if none)."""
-    for d in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in shards):
-        m = os.path.join(d, "import_manifest.json")
-        if os.path.exists(m):
-            with open(m) as f:
-                return str(json.load(f).get("image_dir") or "")
+    from uvjax import storage_paths as sp
+    for d in dict.fromkeys(sp.parent(p) if sp.is_remote(p) else os.path.dirname(os.path.abspath(p))
+                           for p in shards):
+        m = sp.join(d, "import_manifest.json")
+        if sp.exists(m):
+            return str(json.loads(sp.read_text(m)).get("image_dir") or "")
     return ""
 
 
@@ -430,6 +444,13 @@ def _pretokenise_chunk(reader, indices, encoders, root, *, batch, on_error, feat
 def _check_inside(root: str, rel: str) -> None:
     """Paths in shards were checked at import; a shard from elsewhere is checked again here."""
     if not root:
+        return
+    from uvjax import storage_paths as sp
+    if sp.is_remote(root):  # no symlinks in a bucket: the relative path alone decides
+        import posixpath
+        norm = posixpath.normpath(rel)
+        if os.path.isabs(rel) or sp.is_remote(rel) or norm == ".." or norm.startswith("../"):
+            raise ImageError(f"image path {rel!r} leaves the image folder {root!r}; refused", "path_escape")
         return
     r = os.path.realpath(root)
     full = os.path.realpath(os.path.join(root, rel))

@@ -72,6 +72,11 @@ def stages_config() -> mlc.ConfigDict:
 
 
 def stage_cache_dir(sc, workdir: str) -> str:
+    """``stages.cache_dir``, else ``<parent of workdir>/cache``; either may be a ``gs://`` URL (see
+    :func:`cached_stage` for how remote stages are read and written)."""
+    from uvjax import storage_paths as sp
+    if sp.is_remote(sc.cache_dir or workdir):
+        return sp.resolve(sc.cache_dir) if sc.cache_dir else sp.join(sp.parent(workdir), "cache")
     cache = os.path.abspath(sc.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache"))
     os.makedirs(cache, exist_ok=True)
     return cache
@@ -91,26 +96,38 @@ def check_no_user_streams(cfg) -> None:
 
 
 class StageLog:
+    """``<workdir>/stages.jsonl``, appended to (on ``gs://``: ``storage_paths.append_text``)."""
+
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "stages.jsonl")
-        os.makedirs(workdir, exist_ok=True)
+        from uvjax import storage_paths as sp
+        self.path = sp.join(workdir, "stages.jsonl")
+        sp.makedirs(workdir)
 
     def write(self, **rec):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **rec}) + "\n")
+        from uvjax import storage_paths as sp
+        sp.append_text(self.path, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **rec}) + "\n")
 
 
 def read_stage_log(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "stages.jsonl")
-    if not os.path.exists(path):
+    from uvjax import storage_paths as sp
+    path = sp.join(workdir, "stages.jsonl")
+    if not sp.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
+    return [json.loads(l) for l in sp.read_text(path).splitlines() if l.strip()]
 
 
 def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
                  progress=None) -> tuple[str, dict]:
-    """Returns (directory, info). Builds into a temporary directory and renames it when complete."""
+    """Returns (directory, info). Builds into a temporary directory and renames it when complete.
+
+    A ``gs://`` cache_dir: the stage lives in ``<cache_dir>/<name>-<fp>/`` in the bucket, and the returned
+    directory is always a local one (every consumer reads local files): a finished remote stage
+    (``DONE.json`` there) is mirrored once into ``$UVJAX_CACHE/stages`` (``storage_paths.local_tree``,
+    keyed by the URL and the fingerprint); an unfinished one is built locally (``<mirror>.partial``,
+    resumable as here), uploaded, ``DONE.json`` last, and the local build becomes the mirror."""
+    from uvjax import storage_paths as sp
+    if sp.is_remote(cache_dir):
+        return _cached_remote_stage(name, fp, cache_dir, build, log, progress)
     out = os.path.join(cache_dir, f"{name}-{fp}")
     done = os.path.join(out, "DONE.json")
     t0 = time.time()
@@ -136,6 +153,42 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     os.replace(work, out)
     log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=out)
     return out, info
+
+
+def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
+                         progress=None) -> tuple[str, dict]:
+    """:func:`cached_stage` for a ``gs://`` cache_dir; the log records the local mirror as ``path`` (what
+    consumers open) and the URL as ``remote``."""
+    from uvjax import storage_paths as sp
+    out = sp.join(cache_dir, f"{name}-{fp}")
+    mirrors = sp.remote_cache_dir("stages")
+    mirror = sp.tree_mirror_path(out, mirrors, fp)
+    t0 = time.time()
+    if os.path.exists(os.path.join(mirror, "DONE.json")) or sp.exists(sp.join(out, "DONE.json")):
+        mirror = sp.local_tree(out, mirrors, key=fp)  # no request when the mirror is there
+        with open(os.path.join(mirror, "DONE.json")) as f:
+            info = json.load(f)
+        log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=mirror, remote=out)
+        if progress:
+            progress(f"{name}: reused {out} (local copy {mirror})")
+        return mirror, info
+    from uvjax import interrupt
+    interrupt.check()
+    work = mirror + ".partial"
+    os.makedirs(work, exist_ok=True)  # a .partial left by a killed run is resumed (chunk markers)
+    if progress:
+        progress(f"{name}: building {out} (locally in {work})")
+    info = build(work) or {}
+    info = {**info, "fingerprint": fp, "seconds": time.time() - t0}
+    with open(os.path.join(work, "DONE.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    sp.upload(work, out, exclude=("DONE.json",))
+    sp.upload(os.path.join(work, "DONE.json"), sp.join(out, "DONE.json"))  # last: the stage is complete
+    if os.path.exists(mirror):
+        shutil.rmtree(mirror)
+    os.replace(work, mirror)
+    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=mirror, remote=out)
+    return mirror, info
 
 
 # ------------------------------------------------------------------------------------------ fingerprints

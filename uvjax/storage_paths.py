@@ -11,6 +11,10 @@ a stage cache, ArrayRecord shards, an image root or TensorBoard/metrics can live
   the pip wheel opens files with ``open()``: a ``gs://`` writer fails, a ``gs://`` reader *hangs*). The
   object is downloaded once into ``cache_dir``, under a name keyed by (URL, size, generation), atomically
   (temp file + rename), so a changed object is fetched again and readers never see half a file.
+* ``local_tree(url, cache_dir, key=None)``: a local mirror of a remote directory tree (a tokenizer directory,
+  a finished stage), downloaded once into ``cache_dir/<key>-<name>`` (temp directory + rename); the key is
+  sha256(URL, listing of (name, size, generation)) unless given (a stage fingerprint: immutable content).
+* ``cache_root()``: where those local copies live: ``$UVJAX_CACHE``, else ``~/.cache/uvjax``.
 * ``upload(local, remote)``: a file or a directory tree to a URL (or a local path, atomically).
 * ``atomic_write_bytes/text/json(p, ...)``: temp + ``os.replace`` locally; one object put on a store
   (a GCS object appears whole when its upload is finalised, never half-written).
@@ -30,7 +34,12 @@ Emulator / test settings (see tests/test_remote_storage.py, which runs fake-gcs-
 process), ``GOOGLE_AUTH_TOKEN_FOR_TESTING=x`` (tensorstore: a fixed token instead of probing the GCE
 metadata server), ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` before gcsfs is imported (otherwise gcsfs
 2026.x asks a gRPC storage-control endpoint for the bucket type and waits 60 s per call on an emulator),
-``NO_GCE_CHECK=true`` and fsspec's ``gcs`` ``token="anon"``.
+``NO_GCE_CHECK=true`` and fsspec's ``gcs`` ``token="anon"`` (in a subprocess: ``FSSPEC_GCS_TOKEN=anon``, which fsspec
+reads at import; without it gcsfs tries the default credentials, the metadata server, then anonymous access).
+
+gcsfs caches directory listings per process; with several writers (hosts, the lock's storage client, orbax's
+tensorstore) a cached listing hides objects written since, so importing this module turns that cache off for
+``gs``/``gcs`` unless fsspec's configuration sets ``use_listings_cache`` itself.
 """
 from __future__ import annotations
 
@@ -53,6 +62,78 @@ log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _COPY_CHUNK = 8 << 20
+
+
+def _no_stale_listings() -> None:
+    """gcsfs without its listings cache (see the module docstring); fsspec's own config wins."""
+    try:
+        import fsspec.config  # noqa: PLC0415
+    except ImportError:
+        return
+    for proto in ("gcs", "gs"):
+        if "use_listings_cache" in fsspec.config.conf.get(proto, {}):
+            return
+    fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
+
+
+_no_stale_listings()
+
+
+def cache_root() -> str:
+    """The local cache of remote files (shards, tokenizer directories, stage mirrors): ``$UVJAX_CACHE``,
+    else ``~/.cache/uvjax``."""
+    return resolve(os.environ.get("UVJAX_CACHE") or "~/.cache/uvjax")
+
+
+def remote_cache_dir(kind: str = "remote") -> str:
+    """``cache_root()/<kind>``: ``remote`` for single files, ``trees`` for directories, ``stages`` for stage
+    mirrors."""
+    return os.path.join(cache_root(), kind)
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    """``os.makedirs(exist_ok=True)`` for a local path; nothing on an object store (no directories there)."""
+    if not is_remote(path):
+        os.makedirs(resolve(path), exist_ok=True)
+
+
+def exists(path: str | os.PathLike) -> bool:
+    return as_path(path).exists() if is_remote(path) else os.path.exists(resolve(path))
+
+
+def isdir(path: str | os.PathLike) -> bool:
+    return as_path(path).is_dir() if is_remote(path) else os.path.isdir(resolve(path))
+
+
+def listdir(path: str | os.PathLike) -> list[str]:
+    """Names in a directory (``os.listdir``), or directly under a prefix of an object store."""
+    if not is_remote(path):
+        return os.listdir(resolve(path))
+    return [p.name for p in as_path(path).iterdir()]
+
+
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    if not is_remote(path):
+        with open(resolve(path), encoding=encoding) as f:
+            return f.read()
+    return as_path(path).read_text(encoding=encoding)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``os.path.join`` for local paths; '/'-joined for URLs."""
+    if not is_remote(base):
+        return os.path.join(os.fspath(base), *parts)
+    return "/".join([str(base).rstrip("/"), *[str(p).strip("/") for p in parts]])
+
+
+def parent(path: str | os.PathLike) -> str:
+    """The directory above ``path``: ``gs://b/x/run`` → ``gs://b/x``; a bucket's root stays itself."""
+    if not is_remote(path):
+        return os.path.dirname(resolve(path))
+    url = resolve(path)
+    scheme, rest = url.split("://", 1)
+    head = rest.rsplit("/", 1)[0] if "/" in rest else rest
+    return f"{scheme}://{head}"
 
 
 # ---------------------------------------------------------------------------------------------- paths
@@ -100,9 +181,7 @@ def remote_fingerprint(url: str) -> tuple[int, str]:
     info = fs.info(p)
     if info.get("type") == "directory":
         raise IsADirectoryError(url)
-    version = next((info[k] for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified")
-                    if info.get(k) not in (None, "")), "")
-    return int(info["size"]), str(version)
+    return int(info["size"]), _version(info)
 
 
 # --------------------------------------------------------------------------------------- local cache
@@ -143,6 +222,75 @@ def local_copy(path: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
     return dst
 
 
+def _version(info: dict) -> str:
+    return str(next((info[k] for k in ("generation", "etag", "ETag", "mtime", "updated", "LastModified")
+                     if info.get(k) not in (None, "")), ""))
+
+
+def tree_mirror_path(url: str, cache_dir: str | os.PathLike, key: str) -> str:
+    """Where ``local_tree(url, cache_dir, key=key)`` puts (or finds) its mirror."""
+    url = resolve(url)
+    base = os.path.basename(url.rstrip("/")) or "tree"
+    h = hashlib.sha256(f"{url}\0{key}".encode()).hexdigest()[:24]
+    return os.path.join(resolve(cache_dir), f"{h}-{base}")
+
+
+def local_tree(path: str | os.PathLike, cache_dir: str | os.PathLike, *, key: str | None = None) -> str:
+    """A local directory with the content of the directory ``path``: ``path`` itself when local, else a mirror
+    in ``cache_dir`` named ``<key>-<name>``, downloaded once into a temporary directory that is renamed when
+    complete (so an existing mirror is always whole). ``key`` defaults to a hash of the URL and the listing's
+    (name, size, generation): a changed file gives a new mirror (one listing request per call). A caller
+    whose content never changes under a URL (a finished stage) passes its own key: no request at all when
+    the mirror exists."""
+    if not is_remote(path):
+        return resolve(path)
+    url = resolve(path)
+    cache_dir = resolve(cache_dir)
+    if key is not None:
+        dst = tree_mirror_path(url, cache_dir, key)
+        if os.path.isdir(dst):
+            return dst
+        key = os.path.basename(dst).split("-", 1)[0]
+    fs, root = _fs(url)
+    try:
+        fs.invalidate_cache(root)
+    except Exception:  # noqa: BLE001
+        pass
+    root = root.rstrip("/")
+    found = fs.find(root, detail=True)
+    files = sorted((p, int(i.get("size") or 0), _version(i)) for p, i in found.items()
+                   if i.get("type") != "directory" and not p.endswith("/") and p != root)
+    if not files:
+        raise FileNotFoundError(f"{url}: no such directory (or it is empty)")
+    if key is None:
+        listing = "\0".join(f"{p}\0{n}\0{v}" for p, n, v in files)
+        dst = tree_mirror_path(url, cache_dir, listing)
+        if os.path.isdir(dst):
+            return dst
+        key = os.path.basename(dst).split("-", 1)[0]
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}-", suffix=".part")
+    try:
+        for p, size, _ in files:
+            rel = p[len(root):].lstrip("/")
+            local = os.path.join(tmp, *rel.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with fs.open(p, "rb") as src, open(local, "wb") as out:
+                shutil.copyfileobj(src, out, _COPY_CHUNK)
+            if os.path.getsize(local) != size:
+                raise OSError(f"{url}/{rel}: downloaded {os.path.getsize(local)} bytes, expected {size}")
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            if not os.path.isdir(dst):  # else: a concurrent caller finished first; theirs is as good
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
 def _copy_file(src: str, dst: str | os.PathLike) -> None:
     if is_remote(dst):  # one object, complete when the upload is finalised on close
         with open(src, "rb") as f, as_path(dst).open("wb") as out:
@@ -165,16 +313,20 @@ def _copy_file(src: str, dst: str | os.PathLike) -> None:
         raise
 
 
-def upload(local: str | os.PathLike, remote: str | os.PathLike) -> str:
+def upload(local: str | os.PathLike, remote: str | os.PathLike, *, exclude: tuple[str, ...] = ()) -> str:
     """Copy a local file, or a directory tree, to ``remote`` (a URL or a local path); returns ``remote``.
     Each file lands whole (one object put; locally temp + rename). Written locally first, then uploaded,
-    is how ArrayRecord shards reach a bucket (the array_record writer only writes POSIX files)."""
+    is how ArrayRecord shards reach a bucket (the array_record writer only writes POSIX files).
+    ``exclude``: paths relative to ``local`` ('/'-separated) left out, e.g. a completion marker that the
+    caller uploads last."""
     src = resolve(local)
     dst = resolve(remote)
     if os.path.isdir(src):
         for root, _dirs, files in os.walk(src):
             rel = os.path.relpath(root, src)
             for name in sorted(files):
+                if (name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}") in exclude:
+                    continue
                 target = dst if rel == "." else f"{dst}/{rel.replace(os.sep, '/')}"
                 _copy_file(os.path.join(root, name), f"{target}/{name}")
         return dst

@@ -3,6 +3,10 @@
 One readable loop: config → mesh → model + sharded state → data iterator → restore (if the work dir
 has a checkpoint) → steps with logging, checkpoints and a progress bar → final checkpoint.
 SIGTERM/SIGINT save a checkpoint and exit 0; rerunning the same command resumes exactly.
+
+The work directory may be a local path or a ``gs://`` URL (``uvjax/storage_paths.py``): checkpoints, metrics,
+TensorBoard, ``config.json`` and the lock then live in the bucket; a ``gs://`` tokenizer directory is read
+through a local copy under ``$UVJAX_CACHE`` (default ``~/.cache/uvjax``).
 """
 from __future__ import annotations
 
@@ -43,19 +47,31 @@ class _StopFlag:
 
 
 def resolve_workdir(cfg, workdir: str | None) -> str:
-    return os.path.abspath(workdir or cfg.workdir or os.path.join("runs", cfg.name))
+    """An absolute local path, or a URL (``gs://bucket/run``) kept as it is."""
+    from uvjax import storage_paths as sp
+    return sp.resolve(workdir or cfg.workdir or os.path.join("runs", cfg.name))
 
 
 def load_text_tokenizer(cfg, workdir: str):
+    """The run's text tokenizer; a ``gs://`` directory is mirrored into the local cache first
+    (``storage_paths.local_tree``, once per version of its files)."""
+    from uvjax import storage_paths as sp
     from uvjax.data.tokenizer import TextTokenizer
-    path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    path = cfg.data.tokenizer or sp.join(workdir, "tokenizer")
+    if not sp.exists(sp.join(path, "tokenizer.json")):
         from uvjax.weights.pretrained import pretrained_spec, save_base_tokenizer
         if pretrained_spec(cfg):  # a GGUF base carries its tokenizer inside: write it out once
-            save_base_tokenizer(cfg, path)
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            if sp.is_remote(path):  # written locally, then uploaded
+                import tempfile
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_base_tokenizer(cfg, tmp)
+                    sp.upload(tmp, path)
+            else:
+                save_base_tokenizer(cfg, path)
+    if not sp.exists(sp.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"no tokenizer.json in {path} (config.data.tokenizer); the first-run stages "
                                 f"train one, or point config.data.tokenizer at a directory that has it")
+    path = sp.local_tree(path, sp.remote_cache_dir("trees"))  # a local path: itself, made absolute
     tok = TextTokenizer.load(path)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -143,8 +159,14 @@ def init_codebook_from_vq(state, trainer, cfg):
 
 def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
     """The quick evaluation (a few test images) on the in-memory parameters, logged as eval/...;
-    needs the stages' VQ tokenizer (and a cached judge for generation scores)."""
+    needs the stages' VQ tokenizer (and a cached judge for generation scores). Not on a ``gs://`` work dir
+    (the evaluation's files are local paths)."""
     import jax
+    from uvjax import storage_paths as sp
+    if sp.is_remote(workdir):
+        if step == int(cfg.train.get("eval_every", 0) or 0):
+            logging.warning("quick evaluation skipped: not supported on a %s work dir yet", workdir)
+        return
     from uvjax.evaluate import evaluate_run, flat_metrics
     from uvjax.inference.loading import LoadedRun
     from uvjax.training.optimizer import merge_variables
@@ -163,12 +185,12 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
     """Trains to ``cfg.train.steps`` (resuming if possible). Returns a summary dict. Holds the work
     directory's lock (``training/lock.py``): a second run on the same directory is refused."""
     import jax
-    from uvjax.training.lock import workdir_lock
-    with workdir_lock(workdir, enabled=jax.process_index() == 0):
-        return _run(cfg, workdir, data_iterator=data_iterator, progress=progress)
+    from uvjax.storage_paths import lock_for_workdir
+    with lock_for_workdir(workdir, enabled=jax.process_index() == 0) as lease:
+        return _run(cfg, workdir, data_iterator=data_iterator, progress=progress, lease=lease)
 
 
-def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:
+def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None, lease=None) -> dict:
     import jax
     import numpy as np
 
@@ -180,9 +202,10 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
     from uvjax.training.optimizer import learning_rates
     from uvjax.training.sharding import check_batch_divisibility, global_batch_from_local, make_mesh
     from uvjax.training.step import create_trainer, make_train_step
+    from uvjax import storage_paths as sp
 
     validate(cfg)
-    os.makedirs(workdir, exist_ok=True)
+    sp.makedirs(workdir)
     primary = jax.process_index() == 0
     stop = _StopFlag()
     stop.install()
@@ -216,8 +239,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
         state = load_base_into_state(state, trainer, cfg)
         state = init_codebook_from_vq(state, trainer, cfg)
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+        sp.atomic_write_text(sp.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, enabled=primary)
     meta = {"config": json.loads(cfg.to_json_best_effort())}
 
@@ -279,7 +301,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
             if halted:
                 break
             meta["guard"] = guard.state_dict()
-            _save(ckpt, step, state, it, meta, writer)
+            _save(ckpt, step, state, it, meta, writer, lease)
             last_saved = step
         eval_every = int(cfg.train.get("eval_every", 0) or 0)
         if eval_every and step % eval_every == 0 and step < total and primary and cfg.stages.build:
@@ -295,7 +317,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
         raise RuntimeError(halted + f"; last good checkpoint: step {last_saved} in {ckpt.directory}")
     if step > last_saved:
         meta["guard"] = guard.state_dict()
-        _save(ckpt, step, state, it, meta, writer)
+        _save(ckpt, step, state, it, meta, writer, lease)
     _close(ckpt, writer)
     if data_iterator is None and hasattr(it, "close"):
         it.close()
@@ -313,9 +335,19 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None)
             "unreadable_checkpoints": unreadable, "skipped_updates": dict(guard.counts)}
 
 
-def _save(ckpt, step, state, it, meta, writer) -> None:
-    """A failed save (disk full ...) stops the run with CheckpointError naming the last good step."""
+def _save(ckpt, step, state, it, meta, writer, lease=None) -> None:
+    """A failed save (disk full ...) stops the run with CheckpointError naming the last good step. The
+    metrics logged so far are flushed first (on gs:// they are appended in batches). On a ``gs://`` work
+    dir the lease is verified first (one request): a run that lost its lock to another must not write a
+    checkpoint over the other's (``WorkdirLockedError``)."""
     from uvjax.training.checkpoint import CheckpointError
+    if lease is not None and hasattr(lease, "verify"):
+        try:
+            lease.verify()
+        except Exception:
+            _close(ckpt, writer, quiet=True)
+            raise
+    writer.flush()
     try:
         ckpt.save(step, state, it, meta)
     except CheckpointError:
@@ -374,20 +406,19 @@ def check_workdir_matches(cfg, workdir: str) -> str:
     a key that only the current one has — a setting added to uvjax since the run started, whose default
     keeps what older code computed — does not block the resume (it is logged); a changed or removed key
     does, and the error names it."""
+    from uvjax import storage_paths as sp
     fp = lm_fingerprint(cfg)
-    path = os.path.join(workdir, "lm_fingerprint.json")
-    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
-    if os.path.exists(path) and has_ckpt:
-        with open(path) as f:
-            old = json.load(f)["fingerprint"]
+    path = sp.join(workdir, "lm_fingerprint.json")
+    ckpts = sp.join(workdir, "checkpoints")
+    has_ckpt = sp.isdir(ckpts) and any(d.isdigit() for d in sp.listdir(ckpts))
+    if has_ckpt and sp.exists(path):
+        old = json.loads(sp.read_text(path))["fingerprint"]
         if old != fp:
-            run_cfg = os.path.join(workdir, "config.json")
-            if not os.path.exists(run_cfg):
+            run_cfg = sp.join(workdir, "config.json")
+            if not sp.exists(run_cfg):
                 raise ValueError(f"{workdir} holds a run of a different config (fingerprint {old}, now {fp}; "
                                  f"no config.json to compare keys); use another --workdir, or delete it to retrain")
-            with open(run_cfg) as f:
-                added, changed = config_changes(json.load(f), json.loads(cfg.to_json_best_effort()))
+            added, changed = config_changes(json.loads(sp.read_text(run_cfg)), json.loads(cfg.to_json_best_effort()))
             if changed:
                 raise ValueError(f"{workdir} holds a run of a different config: {', '.join(changed[:12])}"
                                  f"{' …' if len(changed) > 12 else ''} differ from {run_cfg}; use another "
@@ -395,9 +426,8 @@ def check_workdir_matches(cfg, workdir: str) -> str:
             if added:
                 logging.warning("resuming %s: config keys added since the run started (taken at their "
                                 "current values): %s", workdir, ", ".join(added))
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"fingerprint": fp}, f)
+    sp.makedirs(workdir)
+    sp.atomic_write_text(path, json.dumps({"fingerprint": fp}))
     return fp
 
 
@@ -424,7 +454,14 @@ def run_all(cfg, workdir: str) -> dict:
     StageLog(workdir).write(stage="lm", fingerprint=fp, reused=summary.get("steps_run", 1) == 0,
                             seconds=times["train"], path=workdir)
     summary.update(stage_seconds=times, stage_paths=paths)
-    if cfg.stages.build and cfg.stages.evaluate.enabled and not summary["stopped_by_signal"]:
+    from uvjax import storage_paths as sp
+    evaluate = cfg.stages.build and cfg.stages.evaluate.enabled and not summary["stopped_by_signal"]
+    if evaluate and sp.is_remote(workdir):  # uvjax.evaluate writes its reports and judge as local files
+        print(f"[stage] evaluate: skipped: the evaluation does not write to {workdir.split('://')[0]}:// work "
+              "directories yet; copy the run to a local directory and run `python -m uvjax.evaluate "
+              "--workdir=DIR`", flush=True)
+        evaluate = False
+    if evaluate:
         t = time.time()
         try:
             from uvjax.evaluate import evaluate_run
@@ -468,9 +505,10 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/vqvq.py")
     workdir = resolve_workdir(cfg, FLAGS.workdir)
     import jax
-    from uvjax.training.lock import WorkdirLockedError, workdir_lock
-    try:  # the lock covers the stages too; run() takes it again (re-entrant)
-        with workdir_lock(workdir, enabled=jax.process_index() == 0):
+    from uvjax.storage_paths import lock_for_workdir
+    from uvjax.training.lock import WorkdirLockedError
+    try:  # the lock covers the stages too; run() takes it again (re-entrant); gs://: a lease object
+        with lock_for_workdir(workdir, enabled=jax.process_index() == 0):
             summary = run_all(cfg, workdir)
     except WorkdirLockedError as e:
         raise SystemExit(f"uvjax.train: {e}") from None
@@ -482,6 +520,7 @@ def main(argv):
 def run_summary_table(summary: dict, workdir: str) -> str:
     """What the first run prints at the end: the evaluation table (VQA and generation accuracy per
     attribute, Fréchet distance), wall time per stage of this invocation, and where to look."""
+    from uvjax import storage_paths as sp
     from uvjax.stages import read_stage_log
     lines = []
     ev = summary.get("evaluation")
@@ -503,8 +542,8 @@ def run_summary_table(summary: dict, workdir: str) -> str:
     files = (ev or {}).get("files", {})
     lines += ["", f"generations (real | generated | prompt): {files.get('grid', '-')}",
               f"report: {files.get('report', '-')}",
-              f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
-              f"metrics: {os.path.join(workdir, 'metrics.jsonl')}"]
+              f"TensorBoard: tensorboard --logdir {sp.join(workdir, 'tensorboard')}",
+              f"metrics: {sp.join(workdir, 'metrics.jsonl')}"]
     return "\n".join(lines)
 
 

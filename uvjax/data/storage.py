@@ -4,6 +4,11 @@ ArrayRecord gives random access (what grain's global shuffle and per-host index 
 ``group_size:1`` makes every record its own chunk so a random read decodes one record only. Errors
 name the shard file and the record's index inside it, because that is what a person fixing the data
 needs to open.
+
+Shards may be ``gs://`` URLs (``uvjax/storage_paths.py``): globs are expanded through ``etils.epath``, and since
+the array_record reader only opens POSIX files (on a URL it hangs), each remote shard is read from a local
+copy under ``$UVJAX_CACHE/remote`` (default ``~/.cache/uvjax``), downloaded once per process and version of the
+object. Errors still name the URL.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from uvjax import storage_paths as sp
 from uvjax.data.records import Record, record_from_bytes, record_to_bytes
 
 SUFFIX = ".array_record"
@@ -70,13 +76,30 @@ def write_records(records: Iterable[Record], out_dir: str, prefix: str,
     return paths
 
 
+def _expand_remote(item: str) -> list[str]:
+    url = sp.resolve(item)
+    if any(ch in url for ch in "*?["):
+        scheme, rest = url.split("://", 1)
+        bucket, _, pattern = rest.partition("/")
+        return sorted(str(x) for x in sp.as_path(f"{scheme}://{bucket}").glob(pattern))
+    p = sp.as_path(url)
+    if p.is_dir():
+        return sorted(str(x) for x in p.glob(f"*{SUFFIX}"))
+    if p.exists():
+        return [url]
+    raise ValueError(f"record shard path {item!r} does not exist")
+
+
 def expand_paths(spec: str | Sequence[str]) -> list[str]:
-    """A directory, a glob, a file, or a list of those -> sorted, de-duplicated shard paths."""
+    """A directory, a glob, a file, or a list of those -> sorted, de-duplicated shard paths (``gs://``
+    URLs too)."""
     items = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for item in items:
         item = str(item)
-        if os.path.isdir(item):
+        if sp.is_remote(item):
+            found = _expand_remote(item)
+        elif os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(item, f"*{SUFFIX}")))
         elif any(ch in item for ch in "*?["):
             found = sorted(glob.glob(item))
@@ -92,7 +115,8 @@ class RecordReader:
     """Random access to the records of several shards through ``grain.sources.ArrayRecordDataSource``.
 
     Picklable (the open source is dropped and reopened lazily), so it can live in grain map
-    functions that run in worker processes.
+    functions that run in worker processes. ``gs://`` shards are read from local copies
+    (:func:`local_shard`); ``paths`` keeps the URLs, which errors name.
     """
 
     def __init__(self, paths: Sequence[str]):
@@ -102,9 +126,9 @@ class RecordReader:
         from array_record.python.array_record_module import ArrayRecordReader
         self._starts = [0]
         for p in self.paths:
-            if not os.path.exists(p):
+            if not (sp.exists(p) if sp.is_remote(p) else os.path.exists(p)):
                 raise ValueError(f"record shard {p!r} does not exist")
-            r = ArrayRecordReader(p)
+            r = ArrayRecordReader(local_shard(p))
             try:
                 self._starts.append(self._starts[-1] + r.num_records())
             finally:
@@ -123,7 +147,7 @@ class RecordReader:
     def source(self):
         if self._source is None:
             import grain
-            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+            self._source = grain.sources.ArrayRecordDataSource([local_shard(p) for p in self.paths])
         return self._source
 
     def locate(self, index: int) -> tuple[str, int]:
@@ -146,6 +170,21 @@ class RecordReader:
     def __iter__(self):
         for i in range(len(self)):
             yield self.read(i)
+
+
+_LOCAL_SHARDS: dict[str, str] = {}  # URL -> local copy, per process
+
+
+def local_shard(path: str) -> str:
+    """A path the array_record reader can open: ``path`` itself when local; for a URL, a copy in
+    ``$UVJAX_CACHE/remote`` made once per process (``storage_paths.local_copy``: keyed by the object's
+    version, downloaded atomically, so processes sharing the cache share the file)."""
+    if not sp.is_remote(path):
+        return path
+    got = _LOCAL_SHARDS.get(path)
+    if got is None or not os.path.exists(got):
+        got = _LOCAL_SHARDS[path] = sp.local_copy(path, sp.remote_cache_dir("remote"))
+    return got
 
 
 def host_range(n: int, process_index: int, process_count: int) -> tuple[int, int]:

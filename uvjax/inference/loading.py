@@ -1,8 +1,8 @@
-"""Load a trained run for inference: config, model, merged variables and tokenizer from a work dir."""
+"""Load a trained run for inference: config, model, merged variables and tokenizer from a work dir
+(a local path or a ``gs://`` URL: ``uvjax/storage_paths.py``; orbax restores from the bucket directly)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import ml_collections as mlc
@@ -27,12 +27,12 @@ class LoadedRun:
 
 
 def load_config(workdir: str) -> mlc.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} has no config.json: is it a uvjax run directory?")
     import json
-    with open(path) as f:
-        return mlc.ConfigDict(json.load(f))
+    from uvjax import storage_paths as sp
+    path = sp.join(workdir, "config.json")
+    if not sp.exists(path):
+        raise FileNotFoundError(f"{workdir} has no config.json: is it a uvjax run directory?")
+    return mlc.ConfigDict(json.loads(sp.read_text(path)))
 
 
 def load_trained(workdir: str, step: int | None = None) -> LoadedRun:
@@ -43,11 +43,12 @@ def load_trained(workdir: str, step: int | None = None) -> LoadedRun:
     from uvjax.training.sharding import make_mesh
     from uvjax.training.step import create_trainer
 
-    workdir = os.path.abspath(workdir)
+    from uvjax import storage_paths as sp
+    workdir = sp.resolve(workdir)
     cfg = load_config(workdir)
     with cfg.unlocked():
         cfg.mesh.shape = (1, 1, 1)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(sp.join(workdir, "checkpoints"), async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")

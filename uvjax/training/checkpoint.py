@@ -11,6 +11,10 @@ thread at the next save or at close) raises :class:`CheckpointError` naming the 
 the last complete checkpoint, which stays intact. :meth:`Checkpointer.restore_latest` restores the
 newest step that reads back (and passes ``validate``); an unreadable newer step is moved aside to
 ``unreadable-<step>-<time>`` and reported, never deleted.
+
+The directory may be a ``gs://`` URL: orbax writes there itself (on an object store a step is complete when
+its ``commit_success.txt`` exists, not by a rename), and uvjax's own file operations (moving a step aside) go
+through ``uvjax/storage_paths.py`` / ``etils.epath``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from uvjax import storage_paths as sp
 
 
 def _grain_args():
@@ -69,7 +75,7 @@ def _disk_full(e: BaseException) -> bool:
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = sp.resolve(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             save_interval_steps=1, cleanup_tmp_directories=True)
@@ -174,10 +180,13 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str | None:
         import jax
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.directory, f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0 and os.path.isdir(src):
-            os.rename(src, dst)
+        src = sp.join(self.directory, str(step))
+        dst = sp.join(self.directory, f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0 and sp.isdir(src):
+            if sp.is_remote(src):  # objects are copied, then deleted: not atomic, but nothing is lost
+                sp.as_path(src).rename(sp.as_path(dst))
+            else:
+                os.rename(src, dst)
         if jax.process_count() > 1:  # orbax's barrier: the coordinator's on CPU (training/distributed.py)
             ocp.multihost.sync_global_processes(f"uvjax_ckpt_move_aside_{step}")
         return dst

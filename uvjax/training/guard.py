@@ -23,13 +23,17 @@ import collections
 import json
 import logging
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 _MAX_LOG_LINES = 50  # warnings per run; the jsonl file keeps every event
+
+
+def _join(workdir: str, name: str) -> str:
+    from uvjax.storage_paths import join
+    return join(workdir, name)
 
 
 def data_position(it) -> dict | None:
@@ -68,7 +72,7 @@ class StepGuard:
     def from_config(cls, cfg, workdir: str | None, primary: bool = True) -> "StepGuard":
         t = cfg.train
         return cls(t.nonfinite, float(t.get("spike_factor", 0.0) or 0.0), int(t.get("spike_window", 100) or 100),
-                   os.path.join(workdir, "skipped_updates.jsonl") if (workdir and primary) else None)
+                   _join(workdir, "skipped_updates.jsonl") if (workdir and primary) else None)
 
     # ------------------------------------------------------------------ the limit
     def max_loss(self, step: int) -> float:
@@ -113,9 +117,9 @@ class StepGuard:
                  "max_loss": self.max_loss(step) if spike else None, "data_position": position,
                  "action": "halt" if nonfinite and self.nonfinite == "halt" else "update skipped"}
         line = json.dumps(event, default=str, allow_nan=True)
-        if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(line + "\n")
+        if self.log_path:  # rare events: one append each (a rewrite of the object on gs://)
+            from uvjax.storage_paths import append_text
+            append_text(self.log_path, line + "\n")
         what = (f"non-finite loss {loss} / grad norm {m.get('grad_norm')}" if nonfinite else
                 f"loss spike {loss:.4g} > {event['max_loss']:.4g} (train.spike_factor={self.factor:g} x median "
                 f"of the last {self.window} losses)")

@@ -16,6 +16,10 @@ holder on this host whose pid is alive keeps the lock; a dead pid is taken over;
 host is trusted (refused) until someone deletes the file. Multi-host runs lock on process 0 only.
 
 The lock is re-entrant within a process (``run_all`` and ``run`` both take it).
+
+A ``gs://`` work directory has no ``fcntl``: ``workdir_lock`` hands it to ``uvjax.storage_paths.ObjectStoreLock``
+(a lease object with generation preconditions and a heartbeat), and ``WorkdirLock`` refuses URLs rather than
+lock a local ``./gs:/...`` directory.
 """
 from __future__ import annotations
 
@@ -72,6 +76,9 @@ class WorkdirLock:
     """``with WorkdirLock(workdir): ...`` or ``acquire()`` / ``release()``."""
 
     def __init__(self, workdir: str):
+        if _is_url(workdir):
+            raise ValueError(f"WorkdirLock locks local directories; {workdir!r} is a URL "
+                             "(use uvjax.storage_paths.lock_for_workdir)")
         self.workdir = os.path.abspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_NAME)
         self.fd: int | None = None
@@ -185,9 +192,19 @@ class WorkdirLock:
         self.release()
 
 
+def _is_url(path) -> bool:
+    import re
+    s = str(path)
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", s)) and not s.startswith("file://")
+
+
 def workdir_lock(workdir: str, enabled: bool = True):
-    """The lock of ``workdir`` as a context manager; ``enabled=False`` (non-primary hosts) is a no-op."""
+    """The lock of ``workdir`` as a context manager; ``enabled=False`` (non-primary hosts) is a no-op;
+    a ``gs://`` URL gets the object-store lease (``storage_paths.lock_for_workdir``)."""
     if not enabled:
         import contextlib
         return contextlib.nullcontext()
+    if _is_url(workdir):
+        from uvjax.storage_paths import lock_for_workdir
+        return lock_for_workdir(workdir)
     return WorkdirLock(workdir)
