@@ -657,3 +657,34 @@ def test_stage_cache_on_gcs_is_built_once_and_mirrored(prefix, tmp_path, monkeyp
         assert not sp.is_remote(paths2[k]) and tree(paths2[k]) == local[k], k  # the same bytes, mirrored
     assert cfg2.data.streams.understanding.paths == cfg.data.streams.understanding.paths
     assert cfg2.data.tokenizer == cfg.data.tokenizer and os.path.isdir(cfg2.data.tokenizer)
+
+
+def test_readme_recipe_on_a_gcs_bucket(prefix, tmp_path):
+    """README 'Train on your own data', verbatim but for the smoke preset and 4 steps, with everything in the
+    bucket: the LLaVA JSON, its images, the run directory and (by default, beside it) the stage cache. The
+    run trains, evaluates on the held-out split and generates into gs://; nothing lands in the cwd."""
+    from llava_fixture import write_llava  # tests/llava_fixture.py: written from the format, not by uvjax
+    from test_pretokenise import _readme_recipe
+    tr = write_llava(str(tmp_path / "train"), n_images=4, seed=0)
+    te = write_llava(str(tmp_path / "test"), n_images=2, seed=1)
+    for name, d in (("train", tr), ("test", te)):
+        sp.upload(d["json"], f"{prefix}/{name}/data.json")
+        sp.upload(d["images"], f"{prefix}/{name}/images")
+    run = f"{prefix}/run"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = _train_env(tmp_path, JSON=f"{prefix}/train/data.json", IMAGES=f"{prefix}/train/images",
+                     TEST_JSON=f"{prefix}/test/data.json", TEST_IMAGES=f"{prefix}/test/images", RUN=run)
+    cmds = _readme_recipe()
+    cmds[0] = cmds[0].replace("configs/own_data.py", "configs/own_data.py:smoke").replace(
+        "--config.train.steps=300", "--config.train.steps=4 --config.train.progress=False "
+        "--config.stages.vq.train.steps=2")
+    for c in cmds:
+        p = subprocess.run(["bash", "-c", c], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, c + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads(sp.read_text(f"{run}/eval/step_4/report.json"))
+    assert rep["heldout_loss"]["records"] == 7 and rep["answers"]["n"] == 5 and rep["generation"]["n"] == 2
+    assert sp.exists(f"{run}/eval/step_4/generations.png") and sp.exists(f"{run}/red.png")
+    assert sp.exists(f"{prefix}/cache") and any("dataset-" in n for n in sp.listdir(f"{prefix}/cache"))
+    assert sp.exists(f"{run}/checkpoints/4") and sp.exists(f"{run}/metrics.jsonl")
+    assert os.listdir(cwd) == []

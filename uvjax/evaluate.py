@@ -88,7 +88,11 @@ def _image_size(workdir: str, cfg, vq_path: str | None) -> int:
 def default_judge_dir(workdir: str, cfg, preset: str, image_size: int) -> str:
     """Where the judge is cached: next to the first-run stage cache (shared by every run of that cache,
     since the judge depends only on the renderer, its preset and the image size), else in the run."""
+    from uvjax import storage_paths as sp
     st = cfg.get("stages") if hasattr(cfg, "get") else None
+    cache = (st.get("cache_dir") if st is not None and hasattr(st, "get") else "") or ""
+    if sp.is_remote(workdir) or sp.is_remote(cache):  # the judge trains and loads as local files
+        return os.path.join(sp.cache_root(), f"judge-{preset}-{image_size}px")
     if st is not None and hasattr(st, "get") and st.get("build", False):
         cache = st.get("cache_dir") or os.path.join(os.path.dirname(os.path.abspath(workdir)), "cache")
         return os.path.join(os.path.abspath(cache), f"judge-{preset}-{image_size}px")

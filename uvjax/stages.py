@@ -116,6 +116,19 @@ def read_stage_log(workdir: str) -> list[dict]:
     return [json.loads(l) for l in sp.read_text(path).splitlines() if l.strip()]
 
 
+def stage_dir(workdir: str, stage: str) -> str | None:
+    """The local directory of the last ``stage`` recorded in ``<workdir>/stages.jsonl`` (a stage cached on
+    ``gs://`` is mirrored locally when this machine has no copy yet); None when none is recorded."""
+    recs = [r for r in read_stage_log(workdir) if r.get("stage") == stage and r.get("path")]
+    if not recs:
+        return None
+    r = recs[-1]
+    if os.path.exists(r["path"]) or not r.get("remote"):
+        return r["path"]
+    from uvjax import storage_paths as sp
+    return sp.local_tree(r["remote"], sp.remote_cache_dir("stages"), key=r.get("fingerprint"))
+
+
 def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
                  progress=None) -> tuple[str, dict]:
     """Returns (directory, info). Builds into a temporary directory and renames it when complete.
@@ -431,7 +444,8 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
 
     if str(cfg.data.get("tokenizer", "") or ""):  # the user's tokenizer directory, used as given
         from uvjax.data.tokenizer import TextTokenizer
-        tok_dir = os.path.abspath(os.path.expanduser(str(cfg.data.tokenizer)))
+        from uvjax import storage_paths as sp
+        tok_dir = sp.local_tree(str(cfg.data.tokenizer), sp.remote_cache_dir("trees"))  # gs://: a local mirror
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer!r}: no tokenizer.json there")
         tok_info = {"vocab_size": TextTokenizer.load(tok_dir).vocab_size}

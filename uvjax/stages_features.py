@@ -226,10 +226,9 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, sigl
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def find_stage_dir(workdir: str, stage: str) -> str | None:
-    """The last ``stage`` directory recorded in ``<workdir>/stages.jsonl``."""
-    from uvjax.stages import read_stage_log
-    paths = [r["path"] for r in read_stage_log(workdir) if r.get("stage") == stage and r.get("path")]
-    return paths[-1] if paths else None
+    """The last ``stage`` directory recorded in ``<workdir>/stages.jsonl`` (local; mirrored from gs://)."""
+    from uvjax.stages import stage_dir
+    return stage_dir(workdir, stage)
 
 
 def evaluation_kwargs(workdir: str, cfg) -> dict:

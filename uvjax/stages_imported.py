@@ -22,6 +22,7 @@ printed; nothing else is dropped.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -56,17 +57,25 @@ def is_imported(sc) -> bool:
 
 
 def _files(spec: str, fmt: str) -> list[str]:
+    """The input files of ``stages.source.train``/``test``: comma-separated files, directories or globs,
+    local or ``gs://``."""
+    from uvjax import storage_paths as sp
     items = [s for s in str(spec).split(",") if s.strip()]
+    pats = {"unifiedvisual": ("*.parquet",), "shards": ("*.array_record",)}.get(fmt, ("*.json", "*.jsonl"))
     out: list[str] = []
     for it in items:
-        it = os.path.abspath(os.path.expanduser(it.strip()))
-        if os.path.isdir(it):
-            pats = {"unifiedvisual": ("*.parquet",), "shards": ("*.array_record",)}.get(fmt, ("*.json", "*.jsonl"))
-            found = sorted(p for pat in pats for p in glob.glob(os.path.join(it, pat)))
-        elif any(ch in it for ch in "*?["):
-            found = sorted(glob.glob(it))
+        it = it.strip()
+        it = sp.resolve(it) if sp.is_remote(it) else os.path.abspath(os.path.expanduser(it))
+        if any(ch in it for ch in "*?["):
+            if sp.is_remote(it):
+                base, pat = it.rsplit("/", 1)
+                found = sorted(str(p) for p in sp.as_path(base).glob(pat))
+            else:
+                found = sorted(glob.glob(it))
+        elif sp.isdir(it):
+            found = sorted(sp.join(it, n) for n in sp.listdir(it) if any(fnmatch.fnmatch(n, q) for q in pats))
         else:
-            found = [it] if os.path.exists(it) else []
+            found = [it] if sp.exists(it) else []
         if not found:
             raise FileNotFoundError(f"stages.source: no {fmt} input found at {it!r}")
         out += [p for p in found if p not in out]
@@ -74,7 +83,10 @@ def _files(spec: str, fmt: str) -> list[str]:
 
 
 def _file_stamp(paths: list[str]) -> list:
-    return [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
+    """What identifies each input's content: (path, size, mtime) locally, (URL, size, generation) on gs://."""
+    from uvjax import storage_paths as sp
+    return [[p, *sp.remote_fingerprint(p)] if sp.is_remote(p) else [p, os.path.getsize(p), os.stat(p).st_mtime_ns]
+            for p in paths]
 
 
 def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict]:
@@ -86,9 +98,10 @@ def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict
     spec = src.train if split == "train" else src.test
     files = _files(spec, fmt)
     image_dir = str(src.image_dir if split == "train" else (src.test_image_dir or src.image_dir))
-    image_dir = os.path.abspath(os.path.expanduser(image_dir)) if image_dir else ""
+    from uvjax import storage_paths as sp
+    image_dir = sp.resolve(os.path.expanduser(image_dir)) if image_dir else ""
     if fmt == "shards":  # converted by the user: used in place
-        d = os.path.dirname(files[0])
+        d = sp.parent(files[0]) if sp.is_remote(files[0]) else os.path.dirname(files[0])
         return d, fingerprint("shards", _file_stamp(files), image_dir), {"files": files}
     fp = fingerprint("import", fmt, _file_stamp(files), image_dir, str(src.on_error), int(src.seed))
 
@@ -97,7 +110,10 @@ def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict
         for p in os.listdir(out):  # a killed conversion starts over (it is one streaming pass)
             os.remove(os.path.join(out, p))
         opts = {"seed": int(src.seed)} if fmt == "caption_generation" else {}
-        res = formats.convert(files, out, format=fmt, image_dir=image_dir, prefix=split,
+        # gs:// inputs are read from local copies (the JSON/parquet readers open files); a gs:// image folder
+        # stays remote (pre-tokenisation reads it), its files are checked there, not at import
+        local = [sp.local_copy(f, sp.remote_cache_dir()) for f in files]
+        res = formats.convert(local, out, format=fmt, image_dir=image_dir, prefix=split,
                               on_error=str(src.on_error), **opts)
         return {"counts": res["counts"], "paths": res["paths"], "image_dir": image_dir, "files": files}
 
@@ -112,7 +128,10 @@ def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict
 
 
 def _shards(d: str, split: str | None = None) -> list[str]:
+    from uvjax import storage_paths as sp
     pat = f"{split}-*.array_record" if split else "*.array_record"
+    if sp.is_remote(d):
+        return sorted(str(p) for p in sp.as_path(d).glob(pat))
     return sorted(glob.glob(os.path.join(d, pat)))
 
 
@@ -192,6 +211,10 @@ class ImportedSource:
         with vq_cfg.unlocked():  # held-out images for its PSNR: the last num_eval (at most a quarter)
             vq_cfg.data.num_eval = max(1, min(int(vq_cfg.data.num_eval), len(images) // 4))
             vq_cfg.data.num_train = len(images) - int(vq_cfg.data.num_eval)
+            if int(vq_cfg.train.batch_size) > int(vq_cfg.data.num_train):  # a small sample: smaller batches
+                print(f"[stage] vq: {len(images)} distinct training images; VQ batch size "
+                      f"{vq_cfg.train.batch_size} -> {vq_cfg.data.num_train}", flush=True)
+                vq_cfg.train.batch_size = max(1, int(vq_cfg.data.num_train))
         return images, vq_cfg
 
     def dataset_fp(self, kinds, vq_fp, tower_fp, feature_dtype) -> str:

@@ -60,6 +60,13 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
+def _umask_mode() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return 0o666 & ~m
+
+
+_FILE_MODE = _umask_mode()
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _COPY_CHUNK = 8 << 20
 
@@ -299,6 +306,7 @@ def _copy_file(src: str, dst: str | os.PathLike) -> None:
     dst = resolve(dst)
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
             shutil.copyfileobj(f, out, _COPY_CHUNK)
@@ -344,6 +352,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     d = os.path.dirname(dst) or "."
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or config is as readable as open() makes it
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

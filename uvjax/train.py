@@ -159,14 +159,8 @@ def init_codebook_from_vq(state, trainer, cfg):
 
 def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
     """The quick evaluation (a few test images) on the in-memory parameters, logged as eval/...;
-    needs the stages' VQ tokenizer (and a cached judge for generation scores). Not on a ``gs://`` work dir
-    (the evaluation's files are local paths)."""
+    needs the stages' VQ tokenizer (and a cached judge for generation scores)."""
     import jax
-    from uvjax import storage_paths as sp
-    if sp.is_remote(workdir):
-        if step == int(cfg.train.get("eval_every", 0) or 0):
-            logging.warning("quick evaluation skipped: not supported on a %s work dir yet", workdir)
-        return
     from uvjax.evaluate import evaluate_run, flat_metrics
     from uvjax.inference.loading import LoadedRun
     from uvjax.training.optimizer import merge_variables
@@ -454,13 +448,7 @@ def run_all(cfg, workdir: str) -> dict:
     StageLog(workdir).write(stage="lm", fingerprint=fp, reused=summary.get("steps_run", 1) == 0,
                             seconds=times["train"], path=workdir)
     summary.update(stage_seconds=times, stage_paths=paths)
-    from uvjax import storage_paths as sp
     evaluate = cfg.stages.build and cfg.stages.evaluate.enabled and not summary["stopped_by_signal"]
-    if evaluate and sp.is_remote(workdir):  # uvjax.evaluate writes its reports and judge as local files
-        print(f"[stage] evaluate: skipped: the evaluation does not write to {workdir.split('://')[0]}:// work "
-              "directories yet; copy the run to a local directory and run `python -m uvjax.evaluate "
-              "--workdir=DIR`", flush=True)
-        evaluate = False
     if evaluate:
         t = time.time()
         try:

@@ -191,6 +191,8 @@ def resolve_image_path(image_dir: str, rel: Any, where: str, *, check_files: boo
         raise FormatError(where, f"image path {rel!r} contains '..' and could escape the image folder "
                                  f"{image_dir!r}; refused", "path_escape")
     norm = os.path.normpath(rel)
+    if "://" in str(image_dir):  # an object store (gs://): no symlinks; the pre-tokenisation reads and checks it
+        return norm.replace(os.sep, "/")
     root = os.path.realpath(image_dir or ".")
     full = os.path.realpath(os.path.join(root, norm))
     if os.path.commonpath([root, full]) != root:
@@ -1162,7 +1164,7 @@ def write_manifest(out_dir: str, *, format: str, sources: Sequence[str], image_d
     manifest = {
         "format": format,
         "sources": [os.path.abspath(p) for p in sources],
-        "image_dir": os.path.realpath(image_dir) if image_dir else "",
+        "image_dir": (image_dir.rstrip("/") if "://" in image_dir else os.path.realpath(image_dir)) if image_dir else "",
         "counts": counts,
         "paths": {s: [os.path.abspath(p) for p in ps] for s, ps in paths.items()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1192,7 +1194,7 @@ def convert(source: str | Sequence[str], out_dir: str, *, format: str, image_dir
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
     files = _expand_sources(source, format)
-    real_image_dir = os.path.realpath(image_dir) if image_dir else ""
+    real_image_dir = (image_dir.rstrip("/") if "://" in image_dir else os.path.realpath(image_dir)) if image_dir else ""
     _check_out_dir_manifest(out_dir, real_image_dir, prefix)
     stats = ImportStats()
     recs = _iter_files(files, format=format, image_dir=image_dir, on_error=on_error, stats=stats,

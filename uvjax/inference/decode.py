@@ -449,13 +449,11 @@ def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
             val = node.get(key) if node is not None and hasattr(node, "get") else None
             if isinstance(val, str) and val:
                 cands.append(val if os.path.isabs(val) else os.path.join(workdir, val))
-    log = os.path.join(workdir, "stages.jsonl")  # runs built by uvjax.stages record the VQ stage's dir
-    if os.path.exists(log):
-        import json
-        with open(log) as f:
-            recs = [json.loads(l) for l in f if l.strip()]
-        cands += [r["path"] for r in reversed(recs) if r.get("stage") == "vq" and r.get("path")][:1]
-    cands += [os.path.join(workdir, "vq"), workdir]
+    from uvjax.stages import stage_dir  # runs built by uvjax.stages record the VQ stage's dir (gs://: mirrored)
+    staged = stage_dir(workdir, "vq")
+    cands += [staged] if staged else []
+    if "://" not in workdir:
+        cands += [os.path.join(workdir, "vq"), workdir]
     looked = []
     for c in cands:
         path = os.path.join(c, VQ_FILE) if os.path.isdir(c) or not c.endswith(".safetensors") else c
