@@ -77,7 +77,7 @@ case "$CMD" in
     TARBALL="/tmp/uvjax-src.tar.gz"
     run tar -C "$REPO_DIR" --exclude=runs --exclude=.git -czf "$TARBALL" .
     run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME":/tmp/uvjax-src.tar.gz --zone="$ZONE" "${PROJ_FLAG[@]}" --worker=all
-    ssh_all "mkdir -p ~/uvjax && tar -xzf /tmp/uvjax-src.tar.gz -C ~/uvjax && cd ~/uvjax && pip install -e . 'jax[tpu]==0.10.2'"
+    ssh_all "mkdir -p ~/uvjax && tar -xzf /tmp/uvjax-src.tar.gz -C ~/uvjax && cd ~/uvjax && pip install -e '.[gcs]' 'jax[tpu]==0.10.2'"
     ;;
   run)
     [[ "${1:-}" == "--" ]] && shift
