@@ -44,7 +44,7 @@ def test_setup_copies_and_installs_on_all_workers():
     out = _dry("--name", "p", "--zone", "z", "setup")
     assert out[0].startswith("tar -C ")
     assert out[1].startswith("gcloud compute tpus tpu-vm scp /tmp/uvjax-src.tar.gz p:/tmp/uvjax-src.tar.gz")
-    assert "--worker=all" in out[1] and "--worker=all" in out[2] and "pip install -e ." in out[2].replace("\\", "")
+    assert "--worker=all" in out[1] and "--worker=all" in out[2] and "pip install -e '.[gcs]'" in out[2].replace("\\", "")
 
 
 def test_stop_sends_sigterm_everywhere_and_unknown_command_fails():
