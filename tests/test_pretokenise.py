@@ -237,8 +237,8 @@ def test_readme_recipe_trains_and_evaluates_on_llava_json(tmp_path):
     cfg = json.load(open(os.path.join(run, "config.json")))
     for s in ("understanding", "generation"):  # trained on the user's data, nothing else
         assert cfg["data"]["streams"][s]["paths"] and all("dataset-" in q for q in cfg["data"]["streams"][s]["paths"])
-    p2 = subprocess.run(["bash", "-c", cmds[0]], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                        timeout=600)
+    p2 = subprocess.run(["bash", "-c", cmds[0] + " --config.stages.evaluate.enabled=False"], cwd=str(tmp_path),
+                        env=env, capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stderr[-3000:]
     log = [json.loads(l) for l in open(os.path.join(run, "stages.jsonl"))]
     last = {r["stage"]: r for r in log}
@@ -258,7 +258,7 @@ def test_sigterm_during_the_stages_exits_cleanly_and_the_rerun_resumes(tmp_path)
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "uvjax.train", "--config=configs/own_data.py:smoke", f"--workdir={tmp_path}/run",
            f"--config.stages.source.train={tr['json']}", f"--config.stages.source.image_dir={tr['images']}",
-           "--config.train.steps=2", "--config.train.progress=False", "--config.stages.vq.train.steps=150"]
+           "--config.train.steps=2", "--config.train.progress=False", "--config.stages.vq.train.steps=60"]
     p = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in p.stdout:
