@@ -368,3 +368,20 @@ def test_llava_plus_caption_mix_in_one_folder(tmp_path):
     assert rep["records_written"] == {"understanding": 9, "generation": 8} and rep["images_encoded"] == 4
     gens = [r for r in _records(str(tmp_path / "pre"), "train-generation-*") if r.id.endswith("/generation")]
     assert len(gens) == 4 and all(r.images("assistant") and not r.images("user") for r in gens)
+
+
+def test_command_with_a_siglip_tower(llava, tmp_path):
+    """``python -m uvjax.pretokenise`` with a SigLIP tower file for both roles: features [N, F] in float16,
+    the tower's own preprocessing (squash to its size), a report printed."""
+    from uvjax.models.siglip import ViTConfig, init_params
+    from uvjax.weights.hf_siglip import save_vit
+    vit = ViTConfig(image_size=32, patch_size=8, width=16, depth=1, heads=2, mlp=32)
+    save_vit(init_params(vit), vit, str(tmp_path / "tower.safetensors"))
+    p = subprocess.run([sys.executable, "-m", "uvjax.pretokenise", f"--shards={llava['shards']}",
+                        f"--out={tmp_path / 'pre'}", f"--tower={tmp_path / 'tower.safetensors'}"],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "pre-tokenised train: read 19 records" in p.stdout and "6 distinct images encoded" in p.stdout
+    recs = _records(str(tmp_path / "pre"))
+    f = recs[0].images()[0].features if recs[0].images() else recs[1].images()[0].features
+    assert f.shape == (16, 16) and f.dtype == np.float16

@@ -688,3 +688,16 @@ def test_readme_recipe_on_a_gcs_bucket(prefix, tmp_path):
     assert sp.exists(f"{prefix}/cache") and any("dataset-" in n for n in sp.listdir(f"{prefix}/cache"))
     assert sp.exists(f"{run}/checkpoints/4") and sp.exists(f"{run}/metrics.jsonl")
     assert os.listdir(cwd) == []
+    # the stand-alone pre-tokenisation and the export, both from and to the bucket
+    cache = sp.listdir(f"{prefix}/cache")
+    imported = f"{prefix}/cache/" + next(n for n in cache if n.startswith("import-train-"))
+    vq = f"{prefix}/cache/" + next(n for n in cache if n.startswith("vq-"))
+    for c in (f"python -m uvjax.pretokenise --shards={imported} --vq={vq} --image_size=32 --out={run}/pre",
+              f"python -m uvjax.weights.export --workdir={run} --out={run}/hf"):
+        p = subprocess.run(["bash", "-c", c], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, c + "\n" + p.stdout[-3000:] + p.stderr[-3000:]
+    assert "pre-tokenised train: read 13 records" in p.stdout or sp.exists(f"{run}/pre/report-train.json")
+    pre = json.loads(sp.read_text(f"{run}/pre/report-train.json"))
+    assert pre["records_read"] == 13 and pre["images_encoded"] == 4 and pre["skipped_total"] == 0
+    assert sp.exists(f"{run}/hf/config.json") and any(n.endswith(".safetensors") for n in sp.listdir(f"{run}/hf"))
+    assert os.listdir(cwd) == []

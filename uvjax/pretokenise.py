@@ -179,7 +179,11 @@ class Encoder:
 
 
 def vq_encoder(vq_path: str, image_size: int, resize: str = "center_crop") -> Encoder:
+    from uvjax import storage_paths as sp
     from uvjax.inference.decode import VQCodec
+    if sp.is_remote(vq_path):  # safetensors are read from a local copy
+        vq_path = sp.local_tree(vq_path, sp.remote_cache_dir("trees")) if sp.isdir(vq_path) else \
+            sp.local_copy(vq_path, sp.remote_cache_dir())
     return Encoder(VQCodec(vq_path), "codes", image_size, resize or "center_crop")
 
 
@@ -197,7 +201,11 @@ def tower_encoder(path: str, *, kind: str = "siglip", resize: str = "", **overri
     stage's ``siglip.safetensors``) or an HF ``SiglipVisionModel``/``CLIPVisionModel`` directory (config.json
     + safetensors, converted on load). Preprocessing is the tower's own unless ``resize`` says otherwise:
     SigLIP squashes to S x S, CLIP resizes the short side and centre-crops; normalisation is the tower's."""
+    from uvjax import storage_paths as sp
     from uvjax.weights.hf_siglip import load_hf_vision, load_vit
+    if sp.is_remote(path):  # read from a local copy
+        path = sp.local_tree(path, sp.remote_cache_dir("trees")) if sp.isdir(path) else \
+            sp.local_copy(path, sp.remote_cache_dir())
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         cfg, params = load_hf_vision(path, **overrides)
     else:
@@ -487,13 +495,24 @@ def format_report(r: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m uvjax.pretokenise", description=__doc__.split("\n")[0])
-    ap.add_argument("--shards", required=True, nargs="+", help="imported shards: directory, glob or files")
-    ap.add_argument("--out", required=True, help="output directory of the pre-tokenised shards")
+    ap.add_argument("--shards", required=True, nargs="+", help="imported shards: directory, glob or files "
+                                                               "(local or gs://)")
+    ap.add_argument("--out", required=True, help="output directory of the pre-tokenised shards (local or gs://: "
+                                                 "built in $UVJAX_CACHE, then uploaded)")
     ap.add_argument("--split", default="train")
-    ap.add_argument("--vq", required=True, help="VQ tokenizer: vq.safetensors or its directory (uvjax-trained "
-                                                "or converted LlamaGen VQ-16)")
-    ap.add_argument("--image_size", type=int, default=256, help="tower input size (the VQ's training size)")
-    ap.add_argument("--resize", default="center_crop", choices=RESIZE_MODES)
+    ap.add_argument("--vq", default="", help="VQ tokenizer: vq.safetensors or its directory (uvjax-trained or "
+                                             "converted LlamaGen VQ-16)")
+    ap.add_argument("--image_size", type=int, default=256, help="VQ input size (the VQ's training size)")
+    ap.add_argument("--tower", default="", help="SigLIP/CLIP tower: an HF vision-model directory or a uvjax "
+                                                "tower file (siglip.safetensors)")
+    ap.add_argument("--tower_kind", default="siglip", choices=("siglip", "clip"))
+    ap.add_argument("--user", default="", choices=("", "vq", "tower"),
+                    help="encoder of user (understanding) images; default: the VQ if given, else the tower")
+    ap.add_argument("--assistant", default="", choices=("", "vq", "tower"),
+                    help="encoder of assistant (generation) images; default: the VQ if given, else the tower")
+    ap.add_argument("--resize", default="", choices=("",) + RESIZE_MODES,
+                    help="default: each tower's own (VQ centre crop, SigLIP squash, CLIP resize + crop)")
+    ap.add_argument("--feature_dtype", default="float16", choices=("float16", "float32"))
     ap.add_argument("--image_root", default=None, help="image folder (default: the import manifest's)")
     ap.add_argument("--chunk", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64)
@@ -501,21 +520,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--process_index", type=int, default=0)
     ap.add_argument("--process_count", type=int, default=1)
     a = ap.parse_args(argv)
-    enc = vq_encoder(a.vq, a.image_size, a.resize)
+    if not a.vq and not a.tower:
+        ap.error("give --vq and/or --tower")
+    made = {}
+    if a.vq:
+        made["vq"] = vq_encoder(a.vq, a.image_size, a.resize)
+    if a.tower:
+        made["tower"] = tower_encoder(a.tower, kind=a.tower_kind, resize=a.resize)
+    default = "vq" if a.vq else "tower"
+    roles = {"user": a.user or default, "assistant": a.assistant or default}
+    for role, k in roles.items():
+        if k not in made:
+            ap.error(f"--{role}={k} needs --{'vq' if k == 'vq' else 'tower'}")
+    from uvjax import storage_paths as sp
+    out = a.out
+    if sp.is_remote(out):  # resumable locally (chunk markers), uploaded when complete
+        import hashlib
+        out = os.path.join(sp.remote_cache_dir("pretokenise"),
+                           hashlib.sha256(sp.resolve(a.out).encode()).hexdigest()[:16])
     paths = shard_paths(a.shards)
     n = len(storage.RecordReader(paths))
     from tqdm import tqdm
     bar = tqdm(total=n, desc=f"pretokenise {a.split}", unit="rec", dynamic_ncols=True)
     try:
-        rep = pretokenise_shards(paths, {"user": enc, "assistant": enc}, a.out, split=a.split,
+        rep = pretokenise_shards(paths, {r: made[k] for r, k in roles.items()}, out, split=a.split,
                                  image_root=a.image_root, chunk=a.chunk, batch=a.batch, on_error=a.on_error,
-                                 process_index=a.process_index, process_count=a.process_count,
-                                 progress=bar.update)
+                                 feature_dtype=a.feature_dtype, process_index=a.process_index,
+                                 process_count=a.process_count, progress=bar.update)
     except FormatError as e:
         bar.close()
         print(f"uvjax.pretokenise: {e}", file=sys.stderr)
         return 2
     bar.close()
+    if out != a.out:
+        sp.upload(out, a.out)
+        print(f"uploaded {out} -> {a.out}")
     print(format_report(rep))
     return 0
 

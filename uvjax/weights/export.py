@@ -226,12 +226,25 @@ def load_exported(path: str, dtype: str = "float32") -> tuple[dict, dict, dict]:
 def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
                max_shard_size="5GB", overwrite: bool = False) -> dict:
     """Loads a run's checkpoint (``uvjax.inference.loading.load_trained``) and exports it."""
+    from uvjax import storage_paths as sp
     from uvjax.inference.loading import load_trained
     run = load_trained(workdir, step)
     dtype = dtype or str(run.cfg.model.param_dtype)
-    summary = export_hf(run.variables, run.model.cfg, run.tokenizer, out, dtype=dtype,
+    local = out
+    if sp.is_remote(out):  # written locally, then uploaded (safetensors and HF files are local writers)
+        if sp.exists(out) and sp.listdir(out) and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
+        import tempfile
+        os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
+        local = tempfile.mkdtemp(prefix="export-", dir=sp.remote_cache_dir("export"))
+    summary = export_hf(run.variables, run.model.cfg, run.tokenizer, local, dtype=dtype,
                         template=str(run.cfg.data.get("template", "")) or None,
-                        max_shard_size=max_shard_size, run_config=run.cfg, overwrite=overwrite)
+                        max_shard_size=max_shard_size, run_config=run.cfg, overwrite=overwrite or local != out)
+    if local != out:
+        import shutil
+        sp.upload(local, out)
+        shutil.rmtree(local, ignore_errors=True)
+        summary = json.loads(json.dumps(summary, default=str).replace(local, sp.resolve(out)))
     summary["step"] = run.step
     return summary
 
