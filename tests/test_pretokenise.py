@@ -368,6 +368,16 @@ def test_llava_plus_caption_mix_in_one_folder(tmp_path):
     assert rep["records_written"] == {"understanding": 9, "generation": 8} and rep["images_encoded"] == 4
     gens = [r for r in _records(str(tmp_path / "pre"), "train-generation-*") if r.id.endswith("/generation")]
     assert len(gens) == 4 and all(r.images("assistant") and not r.images("user") for r in gens)
+    # the graph on format=shards takes exactly the shards named (here: the LLaVA part of the folder)
+    from uvjax.config import load_config_file
+    from uvjax.stages import prepare
+    c = load_config_file("own_data", "smoke")
+    with c.unlocked():
+        c.stages.source.format, c.stages.source.train = "shards", os.path.join(mix, "llava-*.array_record")
+        c.stages.vq.train.steps = 2
+    cfg, paths = prepare(c, str(tmp_path / "run"), progress=False)
+    counts = {k: v["records"] for k, v in paths["lengths"]["train"].items()}
+    assert counts == {"understanding": 9, "generation": 4}
 
 
 def test_command_with_a_siglip_tower(llava, tmp_path):

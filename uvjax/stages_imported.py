@@ -184,9 +184,13 @@ class ImportedSource:
         self.sc, self.src = sc, src
         self.train_dir, self.train_fp, self.counts = _import_split(src, "train", cache, log, say)
         self.test_dir = self.test_fp = None
+        test_counts: dict = {}
         if str(src.test):
-            self.test_dir, self.test_fp, _ = _import_split(src, "test", cache, log, say)
-        self.train_shards = _shards(self.train_dir)
+            self.test_dir, self.test_fp, test_counts = _import_split(src, "test", cache, log, say)
+        # format "shards": exactly the files the user named; else every shard the import wrote
+        self.split_shards = {"train": self.counts.get("files") or _shards(self.train_dir),
+                             "test": (test_counts.get("files") or _shards(self.test_dir)) if self.test_dir else []}
+        self.train_shards = self.split_shards["train"]
         if not self.train_shards:
             raise ValueError(f"import-train wrote no records ({self.train_dir}); see the skip counts above")
         self.vq_resize = str(src.resize) or "center_crop"
@@ -228,8 +232,8 @@ class ImportedSource:
         from uvjax import pretokenise as pt
         from uvjax.data.storage import RecordReader
         info = {}
-        for split, d in (("train", self.train_dir), ("test", self.test_dir)):
-            shards = _shards(d) if d is not None else []
+        for split in ("train", "test"):
+            shards = self.split_shards[split]
             if not shards:
                 continue
             bar = progress_factory(f"pretokenise {split}", len(RecordReader(shards))) if progress_factory else None
