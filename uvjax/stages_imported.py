@@ -1,15 +1,16 @@
-"""The stage graph for other people's data: import → tokenizer → VQ → pre-tokenise → (train → evaluate).
+"""The imported-data source of the stage graph (``uvjax.stages.prepare``): other people's records.
 
 Selected by ``stages.source.kind = "imported"``: ``stages.source.train`` (and ``.test`` for a held-out split)
 name LLaVA/ShareGPT4V JSON files, caption files (``format="caption_generation"``), UnifiedVisual/HF parquet
 (``format="unifiedvisual"``), or shards already written by ``python -m uvjax.data.formats convert``
 (``format="shards"``); ``image_dir`` / ``test_image_dir`` are their image folders. Every node is cached by
-fingerprint in ``<cache_dir>/<stage>-<fp>/`` exactly as the Smart Watch chain (``uvjax.stages``):
+fingerprint in ``<cache_dir>/<stage>-<fp>/`` as for the Smart Watch source (local or ``gs://``):
 
-    import-train, import-test   formats.convert (input files fingerprinted by path, size and mtime)
+    import-train, import-test   formats.convert (input files fingerprinted by path, size and mtime / generation)
     tokenizer                   BPE trained on the imported training texts, or the base model's
     vq                          ``stages.source.vq`` (e.g. a converted LlamaGen VQ-16) as given, else
                                 uvjax's VQ (``stages.vq``) trained on the imported training images
+    (siglip / clip)             ``towers.siglip|clip.path`` as given, for feature architectures
     dataset                     ``uvjax.pretokenise`` of both splits (resumable by chunk)
     lengths                     each pre-tokenised record's length and target positions under the run's
                                 template; the start of every run reports how many records ``seq_len``
