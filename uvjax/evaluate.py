@@ -321,13 +321,19 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     timing["total_s"] = round(time.time() - t_start, 2)
     report["timing"] = timing
     if write:
-        from uvjax import storage_paths as sp
-        files["report"] = os.path.join(out_dir, "report.json")
-        files["table"] = os.path.join(out_dir, "table.txt")
-        report["files"] = files
-        sp.atomic_write_text(files["report"], json.dumps(report, indent=1, default=_json_default))
-        sp.atomic_write_text(files["table"], format_table(report) + "\n")
+        write_report(report, out_dir, files, format_table)
     return report
+
+
+def write_report(report: dict, out_dir: str, files: dict, table) -> None:
+    """``report.json`` and ``table.txt`` (``table(report)``) in ``out_dir`` (local or gs://); ``files`` (grid
+    paths so far) gains both and is stored in the report."""
+    from uvjax import storage_paths as sp
+    files["report"] = os.path.join(out_dir, "report.json")
+    files["table"] = os.path.join(out_dir, "table.txt")
+    report["files"] = files
+    sp.atomic_write_text(files["report"], json.dumps(report, indent=1, default=_json_default))
+    sp.atomic_write_text(files["table"], table(report) + "\n")
 
 
 FID_OFF = ("off: standard FID is not supported without the user's Inception weights (--inception_weights=PATH "

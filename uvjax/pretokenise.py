@@ -236,13 +236,6 @@ def _where(reader: storage.RecordReader, i: int, rec: Record | None = None) -> s
     return f"{w} (id {rec.id!r})" if rec is not None else w
 
 
-def _store_features(f: np.ndarray, dtype: str, where: str) -> np.ndarray:
-    out = np.asarray(f, np.float32).astype(dtype)
-    if not np.isfinite(out).all():
-        raise ValueError(f"{where}: non-finite features after casting to {dtype}; use float32")
-    return out
-
-
 class _Report:
     def __init__(self):
         self.records_read = 0
@@ -345,6 +338,7 @@ MEMO_ENTRIES = 200_000
 
 
 def _pretokenise_chunk(reader, indices, encoders, root, *, batch, on_error, feature_dtype, policy, memo=None):
+    from uvjax.stages_features import _store_features as store_features  # float16 with a finiteness check
     rep = _Report()
     loaded: dict[str, tuple[np.ndarray, str | None]] = {}  # image key -> (rgb, converted-from mode)
     failed: dict[str, ImageError] = {}
@@ -440,7 +434,7 @@ def _pretokenise_chunk(reader, indices, encoders, root, *, batch, on_error, feat
             if e.kind == "codes":
                 segs.append(Segment(s.role, "image", codes=np.asarray(v).reshape(-1).astype(np.int32)))
             else:
-                segs.append(Segment(s.role, "image", features=_store_features(v, feature_dtype,
+                segs.append(Segment(s.role, "image", features=store_features(v, feature_dtype,
                                                                               _where(reader, i, rec))))
         out = Record(rec.id, rec.task, segs, rec.attributes)
         stream = stream_for(out)

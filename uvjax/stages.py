@@ -513,8 +513,7 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
             sc_run = sc.copy_and_resolve_references()
             with sc_run.unlocked():
                 sc_run.features = feats_cfg
-            info = build_feature_dataset(sc_run, kinds, None, None, out, _bar if progress else None,
-                                         encoders={r: _smartwatch_encoder(e) for r, e in enc.items()})
+            info = build_feature_dataset(sc_run, kinds, enc, out, _bar if progress else None)
         tokens = {}
         for role, e in enc.items():
             if e.kind == "codes":
@@ -580,17 +579,6 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         if say:
             say(si.format_length_report(lengths, int(cfg.train.seq_len)))
     return cfg, paths
-
-
-def _smartwatch_encoder(e):
-    """A ``uvjax.pretokenise.Encoder`` as the Smart Watch pass wants it (rendered images are already at the
-    tower's size: no resize)."""
-    from uvjax.stages_features import CodesEncoder, TowerEncoder
-    if e.kind == "codes":
-        return CodesEncoder(e.tower)
-    t = TowerEncoder.__new__(TowerEncoder)
-    t.cfg, t._fx = e.tower.cfg, e.tower._fx
-    return t
 
 
 def _reasoning_tokenizer_parts(sc) -> tuple:

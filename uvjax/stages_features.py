@@ -178,21 +178,13 @@ def build_siglip(sc, out: str) -> dict:
             "feature_tokens": metrics["feature_tokens"], "feature_dim": metrics["feature_dim"]}
 
 
-def _encoders(kinds: Mapping[str, str], vq_dir: str | None, siglip_dir: str | None) -> dict:
-    made = {}
-    if "codes" in kinds.values():
-        from uvjax.stages import VQCodec
-        made["codes"] = CodesEncoder(VQCodec(vq_dir))
-    if "features" in kinds.values():
-        made["features"] = TowerEncoder(siglip_dir)
-    return {role: made[k] for role, k in kinds.items()}
-
-
-def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, siglip_dir: str | None, out: str,
-                          progress_factory=None, encoders: Mapping[str, object] | None = None) -> dict:
+def build_feature_dataset(sc, kinds: Mapping[str, str], encoders: Mapping[str, object], out: str,
+                          progress_factory=None) -> dict:
+    """Pre-tokenises the Smart Watch splits of ``sc.data`` with one encoder per role (each with ``kind`` and
+    ``encode``, e.g. ``uvjax.pretokenise.Encoder``); returns the record counts per split and stream. The
+    caller (``uvjax.stages.prepare``) adds what the encoders imply (image tokens, codebook, feature width)."""
     import dataclasses
     from uvjax.data import smartwatch as sw
-    enc = dict(encoders) if encoders is not None else _encoders(kinds, vq_dir, siglip_dir)
     d = sc.data
     splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                                image_size=int(d.image_size))
@@ -204,21 +196,12 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], vq_dir: str | None, sigl
             spec = dataclasses.replace(spec, time_seconds=True)
         os.makedirs(os.path.join(out, name), exist_ok=True)
         bar = progress_factory(f"pretokenise {name}", spec.num_images) if progress_factory else None
-        info[name] = pretokenise_split_features(spec, enc, os.path.join(out, name), chunk=int(d.records_per_shard),
-                                                batch=int(d.encode_batch), feature_dtype=str(sc.features.dtype),
+        info[name] = pretokenise_split_features(spec, encoders, os.path.join(out, name),
+                                                chunk=int(d.records_per_shard), batch=int(d.encode_batch),
+                                                feature_dtype=str(sc.features.dtype),
                                                 progress=(bar.update if bar else None))
         if bar:
             bar.close()
-    tokens = {}
-    for role, e in enc.items():
-        if e.kind == "features":
-            tokens[role] = e.tokens
-            info["feature_dim"] = e.feature_dim
-        else:
-            h, w = e.codec.cfg.grid(int(d.image_size))
-            tokens[role] = int(h * w)
-            info.update(codebook_size=int(e.codec.cfg.codebook_size), code_dim=int(e.codec.cfg.code_dim))
-    info["image_tokens_by_role"] = tokens
     info["kinds"] = dict(kinds)
     info["feature_dtype"] = str(sc.features.dtype)
     return info

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 
 import ml_collections as mlc

@@ -303,13 +303,20 @@ def _copy_file(src: str, dst: str | os.PathLike) -> None:
         with open(src, "rb") as f, as_path(dst).open("wb") as out:
             shutil.copyfileobj(f, out, _COPY_CHUNK)
         return
-    dst = resolve(dst)
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    with open(src, "rb") as f:
+        _atomic_local_write(resolve(dst), lambda out: shutil.copyfileobj(f, out, _COPY_CHUNK))
+
+
+def _atomic_local_write(dst: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temp file beside ``dst``, fsync, rename over ``dst`` (readers never see half a
+    file); mode as ``open()`` would give it (mkstemp makes 0600)."""
+    d = os.path.dirname(dst) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
     os.fchmod(fd, _FILE_MODE)
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, _COPY_CHUNK)
+        with os.fdopen(fd, "wb") as out:
+            write(out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dst)
@@ -348,23 +355,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if is_remote(path):
         as_path(path).write_bytes(data)  # a single object put
         return
-    dst = resolve(path)
-    d = os.path.dirname(dst) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a report or config is as readable as open() makes it
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic_local_write(resolve(path), lambda out: out.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
@@ -426,13 +417,8 @@ class ObjectStoreLockedError(_lock_error_base()):
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from uvjax.training.lock import _pid_alive as alive  # the local lock's check, one definition
+    return alive(pid)
 
 
 def _describe(rec: dict) -> str:

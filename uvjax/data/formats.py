@@ -154,6 +154,15 @@ def summary_line(counts: dict[str, Any]) -> str:
             + (f" ({per(skipped)})" if skipped else "") + f"; warnings: {warnings}")
 
 
+def _keep(stats: "ImportStats", rec: Record) -> int:
+    """Counts a kept record (and its ambiguous hour answers, returned for the per-file warning)."""
+    stats.kept += 1
+    n = ambiguous_hour_answers(rec)
+    if n:
+        stats.warnings[HOUR_AMBIGUOUS] += n
+    return n
+
+
 def ambiguous_hour_answers(record: Record) -> int:
     """How many assistant text answers of ``record`` are exactly a time whose hour is 00 or 12
     (``HH:MM`` or ``HH:MM:SS`` after stripping), which the 12-hour dial cannot tell apart."""
@@ -551,11 +560,7 @@ def iter_llava(path: str, image_dir: str = "", *, load_pixels: bool = False,
             except FormatError as e:
                 stats.handle(e, on_error)
                 continue
-            stats.kept += 1
-            n = ambiguous_hour_answers(rec)
-            if n:
-                stats.warnings[HOUR_AMBIGUOUS] += n
-            ambiguous += n
+            ambiguous += _keep(stats, rec)
             yield rec
     finally:
         _warn_ambiguous_hours(path, ambiguous)
@@ -964,11 +969,7 @@ def iter_unifiedvisual(path: str, image_dir: str = "", *, task: str | None = Non
             except FormatError as e:
                 stats.handle(e, on_error)
             else:
-                stats.kept += 1
-                n = ambiguous_hour_answers(rec)
-                if n:
-                    stats.warnings[HOUR_AMBIGUOUS] += n
-                ambiguous += n
+                ambiguous += _keep(stats, rec)
                 yield rec
             i += 1
     finally:

@@ -6,7 +6,8 @@ Three measures, all from the pre-tokenised test records the stages wrote (``data
   and divided by the global target counts (``training/loss.py``): text CE / accuracy, image CE / accuracy;
 - **answers**: every test record whose first assistant turn is text (VQA, captions, conversations) is
   prompted with what precedes that turn and decoded greedily; *exact* = the normalised answer equals the
-  normalised reference (lower case, whitespace collapsed, trailing punctuation dropped); *tolerant* =
+  normalised reference (``evaluation.metrics.normalize``: lower case, whitespace collapsed, trailing .!,
+  dropped); *tolerant* =
   either contains the other (e.g. "Yes" vs "Yes, it is.");
 - **generation**: every test record whose first assistant turn contains an image is prompted with what
   precedes it and decoded (exactly N codes after ``<boi>``, as in training); a PNG grid shows the
@@ -15,7 +16,6 @@ Three measures, all from the pre-tokenised test records the stages wrote (``data
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from typing import Sequence
@@ -27,12 +27,8 @@ from uvjax.data.records import Record
 _MAX_PROMPT_TEXT = 300
 
 
-def normalize(text: str) -> str:
-    t = " ".join(str(text).lower().split())
-    return t.strip().rstrip(".!,;").strip()
-
-
 def answer_scores(prediction: str, truth: str) -> dict[str, float]:
+    from uvjax.evaluation.metrics import normalize  # lower case, whitespace collapsed, trailing .!, dropped
     p, t = normalize(prediction), normalize(truth)
     return {"exact": float(p == t), "tolerant": float(bool(p) and bool(t) and (t in p or p in t))}
 
@@ -184,12 +180,8 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
     timing["total_s"] = round(time.time() - t0, 2)
     report["timing"] = timing
     if write:
-        from uvjax import storage_paths as sp  # a local path or a gs:// URL
-        files["report"] = os.path.join(out_dir, "report.json")
-        files["table"] = os.path.join(out_dir, "table.txt")
-        report["files"] = files
-        sp.atomic_write_text(files["report"], json.dumps(report, indent=1, default=str))
-        sp.atomic_write_text(files["table"], format_table(report) + "\n")
+        from uvjax.evaluate import write_report
+        write_report(report, out_dir, files, format_table)
     return report
 
 
