@@ -121,6 +121,34 @@ def test_resume_check_lets_keys_added_since_the_run_started_through_and_names_ch
     check_workdir_matches(cfg, workdir("knob", knob))
 
 
+def test_resume_check_with_damaged_fingerprint_or_config_files(tmp_path):
+    """Fault drill (docs/RELIABILITY.md): a damaged lm_fingerprint.json falls back to the key-by-key check
+    against config.json (the same config resumes); when config.json is damaged too, the resume is refused
+    with a message naming the file; a deleted fingerprint file is rewritten."""
+    import json
+    from uvjax.train import check_workdir_matches, lm_fingerprint
+    cfg = _cfg()
+    current = cfg.to_json_best_effort()
+    fp = lm_fingerprint(cfg)
+
+    def workdir(name, fingerprint_text, config_text):
+        d = tmp_path / name
+        (d / "checkpoints" / "5").mkdir(parents=True)
+        if fingerprint_text is not None:
+            (d / "lm_fingerprint.json").write_text(fingerprint_text)
+        (d / "config.json").write_text(config_text)
+        return str(d)
+
+    good = json.dumps({"fingerprint": fp})
+    truncated, flipped = good[: len(good) // 2], good.replace(fp[3], "g" if fp[3] != "g" else "h", 1)
+    for name, text in (("truncated", truncated), ("flipped", flipped), ("deleted", None)):
+        d = workdir(name, text, current)
+        assert check_workdir_matches(cfg, d) == fp, name
+        assert json.loads((tmp_path / name / "lm_fingerprint.json").read_text())["fingerprint"] == fp
+    with pytest.raises(ValueError, match=r"config\.json is damaged"):
+        check_workdir_matches(cfg, workdir("both", truncated, current[: len(current) // 2]))
+
+
 def test_cudnn_attention_config_runs_on_cpu_as_xla():
     """A bf16 config trained on a GPU with attention='cudnn' must still evaluate on a CPU (the XLA path)."""
     import jax

@@ -316,7 +316,7 @@ class _FeatureBatches:
         rng = np.random.default_rng(self.i)
         b = random_batch(rng, 8, 16, 24, 96)
         b["features"] = rng.normal(size=(8, 16, 8)).astype(np.float32)
-        if self.i == self.poison:
+        if self.i == self.poison or (isinstance(self.poison, (set, range)) and self.i in self.poison):
             b["features"][:] = np.nan
         if self.i == self.spike:
             b["features"] *= 1e3
@@ -381,6 +381,89 @@ def test_nonfinite_halt_names_the_batch_and_keeps_params_finite(tmp_path, keep_s
     assert "step 5: non-finite loss nan" in msg and "(train.nonfinite='halt')" in msg
     assert '"batch_index": 4' in msg and '"next_index": 4' in msg
     assert "last good checkpoint: step 4" in msg
+
+
+def test_updates_skipped_in_a_row_halt_the_run_and_are_never_checkpointed(tmp_path, keep_signal_handlers):
+    """Garbage is never saved: from batch 4 on every batch is NaN; the checkpoint due at step 6 is not written
+    while the last update was skipped, and the 5th skipped update in a row (train.halt_after_skips) stops the
+    run naming the step and the last good checkpoint."""
+    from uvjax import train
+    from uvjax.config import base_config
+    assert base_config().train.spike_factor == 10.0 and base_config().train.halt_after_skips == 5  # on by default
+    cfg = _numeric_cfg(**{"train.checkpoint_every": 2})
+    wd = str(tmp_path / "diverging")
+    with pytest.raises(RuntimeError) as e:
+        train.run(cfg, wd, data_iterator=_FeatureBatches(poison=range(4, 100)), progress=False)
+    msg = str(e.value)
+    assert "step 9: 5 updates in a row were skipped" in msg and "last good checkpoint: step 4" in msg, msg
+    assert _steps(wd) == [2, 4]
+
+
+def test_bit_flips_in_every_array_file_fall_back_with_exact_losses(dataset, reference, tmp_path):
+    """The issue's drill: one bit flipped in every array data file of the latest checkpoint, then the same
+    command run on: resumed from the previous good step, the damaged one moved aside and named, and the
+    losses equal to an uninterrupted run's."""
+    wd = str(tmp_path / "flipped")
+    p = _run(_cmd(dataset, wd, extra=(f"--config.train.stop_at={3 * EVERY}",)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _steps(wd) == [2 * EVERY, 3 * EVERY]  # keep_checkpoints=2: step 3 went once 9 had verified
+    from uvjax.training.checkpoint import Checkpointer
+    assert Checkpointer(_ckpt_dir(wd)).verified_steps() == [2 * EVERY, 3 * EVERY]
+    files = glob.glob(os.path.join(_ckpt_dir(wd), str(3 * EVERY), "state", "ocdbt.process_*", "d", "*"))
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            data = bytearray(fh.read())
+            data[len(data) // 2] ^= 0x04
+            fh.seek(0)
+            fh.write(data)
+    p = _run(_cmd(dataset, wd))
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = _summary(p.stdout)
+    assert s["steps_run"] == STEPS - 2 * EVERY, s
+    assert [u["step"] for u in s["unreadable_checkpoints"]] == [3 * EVERY]
+    assert "does not match the digests saved with it" in s["unreadable_checkpoints"][0]["error"] \
+        or "error while reading" in s["unreadable_checkpoints"][0]["error"], s["unreadable_checkpoints"]
+    assert f"resumed from step {2 * EVERY} instead" in p.stderr
+    _assert_losses_match(_metrics(wd), reference["metrics"], range(2 * EVERY + 1, STEPS + 1))
+    assert len([x for x in os.listdir(_ckpt_dir(wd)) if x.startswith(f"unreadable-{3 * EVERY}-")]) == 1
+
+
+def test_a_restored_state_must_reproduce_its_probe_and_its_batch(dataset, reference, tmp_path):
+    """A state that does not give the loss recorded for the batch after it is refused (fallback); a data
+    pipeline that produces another batch there stops the run with a message (no older step would help)."""
+    ds_dir = tmp_path / "data"
+    shutil.copytree(os.path.dirname(dataset["tokenizer"].rstrip("/")), ds_dir)
+    ds = json.loads(json.dumps(dataset).replace(os.path.dirname(dataset["tokenizer"].rstrip("/")), str(ds_dir)))
+    wd = str(tmp_path / "probe")
+    p = _run(_cmd(ds, wd, extra=(f"--config.train.stop_at={3 * EVERY}",)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    from uvjax.training.checkpoint import SIDECAR, Checkpointer
+    from uvjax.training.integrity import json_digest
+    side = os.path.join(_ckpt_dir(wd), str(3 * EVERY), SIDECAR)
+    rec = json.load(open(side))
+    assert rec["probe"]["loss"] > 0 and rec["probe"]["batch_digests"]
+    body = {k: v for k, v in rec.items() if k != "sha256"}
+    body["probe"]["loss"] += 0.5  # as if the state had restored differently
+    json.dump({**body, "sha256": json_digest(body)}, open(side, "w"))
+    p = _run(_cmd(ds, wd, extra=(f"--config.train.stop_at={3 * EVERY + 1}",)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = _summary(p.stdout)
+    assert [u["step"] for u in s["unreadable_checkpoints"]] == [3 * EVERY], s
+    assert "was recorded when it was saved" in s["unreadable_checkpoints"][0]["error"]
+    _assert_losses_match(_metrics(wd), reference["metrics"], range(2 * EVERY + 1, 3 * EVERY + 2))
+    # the data changes under the run: the generation shards now hold the understanding records
+    gen_files = sorted(glob.glob(os.path.join(ds["paths"]["generation"], "*")))
+    und_files = sorted(glob.glob(os.path.join(ds["paths"]["understanding"], "*")))
+    assert gen_files and und_files, ds
+    for g in gen_files:
+        shutil.copyfile(und_files[0], g)
+    p = _run(_cmd(ds, wd))
+    assert p.returncode != 0
+    assert "differs from the one this run saw when it saved that step" in p.stderr, p.stderr[-3000:]
+    assert "The training data or its order changed" in p.stderr
+    assert _steps(wd) == [3 * EVERY, 3 * EVERY + 1]  # nothing moved aside for a data problem (9 was re-saved)
+    assert Checkpointer(_ckpt_dir(wd)).verified_steps() == [3 * EVERY, 3 * EVERY + 1]
 
 
 def test_spike_guard_limit_is_deterministic_and_resumable():

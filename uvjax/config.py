@@ -76,13 +76,20 @@ def base_config() -> mlc.ConfigDict:
     t.seed = 0
     t.trainable = (".*",)  # full fine-tuning; LoRA presets: ("lora/.*", ADAPTER_PATTERN)
     t.nonfinite = "skip"  # skip | halt (both never apply a non-finite update; halt also stops the run)
-    t.spike_factor = 0.0  # > 1: skip updates whose loss exceeds this x the running median (0 = off)
+    # > 1: skip updates whose loss exceeds this x the running median (0 = off). 10 only catches blow-ups
+    # (orders of magnitude), never the noise of a healthy run (docs/RELIABILITY.md)
+    t.spike_factor = 10.0
     t.spike_window = 100  # steps in that running median (training/guard.py)
+    t.halt_after_skips = 5  # this many skipped updates in a row stop the run (no checkpoint of them)
     t.log_every = 10
     t.checkpoint_every = 200
     t.eval_every = 0  # quick evaluation every N steps (0 = only the final evaluation of the stages)
-    t.keep_checkpoints = 2
+    t.keep_checkpoints = 2  # verified checkpoints kept (a newer one is verified before an older goes)
     t.async_checkpoint = True
+    t.checkpoint_readback = True  # read each checkpoint back after its save and check its digests
+    # a restored state recomputes the loss of the batch after it; a relative difference (to max(1, |loss|))
+    # above this refuses the step (same mesh: identical; another mesh: reduction order, ~1e-6)
+    t.probe_tolerance = 1e-3
     t.progress = True
 
     c.mesh = mlc.ConfigDict(dict(shape=(1, -1, 1)))

@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from uvjax import integrity_files as itg
 from uvjax.data import storage
 from uvjax.data.formats import FormatError, stream_for
 from uvjax.data.records import Record, Segment
@@ -227,7 +228,11 @@ def image_root_of(shards: Sequence[str]) -> str:
                            for p in shards):
         m = sp.join(d, "import_manifest.json")
         if sp.exists(m):
-            return str(json.loads(sp.read_text(m)).get("image_dir") or "")
+            try:
+                return str(json.loads(sp.read_text(m)).get("image_dir") or "")
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{m}: damaged import manifest: not a JSON object ({e}); convert the data "
+                                 "again (python -m uvjax.data.formats convert) or move the import stage aside") from e
     return ""
 
 
@@ -299,9 +304,9 @@ def pretokenise_shards(shards: str | Sequence[str], encoders: Mapping[str, Encod
         interrupt.check()
         lo, hi = c * chunk, min(n, (c + 1) * chunk)
         marker = os.path.join(out_dir, f".{split}-chunk{c:05d}.done")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                report.add(json.load(f))
+        done = itg.read_marker(marker) if os.path.exists(marker) else None  # damaged: reported, chunk redone
+        if done is not None:
+            report.add(done)
             if progress:
                 progress(hi - lo)
             continue
@@ -316,9 +321,7 @@ def pretokenise_shards(shards: str | Sequence[str], encoders: Mapping[str, Encod
             if recs:
                 storage.write_records(recs, out_dir, prefix, records_per_shard=10 ** 9)
         d = chunk_report.as_dict()
-        with open(marker + ".tmp", "w") as f:
-            json.dump(d, f)
-        os.replace(marker + ".tmp", marker)
+        itg.write_marker(marker, d)
         report.add(d)
         if progress:
             progress(hi - lo)
@@ -465,8 +468,7 @@ def merge_reports(out_dir: str, split: str) -> dict:
     tot = _Report()
     files = sorted(glob.glob(os.path.join(out_dir, f"report-{split}*.json")))
     for p in files:
-        with open(p) as f:
-            tot.add(json.load(f))
+        tot.add(itg.read_json(p, "pre-tokenisation report"))
     return {**tot.as_dict(), "reports": files}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,10 @@ from typing import Any, Callable
 
 import ml_collections as mlc
 import numpy as np
+
+from uvjax.integrity_files import StageCacheDamaged  # noqa: F401  (raised by cached_stage)
+
+_log = logging.getLogger(__name__)
 
 STAGES_VERSION = 1  # bump when a stage's output format changes
 
@@ -105,38 +110,75 @@ class StageLog:
 
     def write(self, **rec):
         from uvjax import storage_paths as sp
-        sp.append_text(self.path, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **rec}) + "\n")
+        from uvjax import integrity_files as itg
+        sp.append_text(self.path, itg.seal_line({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **rec}))
+
+    def used_content(self, stage: str, fp: str) -> str | None:
+        """The content digest of ``stage``/``fp`` this work dir last recorded using (None: never)."""
+        from uvjax import storage_paths as sp
+        recs = [r for r in read_stage_log(sp.parent(self.path) if sp.is_remote(self.path)
+                                          else os.path.dirname(self.path))
+                if r.get("stage") == stage and r.get("fingerprint") == fp and r.get("content")]
+        return recs[-1]["content"] if recs else None
 
 
 def read_stage_log(workdir: str) -> list[dict]:
+    """The records of ``<workdir>/stages.jsonl``. Each line carries a CRC-32 (``integrity_files.seal_line``);
+    a damaged line (a killed append, a flipped bit) is left out with a warning naming the file and line."""
+    from uvjax import integrity_files as itg
     from uvjax import storage_paths as sp
     path = sp.join(workdir, "stages.jsonl")
     if not sp.exists(path):
         return []
-    return [json.loads(l) for l in sp.read_text(path).splitlines() if l.strip()]
+    recs, problems = itg.parse_lines(sp.read_text(path), path, "stage record")
+    for p in problems:
+        _log.warning("%s; left out", p)
+    return [{k: v for k, v in r.items() if k != "crc32"} for r in recs]
 
 
 def stage_dir(workdir: str, stage: str) -> str | None:
     """The local directory of the last ``stage`` recorded in ``<workdir>/stages.jsonl`` (a stage cached on
-    ``gs://`` is mirrored locally when this machine has no copy yet); None when none is recorded."""
+    ``gs://`` is mirrored locally when this machine has no copy yet), verified against its manifest (raises
+    ``StageCacheDamaged``); None when none is recorded."""
     recs = [r for r in read_stage_log(workdir) if r.get("stage") == stage and r.get("path")]
     if not recs:
         return None
     r = recs[-1]
     if os.path.exists(r["path"]) or not r.get("remote"):
-        return r["path"]
+        return _checked(r["path"])
     from uvjax import storage_paths as sp
-    return sp.local_tree(r["remote"], sp.remote_cache_dir("stages"), key=r.get("fingerprint"))
+    return _checked(sp.local_tree(r["remote"], sp.remote_cache_dir("stages"), key=r.get("fingerprint")))
+
+
+def _checked(path: str) -> str:
+    """``path``, verified against its manifest when it is a finished stage directory that has one (a given
+    tower or VQ file is not a stage: returned as it is). Raises StageCacheDamaged."""
+    from uvjax import integrity_files as itg
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "DONE.json")):
+        info = itg.load_done(path)
+        if "manifest" in info:
+            itg.verify_stage(path, info)
+    return path
 
 
 def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
                  progress=None) -> tuple[str, dict]:
     """Returns (directory, info). Builds into a temporary directory and renames it when complete.
 
+    Integrity (``uvjax/integrity_files.py``): ``DONE.json`` records a manifest of the stage's files (path,
+    size, sha256) and a digest of itself, written before the rename. A reused stage is verified against it
+    first; a damaged one raises :class:`StageCacheDamaged` (naming the directory, the file, expected vs
+    found) and is left as it is. Its directory moved aside as ``<dir>.damaged*``, the next run rebuilds it and
+    promotes the rebuild only if its content equals the record of the damaged one. A stage whose content
+    differs from what this work dir used before (``stages.jsonl`` records each stage's content digest) is
+    refused too: an LM is never continued on different data. Stages finished before manifests existed are
+    reused unverified (one log line says so).
+
     A ``gs://`` cache_dir: the stage lives in ``<cache_dir>/<name>-<fp>/`` in the bucket, and the returned
     directory is always a local one (every consumer reads local files): a finished remote stage
     (``DONE.json`` there) is mirrored once into ``$UVJAX_CACHE/stages`` (``storage_paths.local_tree``,
-    keyed by the URL and the fingerprint); an unfinished one is built locally (``<mirror>.partial``,
+    keyed by the URL and the fingerprint), and the mirror is verified as a local stage is (a damaged mirror
+    is moved aside and downloaded again once); an unfinished one is built locally (``<mirror>.partial``,
     resumable as here), uploaded, ``DONE.json`` last, and the local build becomes the mirror."""
     from uvjax import storage_paths as sp
     if sp.is_remote(cache_dir):
@@ -144,10 +186,10 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     out = os.path.join(cache_dir, f"{name}-{fp}")
     done = os.path.join(out, "DONE.json")
     t0 = time.time()
-    if os.path.exists(done):
-        with open(done) as f:
-            info = json.load(f)
-        log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=out)
+    if os.path.exists(done) or os.path.isdir(out):  # `out` only ever appears with DONE.json in it (rename)
+        info, content = _verified(name, fp, out, log, progress)
+        log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=out, content=content,
+                  verified=content is not None, verify_seconds=round(time.time() - t0, 3))
         if progress:
             progress(f"{name}: reused {out}")
         return out, info
@@ -157,15 +199,88 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     os.makedirs(work, exist_ok=True)  # a .partial left by a killed run is resumed (chunk markers)
     if progress:
         progress(f"{name}: building {out}")
-    info = build(work) or {}
-    info = {**info, "fingerprint": fp, "seconds": time.time() - t0}
-    with open(os.path.join(work, "DONE.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    info = _finish(name, fp, out, work, build(work) or {}, t0, log)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(work, out)
-    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=out)
-    return out, info
+    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=out, content=info["content"])
+    return out, _unsealed(info)
+
+
+def _unsealed(info: dict) -> dict:
+    from uvjax.integrity_files import unsealed
+    return unsealed(info)
+
+
+def _say(progress, msg: str) -> None:
+    (progress or (lambda m: print(f"[stage] {m}", flush=True)))(msg)
+
+
+def _verified(name: str, fp: str, out: str, log: StageLog, progress, *, where: str | None = None
+              ) -> tuple[dict, str | None]:
+    """(info, content digest) of the finished stage in ``out``, verified against its manifest; content None
+    for a stage finished before manifests (reused unverified, said once). Raises StageCacheDamaged."""
+    from uvjax import integrity_files as itg
+    if not os.path.exists(os.path.join(out, "DONE.json")):
+        raise StageCacheDamaged(
+            f"stage cache {where or out} is damaged: its DONE.json is missing (a finished stage always has "
+            f"one). {itg._what_to_do(out)}", out, [("DONE.json", "the stage's completion record", "missing")])
+    info = itg.load_done(out)
+    if "manifest" not in info:
+        _say(progress, f"{name}: {out} was finished before stage manifests existed: reused UNVERIFIED "
+                       "(move it aside to rebuild it with a manifest)")
+        return itg.unsealed(info), None
+    itg.verify_stage(out, info)
+    content = info.get("content") or itg.content_digest(info["manifest"])
+    _check_history(name, fp, content, out, log)
+    return itg.unsealed(info), content
+
+
+def _check_history(name: str, fp: str, content: str, out: str, log: StageLog) -> None:
+    """Refuses a stage whose content differs from what this work dir used before under the same fingerprint."""
+    used = log.used_content(name, fp)
+    if used is not None and used != content:
+        raise StageCacheDamaged(
+            f"stage {name} in {out} is not the one this run used before: {log.path} records content "
+            f"{used[:16]}..., the cache now holds {content[:16]}... (rebuilt after damage or deletion, and not "
+            "bit-identical). A run must not continue on different data: restore the original stage directory, "
+            "or train in a new work directory", out, [("*", f"content {used}", f"content {content}")])
+
+
+def _finish(name: str, fp: str, out: str, work: str, info: dict, t0: float, log: StageLog) -> dict:
+    """Seals a completed build in ``work``: manifest + content digest + DONE.json (digested), after checking
+    the rebuild against the record of a damaged copy moved aside (``<out>.damaged*``) and this work dir's
+    history. Returns the sealed info."""
+    import glob as _glob
+    from uvjax import integrity_files as itg
+    manifest = itg.build_manifest(work)
+    content = itg.content_digest(manifest)
+    info = itg.seal({**info, "fingerprint": fp, "seconds": time.time() - t0, "manifest": manifest,
+                     "content": content})
+    for old in sorted(_glob.glob(out + ".damaged*"), key=os.path.getmtime, reverse=True):
+        try:
+            rec = itg.load_done(old)
+        except StageCacheDamaged:
+            continue  # its record is damaged too: nothing to compare with
+        if "manifest" not in rec:
+            continue
+        want = rec.get("content") or itg.content_digest(rec["manifest"])
+        if want != content:
+            diff = sorted(k for k in set(manifest["files"]) | set(rec["manifest"]["files"]) if not itg.is_volatile(k)
+                          and (manifest["files"].get(k) or {}).get("sha256")
+                          != (rec["manifest"]["files"].get(k) or {}).get("sha256"))
+            raise StageCacheDamaged(
+                f"the rebuilt {name} stage ({work}) is not bit-identical to the damaged one's record "
+                f"({old}/DONE.json); differing files: {diff[:10]}. It is not used: runs and stages built on the "
+                f"original must not continue on different data. To start afresh with the rebuild (a new work "
+                f"directory), move {old} out of {os.path.dirname(out)} and move aside the stages built from this "
+                "one (later stages in the cache), then rerun", work, [(k, "as recorded", "different") for k in diff])
+        _log.info("%s: rebuild is bit-identical to the record in %s", name, old)
+        break
+    _check_history(name, fp, content, out, log)
+    with open(os.path.join(work, "DONE.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
 
 
 def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
@@ -178,10 +293,25 @@ def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[st
     mirror = sp.tree_mirror_path(out, mirrors, fp)
     t0 = time.time()
     if os.path.exists(os.path.join(mirror, "DONE.json")) or sp.exists(sp.join(out, "DONE.json")):
-        mirror = sp.local_tree(out, mirrors, key=fp)  # no request when the mirror is there
-        with open(os.path.join(mirror, "DONE.json")) as f:
-            info = json.load(f)
-        log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=mirror, remote=out)
+        for attempt in (0, 1):
+            mirror = sp.local_tree(out, mirrors, key=fp)  # no request when the mirror is there
+            try:
+                info, content = _verified(name, fp, mirror, log, progress, where=f"{out} (local copy {mirror})")
+                break
+            except StageCacheDamaged as e:
+                if attempt:
+                    raise StageCacheDamaged(
+                        f"{e}\nIt was downloaded again from {out}, so the copy in the bucket is damaged: move it "
+                        f"aside (gcloud storage mv {out} {out}.damaged); the next run rebuilds the stage", out,
+                        e.problems) from e
+                import tempfile
+                aside = tempfile.mkdtemp(prefix=f"{os.path.basename(mirror)}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                         dir=os.path.dirname(mirror))
+                os.replace(mirror, aside)  # a local copy: moved aside, fetched again from the bucket
+                _say(progress, f"{name}: local copy {mirror} of {out} is damaged (moved to {aside}); downloading "
+                               "it again")
+        log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=mirror, remote=out, content=content,
+                  verified=content is not None, verify_seconds=round(time.time() - t0, 3))
         if progress:
             progress(f"{name}: reused {out} (local copy {mirror})")
         return mirror, info
@@ -191,17 +321,15 @@ def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[st
     os.makedirs(work, exist_ok=True)  # a .partial left by a killed run is resumed (chunk markers)
     if progress:
         progress(f"{name}: building {out} (locally in {work})")
-    info = build(work) or {}
-    info = {**info, "fingerprint": fp, "seconds": time.time() - t0}
-    with open(os.path.join(work, "DONE.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    info = _finish(name, fp, mirror, work, build(work) or {}, t0, log)
     sp.upload(work, out, exclude=("DONE.json",))
     sp.upload(os.path.join(work, "DONE.json"), sp.join(out, "DONE.json"))  # last: the stage is complete
     if os.path.exists(mirror):
         shutil.rmtree(mirror)
     os.replace(work, mirror)
-    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=mirror, remote=out)
-    return mirror, info
+    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=mirror, remote=out,
+              content=info["content"])
+    return mirror, _unsealed(info)
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
@@ -307,6 +435,7 @@ def build_reasoning(sc, vq_dir: str, out: str) -> dict:
     from uvjax.data import reasoning as rs
     from uvjax.data import storage
     from uvjax.data.records import Record, Segment
+    from uvjax.integrity_files import read_marker, write_marker
     codec = VQCodec(vq_dir)
     spec = _reasoning_spec(sc)
     chunk, batch = int(sc.data.records_per_shard), int(sc.data.encode_batch)
@@ -316,9 +445,9 @@ def build_reasoning(sc, vq_dir: str, out: str) -> dict:
     for c in range((spec.num_scenes + chunk - 1) // chunk):
         interrupt.check()
         marker = os.path.join(out, "train", f".reasoning-chunk{c:05d}.done")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                n += json.load(f)["records"]
+        done = read_marker(marker) if os.path.exists(marker) else None  # damaged: reported, chunk redone
+        if done is not None:
+            n += done["records"]
             continue
         recs = list(rs.generate(spec, c * chunk, (c + 1) * chunk))
         pix = {id(s.pixels): s.pixels for r in recs for s in r.images()}
@@ -333,8 +462,7 @@ def build_reasoning(sc, vq_dir: str, out: str) -> dict:
             if p.startswith(prefix):
                 os.remove(os.path.join(out, "train", p))
         storage.write_records(recs, os.path.join(out, "train"), prefix, records_per_shard=10 ** 9)
-        with open(marker, "w") as f:
-            json.dump({"records": len(recs)}, f)
+        write_marker(marker, {"records": len(recs)})
         n += len(recs)
     return {"records": n, "rationale": spec.rationale, "tasks": list(spec.tasks)}
 

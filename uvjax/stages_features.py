@@ -102,6 +102,7 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
     from uvjax.data import smartwatch as sw
     from uvjax.data import storage
     from uvjax.data.records import Record, Segment
+    from uvjax.integrity_files import read_marker, write_marker
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"stages.features.dtype={feature_dtype!r}; expected one of {FEATURE_DTYPES}")
     enc = {role: _as_encoder(e) for role, e in encoders.items()}
@@ -114,10 +115,10 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
     for c in range(n_chunks):
         interrupt.check()
         marker = os.path.join(out_dir, f".{spec.name}-chunk{c:05d}.done")
-        if os.path.exists(marker):
-            with open(marker) as f:
-                for k, v in json.load(f).items():
-                    counts[k] += v
+        done = read_marker(marker) if os.path.exists(marker) else None  # damaged: reported, chunk redone
+        if done is not None:
+            for k, v in done.items():
+                counts[k] += v
             if progress:
                 progress(min(chunk, spec.num_images - c * chunk))
             continue
@@ -160,8 +161,7 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
                 storage.write_records(recs, out_dir, prefix, records_per_shard=10 ** 9)
             chunk_counts[name] = len(recs)
             counts[name] += len(recs)
-        with open(marker, "w") as f:
-            json.dump(chunk_counts, f)
+        write_marker(marker, chunk_counts)
         if progress:
             progress(hi - lo)
     return counts

@@ -212,19 +212,32 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
     it = data_iterator if data_iterator is not None else build_data_iterator(cfg, workdir, local_batch)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints,
-                        async_save=cfg.train.async_checkpoint)
+                        async_save=cfg.train.async_checkpoint,
+                        readback=bool(cfg.train.get("checkpoint_readback", True)))
     guard = StepGuard.from_config(cfg, workdir, primary)
+    probe = _Probe(trainer, mesh, float(cfg.train.get("probe_tolerance", 1e-3)))
+    pushback: list = []  # (position, local batch) peeked while validating the restored step
 
-    def finite_params(restored):  # a checkpoint holding NaN/Inf parameters is not a good step
+    def check_restored(restored, step):
+        """A restored step must hold finite parameters and give the loss recorded for the batch after it."""
         bad = nonfinite_leaves(restored["state"].trainable)
         if bad:
             raise ValueError(f"non-finite parameters in {bad}")
-
-    start, restored, unreadable = ckpt.restore_latest(abstract_like(state, trainer.state_shardings), it,
-                                                      with_meta=True, validate=finite_params)
-    if start:
+        pushback.clear()
         if "data_json" in restored:
             it.set_state(restored["data_json"])
+        recorded = ckpt.probe(step)
+        if recorded is None or not hasattr(it, "get_state"):
+            logging.info("checkpoint step %d has no loss probe; restored on its digests alone", step)
+            return
+        position = data_position(it)
+        local = next(it)
+        pushback.append((position, local))
+        probe.check(step, restored["state"], global_batch_from_local(local, mesh), recorded)
+
+    start, restored, unreadable = ckpt.restore_latest(abstract_like(state, trainer.state_shardings), it,
+                                                      with_meta=True, validate=check_restored)
+    if start:
         state = restored["state"]
         guard.load_state_dict((restored.get("meta") or {}).get("guard"))
         logging.info("resumed from %s at step %d", ckpt.directory, start)
@@ -247,18 +260,46 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     last_saved = start
+    save_due = False  # a checkpoint deferred because the last update was skipped
     halted = None
     step = start
     compile_s = None
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     t_log, n_log = time.time(), 0
+
+    def save(step_now):
+        """Saves unless the last update was skipped or the parameters are not finite (then: not yet /
+        halt). Returns a halt message or None."""
+        nonlocal last_saved, save_due
+        msg = guard.flush()
+        if msg:
+            return msg
+        if guard.consecutive:
+            save_due = True
+            logging.warning("step %d: not checkpointing while the last %d update(s) were skipped; the last good "
+                            "checkpoint is step %d", step_now, guard.consecutive, last_saved)
+            return None
+        bad = nonfinite_leaves(state.trainable)
+        if bad:
+            return f"step {step_now}: non-finite parameters {bad}: not saved"
+        probe.record(ckpt)
+        meta["guard"] = guard.state_dict()
+        _save(ckpt, step_now, state, it, meta, writer, lease)
+        probe.arm(step_now)
+        last_saved, save_due = step_now, False
+        return None
+
     while step < total and not stop:
-        position = data_position(it)  # names the batch if its update is skipped (training/guard.py)
-        local = next(it)
+        if pushback:
+            position, local = pushback.pop()
+        else:
+            position = data_position(it)  # names the batch if its update is skipped (training/guard.py)
+            local = next(it)
         batch = global_batch_from_local(local, mesh)
         if step_fn is None:
             step_fn = make_train_step(trainer, batch)
             tc = time.time()
+        probe.observe(state, batch, position)  # the batch after a checkpoint: its loss proves that step
         state, metrics = step_fn(state, batch, guard.max_loss(step + 1))
         halted = guard.push(step + 1, position, metrics)
         if halted:
@@ -290,28 +331,31 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
                 break
         if bar is not None:
             bar.update(1)
-        if step % cfg.train.checkpoint_every == 0 and step < total:
-            halted = guard.flush()
+        if (step % cfg.train.checkpoint_every == 0 or save_due) and step < total:
+            halted = save(step)
             if halted:
                 break
-            meta["guard"] = guard.state_dict()
-            _save(ckpt, step, state, it, meta, writer, lease)
-            last_saved = step
         eval_every = int(cfg.train.get("eval_every", 0) or 0)
         if eval_every and step % eval_every == 0 and step < total and primary and cfg.stages.build:
             _quick_eval(cfg, model, state, workdir, step, writer)
     if bar is not None:
         bar.close()
     halted = halted or guard.flush()
+    if not halted and step > last_saved:
+        halted = save(step)
+        if not halted and guard.consecutive:  # the run ends on skipped updates: they are not saved
+            halted = (f"step {step}: the run ends on {guard.consecutive} skipped update(s); not checkpointed "
+                      f"(details in skipped_updates.jsonl)")
+        if not halted and (not stop or probe.ready):  # the last checkpoint's probe: peek the next batch
+            probe.peek_final(ckpt, step, state, it)
     if halted:
         try:
+            probe.record(ckpt)
             ckpt.close()
         finally:
             writer.close()
         raise RuntimeError(halted + f"; last good checkpoint: step {last_saved} in {ckpt.directory}")
-    if step > last_saved:
-        meta["guard"] = guard.state_dict()
-        _save(ckpt, step, state, it, meta, writer, lease)
+    probe.record(ckpt)
     _close(ckpt, writer)
     if data_iterator is None and hasattr(it, "close"):
         it.close()
@@ -326,7 +370,87 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
                             stop.signal)
     return {"step": step, "steps_run": step - start, "stopped_by_signal": bool(stop), "compile_s": compile_s,
             "wall_s": time.time() - t0, "workdir": workdir, "checkpoint_step": step if step else None,
-            "unreadable_checkpoints": unreadable, "skipped_updates": dict(guard.counts)}
+            "unreadable_checkpoints": unreadable, "skipped_updates": dict(guard.counts),
+            "unverified_checkpoints": ckpt.failed_verification}
+
+
+class _Probe:
+    """The loss a checkpointed state gives on the batch that follows it, recorded with the checkpoint and
+    recomputed after a restore (no update): a state that does not reproduce it is refused.
+
+    During training the probe of checkpoint t is computed on step t+1's batch from the state before that
+    step (one forward pass per checkpoint, read when the next checkpoint is written); the last checkpoint
+    of a run peeks the next batch instead. The batch's digest is recorded too: a resumed run whose data
+    pipeline produces another batch there stops (``RestoreRefused``: the data changed, no older checkpoint
+    would fix it)."""
+
+    def __init__(self, trainer, mesh, tolerance: float):
+        self.trainer, self.mesh, self.tolerance = trainer, mesh, float(tolerance)
+        self.fn = None
+        self.armed: int | None = None  # step of the checkpoint whose probe the next batch computes
+        self.pending: tuple | None = None  # (step, position, batch digest, loss on device)
+
+    @property
+    def ready(self) -> bool:
+        return self.fn is not None
+
+    def _loss(self, state, batch):
+        if self.fn is None:
+            from uvjax.training.step import make_probe_loss
+            self.fn = make_probe_loss(self.trainer, batch)
+        return self.fn(state, batch)
+
+    def arm(self, step: int) -> None:
+        self.armed = int(step)
+
+    def observe(self, state, batch, position) -> None:
+        if self.armed is None:
+            return
+        from uvjax.training.integrity import tree_digests
+        self.pending = (self.armed, position, tree_digests(batch), self._loss(state, batch))
+        self.armed = None
+
+    def record(self, ckpt) -> None:
+        if self.pending is None:
+            return
+        import jax
+        step, position, digests, loss = self.pending
+        self.pending = None
+        pos = position or {}
+        ckpt.set_probe(step, {"loss": float(jax.device_get(loss)), "batch_index": pos.get("batch_index"),
+                              "batch_digests": digests})
+
+    def peek_final(self, ckpt, step: int, state, it) -> None:
+        from uvjax.training.guard import data_position
+        from uvjax.training.sharding import global_batch_from_local
+        try:
+            position = data_position(it)
+            local = next(it)
+        except StopIteration:
+            return
+        self.armed = int(step)
+        self.observe(state, global_batch_from_local(local, self.mesh), position)
+        self.record(ckpt)
+
+    def check(self, step: int, state, batch, recorded: dict) -> None:
+        from uvjax.training.checkpoint import RestoreRefused
+        from uvjax.training.integrity import compare, tree_digests
+        import jax
+        diff = compare(recorded.get("batch_digests") or {}, tree_digests(batch))
+        if recorded.get("batch_digests") and diff:
+            raise RestoreRefused(
+                f"the batch after checkpoint step {step} (batch index {recorded.get('batch_index')}) differs from "
+                f"the one this run saw when it saved that step: {'; '.join(diff[:3])}. The training data or its "
+                f"order changed under the run (a rebuilt or edited dataset, other data paths or data settings); "
+                f"restore the original data, or train in a new work directory")
+        got = float(jax.device_get(self._loss(state, batch)))
+        want = float(recorded["loss"])
+        if not abs(got - want) <= self.tolerance * max(1.0, abs(want)):
+            raise ValueError(f"the restored state gives loss {got:.6g} on the batch after step {step}, but "
+                             f"{want:.6g} was recorded when it was saved (train.probe_tolerance="
+                             f"{self.tolerance:g}, relative)")
+        logging.info("checkpoint step %d proved itself: loss %.6g on the next batch (recorded %.6g)", step, got,
+                     want)
 
 
 def _save(ckpt, step, state, it, meta, writer, lease=None) -> None:
@@ -360,7 +484,8 @@ def _close(ckpt, writer, quiet: bool = False) -> None:
 
 
 LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
-                                    "async_checkpoint", "progress", "spike_factor", "spike_window"),
+                                    "async_checkpoint", "progress", "spike_factor", "spike_window", "halt_after_skips",
+                                    "checkpoint_readback", "probe_tolerance"),
                           "model": ("attention", "scan_unroll"),  # how the same function is computed
                           "loss": ("fused_head_chunk",)}
 
@@ -406,13 +531,24 @@ def check_workdir_matches(cfg, workdir: str) -> str:
     ckpts = sp.join(workdir, "checkpoints")
     has_ckpt = sp.isdir(ckpts) and any(d.isdigit() for d in sp.listdir(ckpts))
     if has_ckpt and sp.exists(path):
-        old = json.loads(sp.read_text(path))["fingerprint"]
+        try:
+            old = str(json.loads(sp.read_text(path))["fingerprint"])
+        except (ValueError, KeyError, TypeError) as e:  # damaged: the run's config.json decides instead
+            logging.warning("%s is damaged (%s: %s); comparing the config key by key with config.json instead",
+                            path, type(e).__name__, e)
+            old = "<damaged>"
         if old != fp:
             run_cfg = sp.join(workdir, "config.json")
             if not sp.exists(run_cfg):
                 raise ValueError(f"{workdir} holds a run of a different config (fingerprint {old}, now {fp}; "
                                  f"no config.json to compare keys); use another --workdir, or delete it to retrain")
-            added, changed = config_changes(json.loads(sp.read_text(run_cfg)), json.loads(cfg.to_json_best_effort()))
+            try:
+                saved = json.loads(sp.read_text(run_cfg))
+            except ValueError as e:
+                raise ValueError(f"{run_cfg} is damaged ({e}) and {path} does not match this config, so this run "
+                                 f"cannot tell whether {workdir} holds the same model; restore config.json, or use "
+                                 f"another --workdir") from None
+            added, changed = config_changes(saved, json.loads(cfg.to_json_best_effort()))
             if changed:
                 raise ValueError(f"{workdir} holds a run of a different config: {', '.join(changed[:12])}"
                                  f"{' …' if len(changed) > 12 else ''} differ from {run_cfg}; use another "

@@ -103,6 +103,8 @@ class ReadEncode:
         where = self.reader.where(index)
         try:
             data = self.reader.read_bytes(index)
+        except ValueError:
+            raise  # already names the shard and the record (RecordReader.read_bytes)
         except Exception as e:  # a damaged shard chunk: report it as data, like a bad record
             raise ValueError(f"{where}: unreadable record ({type(e).__name__}: {e})") from e
         from uvjax.data.records import record_from_bytes

@@ -23,6 +23,9 @@ from uvjax import storage_paths as sp
 from uvjax.data.records import Record, record_from_bytes, record_to_bytes
 
 SUFFIX = ".array_record"
+# what a damaged shard's error adds (a stage's shards are rebuilt from the stage directory moved aside)
+DAMAGED_HINT = ("; if it is in a stage cache, move that stage directory aside (mv DIR DIR.damaged): the next run "
+                "rebuilds it")
 
 
 class ShardWriter:
@@ -128,11 +131,16 @@ class RecordReader:
         for p in self.paths:
             if not (sp.exists(p) if sp.is_remote(p) else os.path.exists(p)):
                 raise ValueError(f"record shard {p!r} does not exist")
-            r = ArrayRecordReader(local_shard(p))
             try:
-                self._starts.append(self._starts[-1] + r.num_records())
-            finally:
-                r.close()
+                r = ArrayRecordReader(local_shard(p))
+                try:
+                    n = r.num_records()
+                finally:
+                    r.close()
+            except RuntimeError as e:  # riegeli: truncated, a hash mismatch in the index/footer, not a shard
+                raise ValueError(f"record shard {p!r} is damaged or not an ArrayRecord file "
+                                 f"({e or 'the reader gave no detail'}){DAMAGED_HINT}") from e
+            self._starts.append(self._starts[-1] + n)
         self._source = None
 
     def __len__(self) -> int:
@@ -162,7 +170,10 @@ class RecordReader:
         return f"{path} record {local}"
 
     def read_bytes(self, index: int) -> bytes:
-        return self.source[index]
+        try:
+            return self.source[index]
+        except (RuntimeError, OSError) as e:  # riegeli checks a hash of every chunk: a damaged shard
+            raise ValueError(f"{self.where(index)}: unreadable record ({type(e).__name__}: {e}){DAMAGED_HINT}") from e
 
     def read(self, index: int) -> Record:
         return record_from_bytes(self.read_bytes(index), self.where(index))

@@ -11,7 +11,10 @@ finite, nor one whose loss exceeds the ``max_loss`` it is given; it reports ``sk
   iterator position *before* that batch (``batch_index`` and the iterator state, which
   ``it.set_state`` turns back into that exact batch), appends the same to
   ``<workdir>/skipped_updates.jsonl`` and counts it;
-- with ``train.nonfinite='halt'`` a non-finite step stops the run (the loop raises with the message).
+- with ``train.nonfinite='halt'`` a non-finite step stops the run (the loop raises with the message);
+- ``train.halt_after_skips`` skipped updates in a row (non-finite or spikes: the run is diverging or
+  its data is broken) stop the run too, and :attr:`StepGuard.consecutive` tells the loop not to write a
+  checkpoint while the last update was skipped.
 
 Determinism: the limit for step ``t`` uses only losses of steps ``<= t - 2`` (the ones surely read by
 then), whatever the logging and checkpoint cadence, and the window is saved in the checkpoint's
@@ -54,7 +57,7 @@ def data_position(it) -> dict | None:
 
 class StepGuard:
     def __init__(self, nonfinite: str = "skip", spike_factor: float = 0.0, spike_window: int = 100,
-                 log_path: str | None = None):
+                 log_path: str | None = None, halt_after_skips: int = 0):
         if nonfinite not in ("skip", "halt"):
             raise ValueError(f"train.nonfinite={nonfinite!r}; expected 'skip' or 'halt'")
         if spike_factor and spike_factor <= 1:
@@ -66,13 +69,16 @@ class StepGuard:
         self.pending: collections.deque = collections.deque()
         self.history: collections.deque = collections.deque(maxlen=self.window + 2)  # (step, loss)
         self.counts = {"nonfinite": 0, "spike": 0}
+        self.halt_after = int(halt_after_skips or 0)  # 0 = never
+        self.consecutive = 0  # skipped updates in a row, up to the last step read
         self._logged = 0
 
     @classmethod
     def from_config(cls, cfg, workdir: str | None, primary: bool = True) -> "StepGuard":
         t = cfg.train
         return cls(t.nonfinite, float(t.get("spike_factor", 0.0) or 0.0), int(t.get("spike_window", 100) or 100),
-                   _join(workdir, "skipped_updates.jsonl") if (workdir and primary) else None)
+                   _join(workdir, "skipped_updates.jsonl") if (workdir and primary) else None,
+                   halt_after_skips=int(t.get("halt_after_skips", 0) or 0))
 
     # ------------------------------------------------------------------ the limit
     def max_loss(self, step: int) -> float:
@@ -110,9 +116,11 @@ class StepGuard:
         if math.isfinite(loss):
             self.history.append((step, loss))
         if not (nonfinite or spike):
+            self.consecutive = 0
             return None
         reason = "nonfinite" if nonfinite else "spike"
         self.counts[reason] += 1
+        self.consecutive += 1
         event = {"step": step, "reason": reason, "loss": loss, "grad_norm": m.get("grad_norm"),
                  "max_loss": self.max_loss(step) if spike else None, "data_position": position,
                  "action": "halt" if nonfinite and self.nonfinite == "halt" else "update skipped"}
@@ -129,6 +137,11 @@ class StepGuard:
         if event["action"] == "halt":
             return (f"step {step}: {what} (train.nonfinite='halt'); the update was not applied; "
                     f"batch position {where}")
+        if self.halt_after and self.consecutive >= self.halt_after:
+            return (f"step {step}: {self.consecutive} updates in a row were skipped (last: {what}; "
+                    f"train.halt_after_skips={self.halt_after}): the run is diverging or its data is broken, "
+                    f"so it stops without saving them; batch position {where}; details in "
+                    f"{self.log_path or 'skipped_updates.jsonl'}")
         self._logged += 1
         if self._logged <= _MAX_LOG_LINES:
             log.warning("step %d: %s: update skipped; batch position %s", step, what, where)
@@ -136,7 +149,8 @@ class StepGuard:
 
     # ------------------------------------------------------------------ checkpointed state
     def state_dict(self) -> dict:
-        return {"history": [[int(s), float(v)] for s, v in self.history], "counts": dict(self.counts)}
+        return {"history": [[int(s), float(v)] for s, v in self.history], "counts": dict(self.counts),
+                "consecutive": int(self.consecutive)}
 
     def load_state_dict(self, d: dict | None) -> None:
         if not d:
@@ -145,6 +159,7 @@ class StepGuard:
         for s, v in d.get("history", []):
             self.history.append((int(s), float(v)))
         self.counts.update({k: int(v) for k, v in d.get("counts", {}).items()})
+        self.consecutive = int(d.get("consecutive", 0))
 
 
 def nonfinite_leaves(tree, limit: int = 10) -> list[str]:

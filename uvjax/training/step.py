@@ -205,6 +205,29 @@ def make_train_step(trainer: Trainer, batch_like: dict):
     return run
 
 
+def make_probe_loss(trainer: Trainer, batch_like: dict):
+    """(state, batch) → the loss the train step would report for ``batch`` from ``state``, without an update
+    and without donating ``state``: the probe that lets a restored checkpoint prove itself (train.py).
+    The whole batch is one microbatch (the loss is a sum over microbatches normalised by global counts,
+    so ``grad_accum`` does not change it) and dropout uses the step's rng (that of ``grad_accum=1``)."""
+    loss_fn = make_loss_fn(trainer.model, trainer.cfg)
+
+    def probe(state: TrainState, batch: dict):
+        counts = L.global_counts(batch)
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, _ = loss_fn(state.trainable, state.frozen, batch, counts, rng)
+        return loss.astype(jnp.float32)
+
+    jitted = jax.jit(probe, in_shardings=(trainer.state_shardings, trainer.batch_shardings(batch_like)),
+                     out_shardings=replicated(trainer.mesh))
+
+    def run(state, batch):
+        with activation_sharding(trainer.mesh, trainer.rules):
+            return jitted(state, batch)
+
+    return run
+
+
 def _lower(trainer, jitted, state, batch):
     with activation_sharding(trainer.mesh, trainer.rules):
         return jitted.lower(state, batch, jax.ShapeDtypeStruct((), jnp.float32))
