@@ -245,13 +245,12 @@ def test_a_run_never_continues_on_a_stage_whose_content_changed(tmp_path):
     assert info["n"] == 100
 
 
-def test_a_damaged_local_mirror_of_a_gs_stage_is_fetched_again_and_a_damaged_bucket_refused(tmp_path, monkeypatch):
-    """gs:// stages: the bucket is a local folder here (storage_paths' listing and download patched); the
-    mirror is verified as a local stage is."""
+def _fake_bucket(tmp_path, monkeypatch):
+    """gs://b/ is the local folder returned (storage_paths' listing, upload and download patched)."""
     from uvjax import storage_paths as sp
     bucket = tmp_path / "bucket"
     monkeypatch.setenv("UVJAX_CACHE", str(tmp_path / "uvjax-cache"))
-    real_exists, real_join = sp.exists, sp.join
+    real_exists = sp.exists
     to_local = lambda url: str(bucket / url[len("gs://b/"):])
     monkeypatch.setattr(sp, "exists", lambda p: real_exists(to_local(p) if str(p).startswith("gs://") else p))
     monkeypatch.setattr(sp, "upload", lambda src, dst, exclude=(): shutil.copytree(src, to_local(dst), dirs_exist_ok=True,
@@ -264,6 +263,13 @@ def test_a_damaged_local_mirror_of_a_gs_stage_is_fetched_again_and_a_damaged_buc
             shutil.copytree(to_local(url), dst)
         return dst
     monkeypatch.setattr(sp, "local_tree", local_tree)
+    return bucket
+
+
+def test_a_damaged_local_mirror_of_a_gs_stage_is_fetched_again_and_a_damaged_bucket_refused(tmp_path, monkeypatch):
+    """gs:// stages: the bucket is a local folder here (storage_paths' listing and download patched); the
+    mirror is verified as a local stage is."""
+    bucket = _fake_bucket(tmp_path, monkeypatch)
     log = stages.StageLog(str(tmp_path / "run"))
     mirror, _ = stages.cached_stage("tiny", "abc", "gs://b/cache", _tiny(b"a" * 64), log)
     assert os.path.exists(bucket / "cache" / "tiny-abc" / "DONE.json")
@@ -449,3 +455,271 @@ def test_damaged_json_reports_name_the_file(tmp_path):
     (tmp_path / "import_manifest.json").write_text('{"image_dir": "/x", "for')
     with pytest.raises(ValueError, match="import_manifest.json: damaged import manifest"):
         pt.image_root_of([str(tmp_path / "train-00000.array_record")])
+
+
+# ------------------------------------------------------------------------------------------------ input stages
+def _reseal(d, mutate=None):
+    """Rewrites ``d``'s DONE.json as a build would have written it: ``mutate(info)``, fresh manifest, sealed."""
+    info = itg.load_done(d)
+    if mutate:
+        mutate(info)
+    manifest = itg.build_manifest(d)
+    info = itg.seal({**{k: v for k, v in info.items() if k != "digest"}, "manifest": manifest,
+                     "content": itg.content_digest(manifest)})
+    with open(os.path.join(d, "DONE.json"), "w") as f:
+        json.dump(info, f)
+
+
+def _from(src, tag, name="sub/weights.bin"):
+    """A stage built from the stage in ``src``: its file ``name``, transformed."""
+    def build(out):
+        data = open(os.path.join(src, *name.split("/")), "rb").read()
+        with open(os.path.join(out, "derived.bin"), "wb") as f:
+            f.write(tag + data[::-1])
+        return {"from": len(data)}
+    return build
+
+
+def test_a_stage_built_from_an_input_stage_that_changed_is_refused(tmp_path):
+    """The VQ deleted (not moved aside) and rebuilt differently: a fresh work dir must not reuse the dataset
+    encoded with the old VQ (fingerprints hash configs, not the inputs' bytes). Tiny stages stand in for
+    vq -> dataset -> lengths; a user's file (not a stage) is not recorded."""
+    cache = str(tmp_path / "cache")
+    user = tmp_path / "user-tower"
+    user.mkdir()
+    (user / "tower.bin").write_bytes(b"given")
+    log1 = stages.StageLog(str(tmp_path / "run1"))
+    vq, _ = stages.cached_stage("vq", "v1", cache, _tiny(b"a" * 100), log1)
+    ds, info = stages.cached_stage("dataset", "d1", cache, _from(vq, b"x"), log1,
+                                   inputs={"vq": vq, "siglip": None, "tower": str(user)})
+    assert info == {"from": 100, "fingerprint": "d1", "seconds": info["seconds"]}  # callers see no integrity keys
+    vq_content = itg.load_done(vq)["content"]
+    assert itg.load_done(ds)["inputs"] == {"vq": vq_content}
+    assert stages.read_stage_log(str(tmp_path / "run1"))[-1]["inputs"]["vq"]["content"] == vq_content
+    lengths, _ = stages.cached_stage("lengths", "l1", cache, _from(ds, b"l", "derived.bin"), log1,
+                                     inputs={"dataset": ds})
+    # unchanged inputs: reused, verified
+    assert stages.cached_stage("dataset", "d1", cache, _no_build, log1, inputs={"vq": vq})[0] == ds
+    # the VQ deleted and rebuilt differently, in a fresh work dir (the old one refuses the VQ itself)
+    shutil.rmtree(vq)
+    log2 = stages.StageLog(str(tmp_path / "run2"))
+    stages.cached_stage("vq", "v1", cache, _tiny(b"b" * 100), log2)
+    new_content = itg.load_done(vq)["content"]
+    with pytest.raises(StageCacheDamaged) as e:
+        stages.cached_stage("dataset", "d1", cache, _no_build, log2, inputs={"vq": vq})
+    msg = str(e.value)
+    assert "stage dataset in " + ds in msg and f"the vq stage now in use ({vq})" in msg
+    assert vq_content[:16] in msg and new_content[:16] in msg
+    assert f"mv {ds} {ds}.stale" in msg and "restore the original vq" in msg and "new work directory" in msg
+    assert e.value.problems == [("inputs/vq", f"content {vq_content}", f"content {new_content}")]
+    # moved aside as told: rebuilt from the current VQ and reused from then on
+    os.rename(ds, ds + ".stale")
+    ds2, _ = stages.cached_stage("dataset", "d1", cache, _from(vq, b"x"), log2, inputs={"vq": vq})
+    assert open(os.path.join(ds2, "derived.bin"), "rb").read() == b"x" + b"b" * 100
+    assert itg.load_done(ds2)["inputs"] == {"vq": new_content}
+    assert stages.cached_stage("dataset", "d1", cache, _no_build, log2, inputs={"vq": vq})[0] == ds2
+    # a stage built from the old dataset is refused in turn
+    with pytest.raises(StageCacheDamaged, match="stage lengths in .* was built from other dataset stage content"):
+        stages.cached_stage("lengths", "l1", cache, _no_build, log2, inputs={"dataset": ds2})
+    # a stage finished before inputs were recorded is reused as before
+    _reseal(lengths, lambda info: info.pop("inputs"))
+    assert stages.cached_stage("lengths", "l1", cache, _no_build, log2, inputs={"dataset": ds2})[0] == lengths
+    # the record is sealed: an edited input digest that still parses fails the digest
+    p = os.path.join(ds2, "DONE.json")
+    text = open(p).read()
+    open(p, "w").write(text.replace(new_content, vq_content))
+    with pytest.raises(StageCacheDamaged, match="does not match its digest"):
+        stages.cached_stage("dataset", "d1", cache, _no_build, log2, inputs={"vq": vq})
+
+
+def test_a_gs_stage_built_from_an_input_that_changed_is_refused_not_downloaded_again(tmp_path, monkeypatch):
+    bucket = _fake_bucket(tmp_path, monkeypatch)
+    log = stages.StageLog(str(tmp_path / "run"))
+    vq, _ = stages.cached_stage("vq", "v1", "gs://b/cache", _tiny(b"a" * 10), log)
+    ds, _ = stages.cached_stage("dataset", "d1", "gs://b/cache", _from(vq, b"x"), log, inputs={"vq": vq})
+    assert itg.load_done(ds)["inputs"] == {"vq": itg.load_done(vq)["content"]}
+    shutil.rmtree(vq)
+    shutil.rmtree(bucket / "cache" / "vq-v1")
+    vq2, _ = stages.cached_stage("vq", "v1", "gs://b/cache", _tiny(b"b" * 10), stages.StageLog(str(tmp_path / "new")))
+    with pytest.raises(stages.StageInputsChanged) as e:
+        stages.cached_stage("dataset", "d1", "gs://b/cache", _no_build, stages.StageLog(str(tmp_path / "new")),
+                            inputs={"vq": vq2})
+    assert "gcloud storage mv gs://b/cache/dataset-d1 gs://b/cache/dataset-d1.stale" in str(e.value)
+    assert not glob.glob(ds + ".damaged-*")  # the sound local copy is not moved aside
+
+
+def test_a_killed_build_is_resumed_only_from_the_same_inputs(tmp_path):
+    cache = str(tmp_path / "cache")
+    log = stages.StageLog(str(tmp_path / "run"))
+    vq, _ = stages.cached_stage("vq", "v1", cache, _tiny(b"a" * 10), log)
+    seen = []
+
+    def build(out):
+        seen.append(sorted(os.listdir(out)))
+        return _from(vq, b"x")(out)
+    partial = os.path.join(cache, "dataset-d1.partial")
+    os.makedirs(partial)
+    open(os.path.join(partial, "chunk0.bin"), "w").write("made from another vq")
+    open(os.path.join(partial, stages.INPUTS_FILE), "w").write(json.dumps({"vq": "0" * 64}))
+    said = []
+    ds, _ = stages.cached_stage("dataset", "d1", cache, build, log, progress=said.append, inputs={"vq": vq})
+    assert seen[-1] == [stages.INPUTS_FILE]  # the old chunk is gone; the record of this build's inputs is there
+    assert any("started from other inputs" in m and "starting it over" in m for m in said)
+    assert stages.INPUTS_FILE not in itg.load_done(ds)["manifest"]["files"] and not os.path.exists(
+        os.path.join(ds, stages.INPUTS_FILE))
+    # the same inputs: the chunk of the killed build is kept (resumed)
+    shutil.rmtree(ds)
+    os.makedirs(partial)
+    stages._start_partial("dataset", partial, stages._input_contents({"vq": vq}), None)  # as a killed build left it
+    open(os.path.join(partial, "chunk0.bin"), "w").write("made from this vq")
+    stages.cached_stage("dataset", "d1", cache, build, stages.StageLog(str(tmp_path / "new")), inputs={"vq": vq})
+    assert seen[-1] == sorted(["chunk0.bin", stages.INPUTS_FILE])
+    # the record truncated, flipped or deleted: started over, with a line saying so
+    for kind in FAULTS:
+        shutil.rmtree(ds)
+        os.makedirs(partial)
+        stages._start_partial("dataset", partial, stages._input_contents({"vq": vq}), None)
+        open(os.path.join(partial, "chunk0.bin"), "w").write("made from an unknown vq")
+        fault(os.path.join(partial, stages.INPUTS_FILE), kind)
+        said.clear()
+        stages.cached_stage("dataset", "d1", cache, build, stages.StageLog(str(tmp_path / kind)), progress=said.append,
+                            inputs={"vq": vq})
+        assert seen[-1] == [stages.INPUTS_FILE] and any("starting it over" in m for m in said), kind
+
+
+def test_the_smoke_chain_records_its_inputs_and_a_changed_vq_refuses_the_dataset(case):
+    """The real graph (prepare): the dataset records the VQ stage's content; a VQ that changed (here: its
+    config file rewritten and the stage resealed, as a different rebuild would be) makes a fresh work dir
+    refuse the dataset, naming both stages."""
+    tmp_path, dirs = case
+    vq, ds = dirs["vq"][0], dirs["dataset"][0]
+    assert itg.load_done(ds)["inputs"] == {"vq": itg.load_done(vq)["content"]}
+    assert "inputs" not in itg.load_done(vq) and "inputs" not in itg.load_done(dirs["tokenizer"][0])
+    p = os.path.join(vq, "vq_config.json")
+    open(p, "a").write("\n")
+    _reseal(vq)
+    bad = _prepare(tmp_path / "cache", tmp_path / "fresh")
+    assert bad.returncode != 0 and "StageInputsChanged" in bad.stderr, bad.stderr[-3000:]
+    assert f"stage dataset in {ds}" in bad.stderr and f"the vq stage now in use ({vq})" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------ JSON read back
+def _tiny_judge():
+    import jax
+    import jax.numpy as jnp
+    from uvjax.evaluation import judge as jm
+    cfg = jm.JudgeConfig(image_size=16, width=2, feature_dim=4, steps=1, batch_size=2, eval_images=2,
+                         warmup_steps=1, augment=False)
+    params = jm.JudgeNet(cfg.width, cfg.feature_dim).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    return jm.Judge(cfg, params, {"heldout_accuracy": {"weather": 0.5}})
+
+
+@pytest.mark.parametrize("kind", FAULTS)
+@pytest.mark.parametrize("name", ["judge.json", "judge.safetensors"])
+def test_a_damaged_judge_cache_is_named_and_retrained_with_a_warning(tmp_path, monkeypatch, caplog, name, kind):
+    from uvjax.evaluation import judge as jm
+    d = str(tmp_path / "judge")
+    _tiny_judge().save(d)
+    assert jm.Judge.load(d).report == {"heldout_accuracy": {"weather": 0.5}}
+    fault(os.path.join(d, name), kind)
+    if name == "judge.safetensors" and kind == "delete":
+        with pytest.raises(FileNotFoundError):
+            jm.Judge.load(d)
+    else:
+        with pytest.raises(jm.JudgeCacheDamaged) as e:
+            jm.Judge.load(d)
+        assert os.path.join(d, name) in str(e.value) and "trained again" in str(e.value)
+    trained = []
+    monkeypatch.setattr(jm, "train_judge", lambda cfg, out, progress=False: trained.append(cfg) or
+                        _tiny_judge().save(out) and jm.Judge.load(out))
+    caplog.set_level("WARNING")
+    got = jm.load_or_train(d)
+    assert len(trained) == 1 and isinstance(got, jm.Judge)
+    assert f"judge cache {d} is damaged" in caplog.text and "trained again" in caplog.text
+    if name == "judge.safetensors":  # judge.json still sound: the same config is trained again
+        assert trained[0] == _tiny_judge().cfg
+
+
+def test_a_flipped_judge_accuracy_that_still_parses_is_caught_by_its_digest(tmp_path):
+    from uvjax.evaluation import judge as jm
+    d = str(tmp_path / "judge")
+    _tiny_judge().save(d)
+    p = os.path.join(d, "judge.json")
+    text = open(p).read()
+    assert '"weather": 0.5' in text
+    open(p, "w").write(text.replace('"weather": 0.5', '"weather": 0.7'))
+    with pytest.raises(jm.JudgeCacheDamaged, match="does not match its digest"):
+        jm.Judge.load(d)
+
+
+def test_damaged_budget_json_is_measured_again_with_a_warning(tmp_path, capsys):
+    from uvjax.experiments import common
+    path = str(tmp_path / "budget.json")
+    budget = {"single": {"key": "k", "examples_per_step": 12.5, "shares": {"generation": 1.0}}}
+    common._write_budget(path, budget)
+    assert common._read_budget(path) == budget
+    text = open(path).read()
+    open(path, "w").write(text.replace("12.5", "12.7"))  # still valid JSON: the digest catches it
+    assert common._read_budget(path) == {} and os.path.exists(path + ".damaged")
+    assert f"{path}: damaged budget cache: its content does not match its digest" in capsys.readouterr().out
+    open(path, "w").write(text)
+    fault(path, "truncate")
+    assert common._read_budget(path) == {}
+    assert f"{path}: damaged budget cache: not valid JSON" in capsys.readouterr().out
+
+
+def test_a_damaged_experiment_done_json_is_refused_naming_it(tmp_path):
+    from uvjax.experiments import common
+    p = tmp_path / "DONE.json"
+    p.write_text(json.dumps({"key": "k", "metrics": {"vqa": 0.5}}))  # written before digests: read as before
+    assert common.load_done(str(tmp_path)) == {"key": "k", "metrics": {"vqa": 0.5}}
+    p.write_text(json.dumps(itg.seal({"key": "k", "metrics": {"vqa": 0.5}})))
+    assert common.load_done(str(tmp_path)) == {"key": "k", "metrics": {"vqa": 0.5}}
+    p.write_text(p.read_text().replace("0.5", "0.7"))  # still valid JSON: the digest catches it
+    with pytest.raises(itg.DamagedFile, match="does not match its digest"):
+        common.load_done(str(tmp_path))
+    fault(str(p), "truncate")
+    with pytest.raises(itg.DamagedFile) as e:
+        common.load_done(str(tmp_path))
+    assert f"{p}: damaged record of a finished experiment run: not valid JSON" in str(e.value)
+    assert f"mv {p} {p}.damaged" in str(e.value)
+
+
+def test_a_damaged_vq_config_json_is_named_by_evaluate_and_generate(tmp_path):
+    import ml_collections as mlc
+    from uvjax import evaluate
+    p = tmp_path / "vq_config.json"
+    p.write_text(json.dumps({"data": {"image_size": 48}, "model": {"codebook_size": 64}}))
+    vq = str(tmp_path / "vq.safetensors")
+    cfg = mlc.ConfigDict({"data": {"image_size": 0}})
+    assert evaluate._image_size(str(tmp_path), cfg, vq) == 48
+    fault(str(p), "truncate")
+    with pytest.raises(itg.DamagedFile, match="vq_config.json: damaged VQ tokenizer config: not valid JSON") as e:
+        evaluate._image_size(str(tmp_path), cfg, vq)
+    assert str(p) in str(e.value) and "mv DIR DIR.damaged" in str(e.value)
+    from uvjax import generate
+    with pytest.raises(itg.DamagedFile, match="damaged VQ tokenizer config"):
+        generate._vq_image_size(vq, cfg)
+
+
+def test_a_damaged_run_config_json_is_named_when_loading_a_run(tmp_path):
+    from uvjax.inference.loading import load_config
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"train": {"steps": 5}, "model": {"vocab_size": 300}}))
+    assert load_config(str(tmp_path)).train.steps == 5
+    fault(str(p), "truncate")
+    with pytest.raises(itg.DamagedFile) as e:
+        load_config(str(tmp_path))
+    assert f"{p}: damaged run config: not valid JSON" in str(e.value) and "rewrites config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["uvjax_tokenizer.json", "tokenizer.json"])
+def test_a_damaged_tokenizer_file_is_named(tmp_path, name):
+    from uvjax.data.tokenizer import TextTokenizer, template_texts, train_bpe
+    d = str(tmp_path / "tok")
+    train_bpe(["hello world"] * 20 + template_texts(), vocab_size=300).save(d)
+    assert TextTokenizer.load(d).vocab_size > 0
+    fault(os.path.join(d, name), "truncate")
+    with pytest.raises(itg.DamagedFile) as e:
+        TextTokenizer.load(d)
+    assert str(e.value).startswith(os.path.join(d, name) + ": damaged tokenizer") and "mv " + d in str(e.value)

@@ -452,6 +452,25 @@ def test_a_restored_state_must_reproduce_its_probe_and_its_batch(dataset, refere
     assert [u["step"] for u in s["unreadable_checkpoints"]] == [3 * EVERY], s
     assert "was recorded when it was saved" in s["unreadable_checkpoints"][0]["error"]
     _assert_losses_match(_metrics(wd), reference["metrics"], range(2 * EVERY + 1, 3 * EVERY + 2))
+    # the tokenizer file changes under the run (still valid JSON): resume and evaluation-loading refuse it
+    tok_json = os.path.join(ds["tokenizer"], "tokenizer.json")
+    original = open(tok_json, "rb").read()
+    open(tok_json, "wb").write(original + b"\n")
+    p = _run(_cmd(ds, wd))
+    assert p.returncode != 0
+    assert "was trained with other files than this run would read: tokenizer" in p.stderr, p.stderr[-3000:]
+    from uvjax.inference.loading import load_trained
+    from uvjax.integrity_files import DamagedFile
+    with pytest.raises(DamagedFile, match="trained with other files than it would be loaded with: tokenizer"):
+        load_trained(wd)
+    open(tok_json, "wb").write(original)
+    cfg_path = os.path.join(wd, "config.json")
+    run_cfg = json.load(open(cfg_path))
+    run_cfg["model"]["hidden"] *= 2  # a damaged digit that still parses
+    json.dump(run_cfg, open(cfg_path, "w"))
+    with pytest.raises(DamagedFile, match=r"config\.json differs from the config saved with checkpoint step 10 in "
+                                          r"model\.hidden"):
+        load_trained(wd)
     # the data changes under the run: the generation shards now hold the understanding records
     gen_files = sorted(glob.glob(os.path.join(ds["paths"]["generation"], "*")))
     und_files = sorted(glob.glob(os.path.join(ds["paths"]["understanding"], "*")))

@@ -77,12 +77,22 @@ def _image_size(workdir: str, cfg, vq_path: str | None) -> int:
     if vq_path:
         p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
         if os.path.exists(p):
-            with open(p) as f:
-                size = json.load(f).get("data", {}).get("image_size")
+            size = _read_vq_config(p).get("data", {}).get("image_size")
             if size:
                 return int(size)
     d = cfg.get("data", {})
     return int(d.get("image_size", 0) or 128) if hasattr(d, "get") else 128
+
+
+def _read_vq_config(path: str) -> dict:
+    """``vq_config.json`` beside a VQ tokenizer; a damaged one raises ``DamagedFile`` naming it."""
+    from uvjax.integrity_files import read_json
+    return read_json(path, "VQ tokenizer config", VQ_CONFIG_TODO)
+
+
+VQ_CONFIG_TODO = ("It is written with the VQ tokenizer: when the VQ is a stage of the cache, move its directory "
+                  "aside (mv DIR DIR.damaged) and rerun training to rebuild it; else restore the file from a copy, "
+                  "or delete it (the image size is then taken from the run's config)")
 
 
 def default_judge_dir(workdir: str, cfg, preset: str, image_size: int) -> str:
@@ -262,13 +272,20 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
             jd = judge
             if jd is None:
                 jdir = judge_dir or default_judge_dir(run.workdir, cfg, judge_preset, size)
+                damaged = None
                 if os.path.exists(os.path.join(jdir, judge_mod.PARAMS_FILE)):
-                    jd = judge_mod.Judge.load(jdir)
-                elif not quick:
+                    try:
+                        jd = judge_mod.Judge.load(jdir)
+                    except judge_mod.JudgeCacheDamaged as e:  # a cache: retrained below (said), or skipped
+                        damaged = str(e)
+                        print(f"WARNING: the cached judge is damaged: {e}", flush=True)
+                if jd is None and not quick:  # load_or_train retrains a damaged cache (and says so)
                     jd = judge_mod.load_or_train(jdir, dataclasses.replace(judge_mod.PRESETS[judge_preset], image_size=size),
                                                  progress=progress)
-                else:
-                    gen_rep["judge_skipped"] = f"no cached judge in {jdir} (quick evaluation never trains one)"
+                elif jd is None:
+                    gen_rep["judge_skipped"] = (f"the cached judge in {jdir} is damaged ({damaged}); quick evaluation "
+                                                "never trains one" if damaged else
+                                                f"no cached judge in {jdir} (quick evaluation never trains one)")
             if jd is not None and sel:
                 t = time.time()
                 labels = judge_mod.labels_array([it.attrs for it in sel])

@@ -78,8 +78,8 @@ def load_png(path: str, size: int, resize: str = "center_crop") -> np.ndarray:
 def _vq_image_size(vq_path: str, cfg) -> int:
     p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
     if os.path.exists(p):
-        with open(p) as f:
-            s = json.load(f).get("data", {}).get("image_size")
+        from uvjax.evaluate import _read_vq_config
+        s = _read_vq_config(p).get("data", {}).get("image_size")
         if s:
             return int(s)
     stage_size = ((cfg.get("stages") or {}).get("data") or {}).get("image_size", 0)

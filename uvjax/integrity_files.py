@@ -18,6 +18,9 @@ detected, never used silently (issue #33; the table is in docs/RELIABILITY.md):
 * **Content digest.** :func:`content_digest` hashes the manifest minus the files whose bytes legitimately
   differ between two builds of the same fingerprint (timings in reports and chunk markers:
   :data:`VOLATILE`), so "bit-identical rebuild" is decidable.
+* **Inputs.** Fingerprints hash configs, not the bytes of the stages a stage is built from, so a stage
+  built from other stages records their content digests (:func:`stage_content`) in its ``DONE.json`` under
+  ``inputs``; reuse compares them with the inputs now in use (``uvjax.stages._check_inputs``).
 * **JSON files** read back from a work dir or a cache go through :func:`read_json`: a parse error names the
   file. Chunk markers (resume points inside a ``.partial`` build) carry a digest (:func:`write_marker`);
   a damaged one is reported and its chunk redone (:func:`read_marker` returns None).
@@ -119,21 +122,38 @@ def seal(info: dict) -> dict:
 
 def unsealed(info: dict) -> dict:
     """A stage's info as callers see it: without the integrity keys."""
-    return {k: v for k, v in info.items() if k not in ("manifest", "digest", "content")}
+    return {k: v for k, v in info.items() if k not in ("manifest", "digest", "content", "inputs")}
+
+
+def stage_content(directory: str) -> str | None:
+    """The content digest of the finished stage in ``directory`` (its ``DONE.json``, digest checked), or None
+    for a stage finished before manifests, or a directory that is not a stage (no ``DONE.json``)."""
+    if not os.path.exists(os.path.join(directory, DONE_FILE)):
+        return None
+    info = load_done(directory)
+    if "manifest" not in info:
+        return None
+    return info.get("content") or content_digest(info["manifest"])
 
 
 # ------------------------------------------------------------------------------------------------ JSON
-def read_json(path: str, what: str = "JSON file") -> Any:
-    """``json.load`` whose errors name the file (and say what it is)."""
+def parse_json(text: str, path: str, what: str = "JSON file", todo: str = "") -> Any:
+    """``json.loads`` whose errors name the file, say what it is and (``todo``) what to do."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise DamagedFile(f"{path}: damaged {what}: not valid JSON ({e}; {len(text)} characters)"
+                          + (f". {todo}" if todo else "")) from e
+
+
+def read_json(path: str, what: str = "JSON file", todo: str = "") -> Any:
+    """``json.load`` whose errors name the file (and say what it is, and ``todo``: what to do)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise DamagedFile(f"{path}: damaged {what}: not UTF-8 text ({e})") from e
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise DamagedFile(f"{path}: damaged {what}: not valid JSON ({e}; {len(text)} characters)") from e
+        raise DamagedFile(f"{path}: damaged {what}: not UTF-8 text ({e})" + (f". {todo}" if todo else "")) from e
+    return parse_json(text, path, what, todo)
 
 
 def write_marker(path: str, obj: dict) -> None:
@@ -288,3 +308,33 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# ------------------------------------------------------------------------------------------------ run inputs
+def input_digests(paths: dict[str, str]) -> dict[str, dict]:
+    """``{name: {"path", "sha256"}}`` of the files a trained LM is bound to (its tokenizer, its VQ): recorded in
+    every checkpoint's metadata, so a resume or an evaluation that would read other files is refused. A file
+    that does not exist has ``sha256: None``."""
+    from uvjax import storage_paths as sp
+    out = {}
+    for name, p in paths.items():
+        if not p or not sp.exists(p):
+            out[name] = {"path": p, "sha256": None}
+        elif sp.is_remote(p):
+            out[name] = {"path": p, "sha256": hashlib.sha256(sp.as_path(p).read_bytes()).hexdigest()}
+        else:
+            out[name] = {"path": p, "sha256": sha256_file(p)}
+    return out
+
+
+def changed_inputs(recorded: dict, current: dict) -> list[str]:
+    """What differs between two :func:`input_digests` (by content; a file recorded but not needed now is fine)."""
+    out = []
+    for name, rec in (recorded or {}).items():
+        now = (current or {}).get(name)
+        if now is None or rec.get("sha256") == now.get("sha256"):
+            continue
+        found = "missing" if now.get("sha256") is None else f"sha256 {now['sha256'][:16]}…"
+        want = "absent" if rec.get("sha256") is None else f"sha256 {rec['sha256'][:16]}…"
+        out.append(f"{name} {now.get('path')}: the run was trained with {want}, found {found}")
+    return out

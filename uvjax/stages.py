@@ -162,7 +162,7 @@ def _checked(path: str) -> str:
 
 
 def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
-                 progress=None) -> tuple[str, dict]:
+                 progress=None, inputs: dict[str, str | None] | None = None) -> tuple[str, dict]:
     """Returns (directory, info). Builds into a temporary directory and renames it when complete.
 
     Integrity (``uvjax/integrity_files.py``): ``DONE.json`` records a manifest of the stage's files (path,
@@ -174,6 +174,14 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     refused too: an LM is never continued on different data. Stages finished before manifests existed are
     reused unverified (one log line says so).
 
+    ``inputs``: the stages this one is built from, ``{stage name: its directory}`` (None values, e.g. a VQ
+    file the user gave instead of a stage, are left out). Fingerprints hash configs, not the inputs' bytes,
+    so ``DONE.json`` records each input's content digest under ``inputs``; reusing the stage compares them
+    with the current inputs' content, and a difference (an input deleted and rebuilt differently) raises
+    :class:`StageCacheDamaged` naming both stages (:func:`_check_inputs`). A stage without an ``inputs``
+    record (finished before it existed) is reused as before. A ``.partial`` build records them too
+    (``.uvjax-inputs.json``, removed before sealing), so a killed build is resumed only from the same inputs.
+
     A ``gs://`` cache_dir: the stage lives in ``<cache_dir>/<name>-<fp>/`` in the bucket, and the returned
     directory is always a local one (every consumer reads local files): a finished remote stage
     (``DONE.json`` there) is mirrored once into ``$UVJAX_CACHE/stages`` (``storage_paths.local_tree``,
@@ -182,14 +190,16 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     resumable as here), uploaded, ``DONE.json`` last, and the local build becomes the mirror."""
     from uvjax import storage_paths as sp
     if sp.is_remote(cache_dir):
-        return _cached_remote_stage(name, fp, cache_dir, build, log, progress)
+        return _cached_remote_stage(name, fp, cache_dir, build, log, progress, inputs)
     out = os.path.join(cache_dir, f"{name}-{fp}")
     done = os.path.join(out, "DONE.json")
     t0 = time.time()
+    current = _input_contents(inputs)
     if os.path.exists(done) or os.path.isdir(out):  # `out` only ever appears with DONE.json in it (rename)
-        info, content = _verified(name, fp, out, log, progress)
+        info, content = _verified(name, fp, out, log, progress, current=current)
         log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=out, content=content,
-                  verified=content is not None, verify_seconds=round(time.time() - t0, 3))
+                  verified=content is not None, verify_seconds=round(time.time() - t0, 3),
+                  **({"inputs": current} if current else {}))
         if progress:
             progress(f"{name}: reused {out}")
         return out, info
@@ -197,13 +207,15 @@ def cached_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict
     interrupt.check()  # a stop requested during the previous stage: before starting this one
     work = out + ".partial"
     os.makedirs(work, exist_ok=True)  # a .partial left by a killed run is resumed (chunk markers)
+    _start_partial(name, work, current, progress)
     if progress:
         progress(f"{name}: building {out}")
-    info = _finish(name, fp, out, work, build(work) or {}, t0, log)
+    info = _finish(name, fp, out, work, build(work) or {}, t0, log, current)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(work, out)
-    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=out, content=info["content"])
+    log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=out, content=info["content"],
+              **({"inputs": current} if current else {}))
     return out, _unsealed(info)
 
 
@@ -216,10 +228,11 @@ def _say(progress, msg: str) -> None:
     (progress or (lambda m: print(f"[stage] {m}", flush=True)))(msg)
 
 
-def _verified(name: str, fp: str, out: str, log: StageLog, progress, *, where: str | None = None
-              ) -> tuple[dict, str | None]:
-    """(info, content digest) of the finished stage in ``out``, verified against its manifest; content None
-    for a stage finished before manifests (reused unverified, said once). Raises StageCacheDamaged."""
+def _verified(name: str, fp: str, out: str, log: StageLog, progress, *, where: str | None = None,
+              current: dict | None = None, remote: str | None = None) -> tuple[dict, str | None]:
+    """(info, content digest) of the finished stage in ``out``, verified against its manifest and (``current``:
+    its inputs' content now) the inputs it was built from; content None for a stage finished before manifests
+    (reused unverified, said once). Raises StageCacheDamaged."""
     from uvjax import integrity_files as itg
     if not os.path.exists(os.path.join(out, "DONE.json")):
         raise StageCacheDamaged(
@@ -233,7 +246,85 @@ def _verified(name: str, fp: str, out: str, log: StageLog, progress, *, where: s
     itg.verify_stage(out, info)
     content = info.get("content") or itg.content_digest(info["manifest"])
     _check_history(name, fp, content, out, log)
+    aside = (f"gcloud storage mv {remote} {remote}.stale, and rm -r {out} (its local copy)" if remote
+             else f"mv {out} {out}.stale")
+    _check_inputs(name, where or out, out, info.get("inputs"), current, aside)
     return itg.unsealed(info), content
+
+
+INPUTS_FILE = ".uvjax-inputs.json"  # in a .partial build: the inputs it started from (removed before sealing)
+
+
+def _input_contents(inputs: dict | None) -> dict:
+    """``{input stage: {"content": digest or None, "path": directory}}`` of the given input stages (a None
+    directory, or one that is not a stage, e.g. a VQ file the user gave, is left out)."""
+    from uvjax import integrity_files as itg
+    out = {}
+    for k, d in sorted((inputs or {}).items()):
+        if d and os.path.exists(os.path.join(d, "DONE.json")):
+            out[k] = {"content": itg.stage_content(d), "path": d}
+    return out
+
+
+def _recorded(current: dict) -> dict:
+    """What ``DONE.json`` records of the inputs: their content only (the directory may move)."""
+    return {k: v["content"] for k, v in current.items()}
+
+
+class StageInputsChanged(StageCacheDamaged):
+    """A finished stage built from input stages whose content differs from the inputs now in use."""
+
+
+def _check_inputs(name: str, where: str, out: str, recorded: dict | None, current: dict | None, aside: str) -> None:
+    """Refuses (:class:`StageInputsChanged`) a stage built from inputs whose content differs from the inputs
+    now in use; ``aside``: the command that moves the stage aside."""
+    if not recorded or current is None:
+        return  # finished before inputs were recorded (reused as before), or the caller gave none
+    diff = [(k, recorded[k], current[k]) for k in sorted(recorded) if k in current
+            and recorded[k] != current[k]["content"]]
+    if not diff:
+        return
+    short = lambda c: f"{c[:16]}..." if c else "unknown (finished before stage manifests)"
+    lines = "\n".join(f"  {k}: built from content {short(was)}, the {k} stage now in use ({now['path']}) holds "
+                      f"content {short(now['content'])}" for k, was, now in diff)
+    ks = ", ".join(k for k, _, _ in diff)
+    raise StageInputsChanged(
+        f"stage {name} in {where} was built from other {ks} stage content than the one now in use:\n{lines}\n"
+        f"(the {ks} stage was deleted or moved aside and rebuilt, and the rebuild is not bit-identical: VQ and "
+        f"tower training are not reproducible bit for bit). Its files were made from the old {ks}, so they are "
+        f"not used. Either restore the original {ks} stage directory, or move this stage aside so that the next "
+        f"run rebuilds it from the current {ks}: {aside} (not .damaged: a .damaged copy makes the "
+        f"rebuild be checked against it). A run that trained on the old {name} must continue in a new work "
+        f"directory; stages built from this one are refused in the same way until moved aside too", out,
+        [(f"inputs/{k}", f"content {was}", f"content {now['content']}") for k, was, now in diff])
+
+
+def _start_partial(name: str, work: str, current: dict, progress) -> None:
+    """Records in ``work`` the inputs a build starts from; a ``.partial`` left by a killed build that started
+    from other inputs, or whose record is damaged or missing, is emptied first, with a line saying so: its
+    finished chunks may have been made from other inputs (redoing them costs time, never correctness)."""
+    if not current:
+        return
+    from uvjax import integrity_files as itg
+    from uvjax.storage_paths import atomic_write_text
+    path = os.path.join(work, INPUTS_FILE)
+    want = _recorded(current)
+    if os.path.exists(path):
+        try:
+            had = itg.read_json(path, "record of a partial build's inputs")
+        except itg.DamagedFile:
+            had = None
+        if had != want:
+            _say(progress, f"{name}: the unfinished build in {work} started from other inputs ({path}: {had}, now "
+                           f"{want}) or its record is damaged: starting it over")
+            shutil.rmtree(work)
+            os.makedirs(work)
+    elif os.listdir(work):  # started by a uvjax before input records, or the record was deleted: unknown
+        _say(progress, f"{name}: the unfinished build in {work} has no record of the inputs it started from "
+                       f"({INPUTS_FILE}): starting it over")
+        shutil.rmtree(work)
+        os.makedirs(work)
+    atomic_write_text(path, json.dumps(want))
 
 
 def _check_history(name: str, fp: str, content: str, out: str, log: StageLog) -> None:
@@ -247,16 +338,19 @@ def _check_history(name: str, fp: str, content: str, out: str, log: StageLog) ->
             "or train in a new work directory", out, [("*", f"content {used}", f"content {content}")])
 
 
-def _finish(name: str, fp: str, out: str, work: str, info: dict, t0: float, log: StageLog) -> dict:
-    """Seals a completed build in ``work``: manifest + content digest + DONE.json (digested), after checking
-    the rebuild against the record of a damaged copy moved aside (``<out>.damaged*``) and this work dir's
-    history. Returns the sealed info."""
+def _finish(name: str, fp: str, out: str, work: str, info: dict, t0: float, log: StageLog,
+            current: dict | None = None) -> dict:
+    """Seals a completed build in ``work``: manifest + content digest + the inputs' content (``current``) +
+    DONE.json (digested), after checking the rebuild against the record of a damaged copy moved aside
+    (``<out>.damaged*``) and this work dir's history. Returns the sealed info."""
     import glob as _glob
     from uvjax import integrity_files as itg
+    if os.path.exists(os.path.join(work, INPUTS_FILE)):
+        os.remove(os.path.join(work, INPUTS_FILE))
     manifest = itg.build_manifest(work)
     content = itg.content_digest(manifest)
     info = itg.seal({**info, "fingerprint": fp, "seconds": time.time() - t0, "manifest": manifest,
-                     "content": content})
+                     "content": content, **({"inputs": _recorded(current)} if current else {})})
     for old in sorted(_glob.glob(out + ".damaged*"), key=os.path.getmtime, reverse=True):
         try:
             rec = itg.load_done(old)
@@ -284,7 +378,7 @@ def _finish(name: str, fp: str, out: str, work: str, info: dict, t0: float, log:
 
 
 def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[str], dict], log: StageLog,
-                         progress=None) -> tuple[str, dict]:
+                         progress=None, inputs: dict | None = None) -> tuple[str, dict]:
     """:func:`cached_stage` for a ``gs://`` cache_dir; the log records the local mirror as ``path`` (what
     consumers open) and the URL as ``remote``."""
     from uvjax import storage_paths as sp
@@ -292,12 +386,16 @@ def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[st
     mirrors = sp.remote_cache_dir("stages")
     mirror = sp.tree_mirror_path(out, mirrors, fp)
     t0 = time.time()
+    current = _input_contents(inputs)
     if os.path.exists(os.path.join(mirror, "DONE.json")) or sp.exists(sp.join(out, "DONE.json")):
         for attempt in (0, 1):
             mirror = sp.local_tree(out, mirrors, key=fp)  # no request when the mirror is there
             try:
-                info, content = _verified(name, fp, mirror, log, progress, where=f"{out} (local copy {mirror})")
+                info, content = _verified(name, fp, mirror, log, progress, where=f"{out} (local copy {mirror})",
+                                          current=current, remote=out)
                 break
+            except StageInputsChanged:
+                raise  # the copy is sound: the stage was built from other inputs (downloading it again is no help)
             except StageCacheDamaged as e:
                 if attempt:
                     raise StageCacheDamaged(
@@ -311,7 +409,8 @@ def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[st
                 _say(progress, f"{name}: local copy {mirror} of {out} is damaged (moved to {aside}); downloading "
                                "it again")
         log.write(stage=name, fingerprint=fp, reused=True, seconds=0.0, path=mirror, remote=out, content=content,
-                  verified=content is not None, verify_seconds=round(time.time() - t0, 3))
+                  verified=content is not None, verify_seconds=round(time.time() - t0, 3),
+                  **({"inputs": current} if current else {}))
         if progress:
             progress(f"{name}: reused {out} (local copy {mirror})")
         return mirror, info
@@ -319,16 +418,17 @@ def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[st
     interrupt.check()
     work = mirror + ".partial"
     os.makedirs(work, exist_ok=True)  # a .partial left by a killed run is resumed (chunk markers)
+    _start_partial(name, work, current, progress)
     if progress:
         progress(f"{name}: building {out} (locally in {work})")
-    info = _finish(name, fp, mirror, work, build(work) or {}, t0, log)
+    info = _finish(name, fp, mirror, work, build(work) or {}, t0, log, current)
     sp.upload(work, out, exclude=("DONE.json",))
     sp.upload(os.path.join(work, "DONE.json"), sp.join(out, "DONE.json"))  # last: the stage is complete
     if os.path.exists(mirror):
         shutil.rmtree(mirror)
     os.replace(work, mirror)
     log.write(stage=name, fingerprint=fp, reused=False, seconds=info["seconds"], path=mirror, remote=out,
-              content=info["content"])
+              content=info["content"], **({"inputs": current} if current else {}))
     return mirror, _unsealed(info)
 
 
@@ -579,8 +679,11 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         tok_info = {"vocab_size": TextTokenizer.load(tok_dir).vocab_size}
         log.write(stage="tokenizer", fingerprint=fingerprint("tokenizer-given", tok_dir), reused=True, seconds=0.0,
                   path=tok_dir)
-    else:
-        tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say)
+        tok_stage = None  # the user's: not a stage
+    else:  # an imported source's BPE reads the import-train stage's texts
+        tok_dir, tok_info = cached_stage("tokenizer", tok_fp, cache, build_tok, log, say,
+                                         inputs=source.stage_dirs("train") if imported and not base else None)
+        tok_stage = tok_dir
 
     # 3. towers
     vq_dir = vq_fp = None
@@ -603,7 +706,8 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
             return {"psnr": ev.get("psnr"), "usage": ev.get("usage"), "images": int(len(images)),
                     "train_time_s": metrics.get("train_time_s")}
 
-        vq_dir, vq_info = cached_stage("vq", vq_fp, cache, build_vq_stage, log, say)
+        vq_dir, vq_info = cached_stage("vq", vq_fp, cache, build_vq_stage, log, say,
+                                       inputs=source.stage_dirs("train") if imported else None)
     tower_dir = tower_fp = None
     tower_info: dict = {}
     if uses_features and tower is not None:
@@ -654,7 +758,12 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         info["image_tokens_by_role"] = tokens
         return info
 
-    ds_dir, ds_info = cached_stage("dataset", ds_fp, cache, build_ds, log, say)
+    # the input stages the dataset is made from (a VQ file or tower the user gave is not a stage: left out,
+    # its fingerprint holds its size and mtime)
+    ds_inputs = {"vq": vq_dir if uses_codes and not given_vq_path else None,
+                 "siglip": tower_dir if uses_features and tower is None else None,
+                 **(source.stage_dirs("train", "test") if imported else {})}
+    ds_dir, ds_info = cached_stage("dataset", ds_fp, cache, build_ds, log, say, inputs=ds_inputs)
     if say and imported:
         from uvjax import pretokenise as pt
         for split in ("train", "test"):
@@ -663,7 +772,8 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
     rs_dir = None
     if reasoning_enabled(sc):
         rs_fp = fingerprint("reasoning", sc.reasoning, int(sc.data.seed), size, vq_fp)
-        rs_dir, _ = cached_stage("reasoning", rs_fp, cache, lambda out: build_reasoning(sc, vq_dir, out), log, say)
+        rs_dir, _ = cached_stage("reasoning", rs_fp, cache, lambda out: build_reasoning(sc, vq_dir, out), log, say,
+                                 inputs={"vq": None if given_vq_path else vq_dir})
 
     # 5. the config, pointed at the stages' outputs
     cfg = cfg.copy_and_resolve_references()
@@ -702,7 +812,7 @@ def prepare(cfg, workdir: str, *, progress: bool = True) -> tuple[mlc.ConfigDict
         paths.update(siglip=tower_dir, siglip_metrics=tower_info)
     if imported:
         paths.update(import_train=source.train_dir, import_test=source.test_dir)
-        lengths = si.length_report(cfg, ds_dir, tok_dir, cache, log)
+        lengths = si.length_report(cfg, ds_dir, tok_dir, cache, log, inputs={"dataset": ds_dir, "tokenizer": tok_stage})
         paths["lengths"] = lengths
         if say:
             say(si.format_length_report(lengths, int(cfg.train.seq_len)))

@@ -195,6 +195,13 @@ class ImportedSource:
             raise ValueError(f"import-train wrote no records ({self.train_dir}); see the skip counts above")
         self.vq_resize = str(src.resize) or "center_crop"
 
+    def stage_dirs(self, *splits: str) -> dict[str, str | None]:
+        """``{"import-<split>": directory}`` of the import stages of ``splits`` (None for shards the user
+        converted: used in place, not a stage): the input stages of the tokenizer, VQ and dataset stages."""
+        shards = str(self.src.format) == "shards"
+        dirs = {"train": self.train_dir, "test": self.test_dir}
+        return {f"import-{s}": None if shards else dirs[s] for s in splits}
+
     def tokenizer_fp(self, cfg, base_part) -> str:
         from uvjax.stages import fingerprint
         return fingerprint("tokenizer-imported", self.sc.tokenizer, self.train_fp, cfg.data.template, base_part)
@@ -314,7 +321,9 @@ def record_lengths(records, tokenizer, template, seq_len: int, feature_dim: int 
     return out
 
 
-def length_report(cfg, ds_dir: str, tok_dir: str, cache: str, log) -> dict:
+def length_report(cfg, ds_dir: str, tok_dir: str, cache: str, log, inputs: dict | None = None) -> dict:
+    """Per split and stream, how many records ``train.seq_len`` cuts (the ``lengths`` stage); ``inputs``: the
+    input stages (dataset, tokenizer) whose content ``DONE.json`` records (``uvjax.stages.cached_stage``)."""
     from uvjax.data.storage import RecordReader
     from uvjax.data.tokenizer import TextTokenizer, get_template
     from uvjax.stages import cached_stage, fingerprint
@@ -333,7 +342,7 @@ def length_report(cfg, ds_dir: str, tok_dir: str, cache: str, log) -> dict:
                 res[split] = record_lengths(RecordReader(shards), tok, template, seq_len, fdim)
         return res
 
-    _, info = cached_stage("lengths", fp, cache, build, log, None)
+    _, info = cached_stage("lengths", fp, cache, build, log, None, inputs=inputs)
     return info
 
 

@@ -111,6 +111,21 @@ class RowShardIterator:
             self.it.close()
 
 
+def run_inputs(cfg, workdir: str) -> dict[str, str]:
+    """The files a trained LM is bound to beyond its config: the text tokenizer and, when the stages set
+    ``model.image.codebook_from``, the VQ tokenizer (its weights and config). Their digests go into every
+    checkpoint's metadata (``integrity_files.input_digests``)."""
+    from uvjax import storage_paths as sp
+    paths = {"tokenizer": sp.join(cfg.data.tokenizer or sp.join(workdir, "tokenizer"), "tokenizer.json")}
+    vq = cfg.model.image.get("codebook_from", "") if hasattr(cfg.model.image, "get") else ""
+    if vq:
+        from uvjax.training.vq_train import PARAMS_FILE
+        d = vq if sp.isdir(vq) else os.path.dirname(vq)
+        paths["vq"] = sp.join(d, PARAMS_FILE)
+        paths["vq_config"] = sp.join(d, "vq_config.json")
+    return paths
+
+
 def build_data_iterator(cfg, workdir: str, local_batch: int):
     """The real pipeline: grain over ArrayRecord shards of pre-tokenised records, this host's share."""
     import jax
@@ -217,6 +232,8 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
     guard = StepGuard.from_config(cfg, workdir, primary)
     probe = _Probe(trainer, mesh, float(cfg.train.get("probe_tolerance", 1e-3)))
     pushback: list = []  # (position, local batch) peeked while validating the restored step
+    from uvjax.integrity_files import changed_inputs, input_digests
+    inputs = input_digests(run_inputs(cfg, workdir)) if data_iterator is None else {}
 
     def check_restored(restored, step):
         """A restored step must hold finite parameters and give the loss recorded for the batch after it."""
@@ -224,6 +241,12 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
         if bad:
             raise ValueError(f"non-finite parameters in {bad}")
         pushback.clear()
+        changed = changed_inputs((restored.get("meta") or {}).get("inputs"), inputs)
+        if changed:
+            from uvjax.training.checkpoint import RestoreRefused
+            raise RestoreRefused(f"checkpoint step {step} was trained with other files than this run would read: "
+                                 f"{'; '.join(changed)}. Restore the original files (a damaged stage: see the "
+                                 f"message of its check), or train in a new work directory")
         if "data_json" in restored:
             it.set_state(restored["data_json"])
         recorded = ckpt.probe(step)
@@ -248,7 +271,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
     if primary:
         sp.atomic_write_text(sp.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, enabled=primary)
-    meta = {"config": json.loads(cfg.to_json_best_effort())}
+    meta = {"config": json.loads(cfg.to_json_best_effort()), "inputs": inputs}
 
     total = int(cfg.train.steps)
     if int(cfg.train.get("stop_at", 0) or 0) > 0:

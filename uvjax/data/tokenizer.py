@@ -104,12 +104,16 @@ class TextTokenizer:
     @classmethod
     def load(cls, directory: str) -> "TextTokenizer":
         """Loads what :meth:`save` wrote (or, without our meta file, an HF directory)."""
+        from uvjax.integrity_files import DamagedFile, read_json
         meta = os.path.join(directory, _META_FILE)
         if not os.path.exists(meta):
             return cls.from_hf_dir(directory)
-        with open(meta) as f:
-            m = json.load(f)
-        tok = tokenizers.Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        todo = (f"When {directory} is a stage of the cache, move it aside (mv {directory} {directory}.damaged) "
+                "and rerun: the stage is rebuilt; else restore the file from a copy")
+        m = read_json(meta, "tokenizer meta file", todo)
+        if not isinstance(m, dict) or not isinstance(m.get("specials"), dict):
+            raise DamagedFile(f"{meta}: damaged tokenizer meta file: no 'specials' object. {todo}")
+        tok = _tokenizer_file(os.path.join(directory, "tokenizer.json"), todo)
         return cls(tok, m["specials"], m.get("source", "bpe"))
 
     @classmethod
@@ -128,13 +132,13 @@ class TextTokenizer:
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
             raise ValueError(f"{directory!r} has no tokenizer.json (HF fast tokenizer expected)")
-        tok = tokenizers.Tokenizer.from_file(path)
+        from uvjax.integrity_files import read_json
+        tok = _tokenizer_file(path, "restore it from the model's files")
         cfg: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(directory, name)
             if os.path.exists(p):
-                with open(p) as f:
-                    cfg.update(json.load(f))
+                cfg.update(read_json(p, "HF tokenizer file", "restore it from the model's files"))
 
         def tok_str(key):
             v = overrides.get(key[:-6]) or cfg.get(key)
@@ -159,6 +163,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int =
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tok, dict(DEFAULT_SPECIALS), "bpe")
+
+
+def _tokenizer_file(path: str, todo: str) -> tokenizers.Tokenizer:
+    """``Tokenizer.from_file``, whose errors (a bare "expected value at line 1 column ...") name the file."""
+    from uvjax.integrity_files import DamagedFile
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises plain Exception)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file") from e
+        raise DamagedFile(f"{path}: damaged tokenizer file: {e}. {todo}") from e
 
 
 def load_or_train(directory: str, texts: Callable[[], Iterable[str]], vocab_size: int = 1024) -> TextTokenizer:

@@ -14,7 +14,10 @@ Training data: images are rendered at ``source_size`` and passed through :func:`
 same resize every image gets before the judge (generated images included). Light augmentation
 (random Gaussian blur, pixel noise) makes the judge tolerant of VQ reconstruction softness.
 Held-out accuracy is measured on a separate seeded stream; the judge is cached as
-``judge.safetensors`` + ``judge.json`` (config, accuracies, timings) in a directory.
+``judge.safetensors`` + ``judge.json`` (config, accuracies, timings, the sha256 of ``judge.safetensors``,
+and a digest of ``judge.json`` itself) in a directory. :meth:`Judge.load` verifies both and raises
+:class:`JudgeCacheDamaged` naming the file; :func:`load_or_train` retrains a damaged cache with a warning
+saying so (issue #33: a damaged file is detected, never used silently).
 
 CLI: ``python -m uvjax.evaluation.judge --out=DIR [--preset=full] [--image_size=128]``.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -39,6 +43,11 @@ from uvjax.data import smartwatch as sw
 HEADS = {"weather": 3, "weather_pos": 4, "battery_pos": 4, "battery": 10, "hour": 12, "minute_q": 4,
          "minute_5": 12}
 PARAMS_FILE, REPORT_FILE = "judge.safetensors", "judge.json"
+_log = logging.getLogger(__name__)
+
+
+class JudgeCacheDamaged(ValueError):
+    """A cached judge whose ``judge.json`` or ``judge.safetensors`` is unreadable or differs from its record."""
 
 
 def attribute_labels(attrs: dict) -> dict[str, int]:
@@ -174,23 +183,59 @@ class Judge:
         return {k: float(np.mean(pred[k] == labels[k])) for k in HEADS}
 
     def save(self, directory: str) -> str:
+        """``judge.safetensors``, then ``judge.json`` (last: it holds the sha256 of the params and its own
+        digest, so a save killed in between leaves a cache that :meth:`load` refuses)."""
+        from uvjax import integrity_files as itg
+        from uvjax.storage_paths import atomic_write_text
         from uvjax.weights.llamagen_vq import save_params
         os.makedirs(directory, exist_ok=True)
-        save_params(jax.device_get(self.params), os.path.join(directory, PARAMS_FILE),
+        params_path = os.path.join(directory, PARAMS_FILE)
+        save_params(jax.device_get(self.params), params_path,
                     {"format": "uvjax-judge", "judge_config": json.dumps(self.cfg.to_dict())})
-        with open(os.path.join(directory, REPORT_FILE), "w") as f:
-            json.dump({"config": self.cfg.to_dict(), **self.report}, f, indent=1)
+        rec = itg.seal({"config": self.cfg.to_dict(), **self.report, "params_sha256": itg.sha256_file(params_path)})
+        atomic_write_text(os.path.join(directory, REPORT_FILE), json.dumps(rec, indent=1))
         return directory
 
     @classmethod
     def load(cls, directory: str) -> "Judge":
+        """The judge saved in ``directory``, verified: ``judge.json`` parses and matches its digest, and
+        ``judge.safetensors`` matches the sha256 recorded there. Raises :class:`JudgeCacheDamaged` naming the
+        file. A judge saved before these records (no ``params_sha256``) is loaded unverified, with a warning."""
+        from uvjax import integrity_files as itg
         from uvjax.weights.llamagen_vq import load_params
-        params, meta = load_params(os.path.join(directory, PARAMS_FILE))
-        cfg = JudgeConfig(**json.loads(meta["judge_config"]))
-        report = {}
-        if os.path.exists(os.path.join(directory, REPORT_FILE)):
-            with open(os.path.join(directory, REPORT_FILE)) as f:
-                report = {k: v for k, v in json.load(f).items() if k != "config"}
+        params_path, report_path = os.path.join(directory, PARAMS_FILE), os.path.join(directory, REPORT_FILE)
+        todo = (f"The judge is a cache: delete {directory} (or move it aside) and it is trained again "
+                "(`python -m uvjax.evaluate` without --quick does so itself)")
+        if not os.path.exists(report_path):
+            raise JudgeCacheDamaged(f"{report_path}: missing (the judge's record: config, accuracies, the sha256 of "
+                                    f"{PARAMS_FILE}), so {params_path} cannot be verified. {todo}")
+        try:
+            rec = itg.read_json(report_path, "judge record", todo)
+            if not isinstance(rec, dict):
+                raise itg.DamagedFile(f"{report_path}: damaged judge record: a JSON object expected. {todo}")
+            if "digest" in rec and itg.seal(rec)["digest"] != rec["digest"]:
+                raise itg.DamagedFile(f"{report_path}: damaged judge record: its content does not match its "
+                                      f"digest. {todo}")
+        except itg.DamagedFile as e:
+            raise JudgeCacheDamaged(str(e)) from e
+        want = rec.get("params_sha256")
+        if want is None:
+            _log.warning("%s: saved before judge checksums: %s is loaded UNVERIFIED (delete %s to retrain it "
+                         "with one)", report_path, params_path, directory)
+        else:
+            got = itg.sha256_file(params_path)
+            if got != want:
+                raise JudgeCacheDamaged(f"{params_path}: damaged: sha256 {got[:16]}... differs from the "
+                                        f"{want[:16]}... recorded in {report_path}. {todo}")
+        try:
+            params, meta = load_params(params_path)
+            cfg = JudgeConfig(**itg.parse_json(meta["judge_config"], params_path, "judge config metadata", todo))
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001  (safetensors' own error types; a bad header, missing metadata)
+            raise JudgeCacheDamaged(f"{params_path}: unreadable judge parameters ({type(e).__name__}: {e}). "
+                                    f"{todo}") from e
+        report = {k: v for k, v in rec.items() if k not in ("config", "params_sha256", "digest")}
         return cls(cfg, jax.tree_util.tree_map(jnp.asarray, params), report)
 
 
@@ -256,12 +301,33 @@ def train_judge(cfg: JudgeConfig, out_dir: str | None = None, progress: bool = F
 
 def load_or_train(directory: str, cfg: JudgeConfig | None = None, progress: bool = False) -> Judge:
     """The judge cached in ``directory``; trained there when absent (or when its config differs from
-    an explicitly given ``cfg``)."""
-    if os.path.exists(os.path.join(directory, PARAMS_FILE)):
-        judge = Judge.load(directory)
-        if cfg is None or judge.cfg == cfg:
-            return judge
+    an explicitly given ``cfg``). A damaged cache (:class:`JudgeCacheDamaged`) is retrained, with a warning
+    naming the damaged file (the config recorded in it is used when no ``cfg`` is given and it is readable)."""
+    if os.path.exists(os.path.join(directory, PARAMS_FILE)) or os.path.exists(os.path.join(directory, REPORT_FILE)):
+        try:
+            judge = Judge.load(directory)
+        except JudgeCacheDamaged as e:
+            _log.warning("judge cache %s is damaged, so it is trained again: %s", directory, e)
+            cfg = cfg or _recorded_config(directory)
+        except FileNotFoundError as e:  # judge.safetensors deleted: nothing to verify, retrained
+            _log.warning("judge cache %s is damaged (%s), so it is trained again", directory, e)
+            cfg = cfg or _recorded_config(directory)
+        else:
+            if cfg is None or judge.cfg == cfg:
+                return judge
     return train_judge(cfg or PRESETS["full"], directory, progress)
+
+
+def _recorded_config(directory: str) -> JudgeConfig | None:
+    """The config in a (possibly damaged) cache's ``judge.json``, when it is still readable and sealed."""
+    from uvjax import integrity_files as itg
+    try:
+        rec = itg.read_json(os.path.join(directory, REPORT_FILE))
+        if isinstance(rec, dict) and "digest" in rec and itg.seal(rec)["digest"] == rec["digest"]:
+            return JudgeConfig(**rec["config"])
+    except (OSError, itg.DamagedFile, KeyError, TypeError):
+        pass
+    return None
 
 
 def main(argv):

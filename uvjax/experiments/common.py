@@ -189,10 +189,7 @@ def measure_examples_per_step(cfg, run_dir: str, batches: int) -> dict:
 def plan_steps(ec, arms: Sequence[Arm], workdir: str) -> dict[str, int]:
     """``train.steps`` of every arm; ``match`` arms from measured examples per step (cached in budget.json)."""
     path = os.path.join(workdir, "budget.json")
-    budget = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            budget = json.load(f)
+    budget = _read_budget(path)
     by_name = {a.name: a for a in arms}
     seed0 = int(ec.seeds[0])
 
@@ -203,7 +200,7 @@ def plan_steps(ec, arms: Sequence[Arm], workdir: str) -> dict[str, int]:
             cfg = arm_config(ec, a, seed0, workdir)
             m = measure_examples_per_step(cfg, os.path.join(workdir, a.name, "budget"), int(ec.get("budget_batches", 16)))
             budget[a.name] = {"key": key, **m, "configured_steps": int(cfg.train.steps)}
-            _write_json(path, budget)
+            _write_budget(path, budget)
         return budget[a.name]
 
     steps = {}
@@ -225,8 +222,42 @@ def plan_steps(ec, arms: Sequence[Arm], workdir: str) -> dict[str, int]:
         steps[a.name] = max(1, int(round(ref_examples / (ma["examples_per_step"] * ma["shares"][stream]))))
         budget[a.name]["matched"] = {"stream": stream, "reference": ref_name, "examples": ref_examples,
                                      "steps": steps[a.name]}
-        _write_json(path, budget)
+        _write_budget(path, budget)
     return steps
+
+
+def _read_budget(path: str) -> dict:
+    """``budget.json`` (a cache of measurements: each arm's entry is redone when missing). A damaged one (does
+    not parse, or its digest differs: a flipped digit must not change an arm's steps) is moved aside as
+    ``budget.json.damaged`` with a warning naming it, and every arm is measured again."""
+    from uvjax import integrity_files as itg
+    if not os.path.exists(path):
+        return {}
+    try:
+        budget = itg.read_json(path, "budget cache")
+        if not isinstance(budget, dict):
+            raise itg.DamagedFile(f"{path}: damaged budget cache: a JSON object expected")
+        if BUDGET_DIGEST in budget and _budget_digest(budget) != budget[BUDGET_DIGEST]:
+            raise itg.DamagedFile(f"{path}: damaged budget cache: its content does not match its digest")
+    except itg.DamagedFile as e:
+        os.replace(path, path + ".damaged")
+        print(f"WARNING: {e}; moved to {path}.damaged: every arm's examples per step are measured again",
+              flush=True)
+        return {}
+    return {k: v for k, v in budget.items() if k != BUDGET_DIGEST}
+
+
+BUDGET_DIGEST = "__digest__"  # the digest of the other keys (arm names)
+
+
+def _budget_digest(budget: dict) -> str:
+    import hashlib
+    body = json.dumps({k: v for k, v in budget.items() if k != BUDGET_DIGEST}, sort_keys=True, default=_json_default)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _write_budget(path: str, budget: dict) -> None:
+    _write_json(path, {**budget, BUDGET_DIGEST: _budget_digest(budget)})
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -277,11 +308,23 @@ def run_dir(workdir: str, arm: Arm, seed: int) -> str:
 
 
 def load_done(path: str) -> dict | None:
+    """The finished run's record in ``path`` (None: not finished), checked against its digest (records
+    written before digests have none). A damaged one raises ``DamagedFile`` naming it and saying what to do
+    (it holds the run's results: never redone behind the user's back)."""
+    from uvjax.integrity_files import DamagedFile, read_json, seal
     p = os.path.join(path, DONE_FILE)
     if not os.path.exists(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    todo = (f"It holds the run's results; restore it from a copy, or move it aside (mv {p} {p}.damaged) and rerun "
+            "the experiment: that run is evaluated again from its last checkpoint (and trained again if the "
+            "checkpoint is gone)")
+    done = read_json(p, "record of a finished experiment run", todo)
+    if not isinstance(done, dict):
+        raise DamagedFile(f"{p}: damaged record of a finished experiment run: a JSON object expected. {todo}")
+    if "digest" in done and seal(done)["digest"] != done["digest"]:
+        raise DamagedFile(f"{p}: damaged record of a finished experiment run: its content does not match its "
+                          f"digest. {todo}")
+    return {k: v for k, v in done.items() if k != "digest"}
 
 
 def _cpu_s() -> float:
@@ -355,7 +398,8 @@ def run_one(exp: Experiment, ec, arm: Arm, seed: int, steps: int, workdir: str) 
             "report": report_path, "overrides": [[k, v] for k, v in list(arm.overrides)],
             "base": arm.base or ec.base, "commit": commit(), "machine": machine(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_json(os.path.join(rd, DONE_FILE), done)
+    from uvjax.integrity_files import seal  # a digest of the record: a flipped digit that still parses is caught
+    _write_json(os.path.join(rd, DONE_FILE), seal(json.loads(json.dumps(done, default=_json_default))))
     return done
 
 

@@ -284,21 +284,21 @@ class Checkpointer:
         return (rec or {}).get("probe")
 
     # ------------------------------------------------------------------ restore
-    def _has_item(self, step: int, name: str) -> bool:
+    def has_item(self, step: int, name: str) -> bool:
         return sp.isdir(sp.join(self._step_dir(step), name))
 
     def _restore_items(self, step: int, abstract_state, data_iterator=None, *, with_meta: bool = False,
                        verify: bool = True, read_data_files: bool = False) -> dict:
-        checked = verify and self._has_item(step, "integrity")
+        checked = verify and self.has_item(step, "integrity")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None and _json_state(data_iterator):
             items["data_json"] = ocp.args.JsonRestore()
         elif data_iterator is not None:
             _, restore_cls = _grain_args()
             items["data"] = restore_cls(data_iterator)
-        elif read_data_files and self._has_item(step, "data_json"):
+        elif read_data_files and self.has_item(step, "data_json"):
             items["data_json"] = ocp.args.JsonRestore()
-        if (with_meta or checked) and self._has_item(step, "meta"):
+        if (with_meta or checked) and self.has_item(step, "meta"):
             items["meta"] = ocp.args.JsonRestore()
         if checked:
             items["integrity"] = ocp.args.JsonRestore()
@@ -347,6 +347,18 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} does not match the digests saved with it: "
                 + "; ".join(problems))
 
+    def read_meta(self, step: int) -> dict:
+        """The metadata of ``step`` alone (no arrays), checked against its integrity record when it has one."""
+        items = {"meta": ocp.args.JsonRestore()}
+        checked = self.has_item(step, "integrity")
+        if checked:
+            items["integrity"] = ocp.args.JsonRestore()
+        out = self.mgr.restore(int(step), args=ocp.args.Composite(**items))
+        if checked and json_digest(out["meta"]) != (out["integrity"] or {}).get("meta"):
+            raise CheckpointIntegrityError(f"checkpoint step {step} in {self.directory}: its metadata does not match "
+                                           f"the digest saved with it")
+        return out["meta"]
+
     def restore(self, step: int, abstract_state, data_iterator=None, *, with_meta: bool = False):
         """Restores ``step`` and checks it against its integrity record (CheckpointIntegrityError)."""
         return self._restore_items(step, abstract_state, data_iterator, with_meta=with_meta)
@@ -383,7 +395,7 @@ class Checkpointer:
                     log.warning("checkpoint(s) %s in %s could not be restored and were moved aside; "
                                 "resumed from step %d instead: %s", [s["step"] for s in skipped],
                                 self.directory, step, skipped)
-                if self._has_item(step, "integrity") and self.sidecar(step) is None:
+                if self.has_item(step, "integrity") and self.sidecar(step) is None:
                     self._mark_verified(step)  # it read back and matched its digests
                 return step, out, skipped
             log.warning("checkpoint step %d in %s could not be restored (%s); trying an older one",

@@ -162,6 +162,19 @@ class StepGuard:
         self.consecutive = int(d.get("consecutive", 0))
 
 
+_FINITE = None
+
+
+def _finite_fn():
+    """One jitted reduction reused across calls (a new lambda per call would recompile every time)."""
+    global _FINITE
+    if _FINITE is None:
+        import jax
+        import jax.numpy as jnp
+        _FINITE = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))
+    return _FINITE
+
+
 def nonfinite_leaves(tree, limit: int = 10) -> list[str]:
     """Paths of floating-point leaves of ``tree`` holding NaN/Inf (one jitted reduction)."""
     import jax
@@ -170,6 +183,6 @@ def nonfinite_leaves(tree, limit: int = 10) -> list[str]:
     flat = [(p, x) for p, x in flat if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not flat:
         return []
-    ok = jax.device_get(jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))([x for _, x in flat]))
+    ok = jax.device_get(_finite_fn()([x for _, x in flat]))
     bad = [jax.tree_util.keystr(p) for (p, _), good in zip(flat, np.asarray(ok)) if not good]
     return bad[:limit]

@@ -80,6 +80,19 @@ def _leaf_name(x) -> str:
     return f"{np.dtype(x.dtype).name}{list(x.shape)}"
 
 
+_JITTED = None
+
+
+def _digests_fn():
+    """One jitted function for every call (jit caches a compilation per tree structure and shapes); a new
+    lambda per call would recompile every time (1.2 s for the first run's state)."""
+    global _JITTED
+    if _JITTED is None:
+        import jax
+        _JITTED = jax.jit(lambda xs: [_digest_device(x) for x in xs])
+    return _JITTED
+
+
 def tree_digests(tree) -> dict[str, str]:
     """``{path: "dtype[shape]:aaaaaaaabbbbbbbb"}`` for every array leaf of ``tree`` (one jitted call; on a
     multi-host mesh every process gets the same, replicated, values)."""
@@ -88,7 +101,7 @@ def tree_digests(tree) -> dict[str, str]:
     flat = [(jax.tree_util.keystr(p), x) for p, x in flat if hasattr(x, "dtype") and hasattr(x, "shape")]
     if not flat:
         return {}
-    sums = jax.device_get(jax.jit(lambda xs: [_digest_device(x) for x in xs])([x for _, x in flat]))
+    sums = jax.device_get(_digests_fn()([x for _, x in flat]))
     return {name: f"{_leaf_name(x)}:{int(s[0]):08x}{int(s[1]):08x}" for (name, x), s in zip(flat, sums)}
 
 
