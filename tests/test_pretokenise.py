@@ -389,7 +389,8 @@ def test_command_with_a_siglip_tower(llava, tmp_path):
     save_vit(init_params(vit), vit, str(tmp_path / "tower.safetensors"))
     p = subprocess.run([sys.executable, "-m", "uvjax.pretokenise", f"--shards={llava['shards']}",
                         f"--out={tmp_path / 'pre'}", f"--tower={tmp_path / 'tower.safetensors'}"],
-                       cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "pre-tokenised train: read 19 records" in p.stdout and "6 distinct images encoded" in p.stdout
     recs = _records(str(tmp_path / "pre"))
