@@ -485,6 +485,32 @@ def test_a_restored_state_must_reproduce_its_probe_and_its_batch(dataset, refere
     assert Checkpointer(_ckpt_dir(wd)).verified_steps() == [3 * EVERY, 3 * EVERY + 1]
 
 
+def test_train_run_restores_the_signal_handlers_it_replaced(tmp_path, keep_signal_handlers):
+    """In a notebook, "interrupt kernel" must work after a run: train.run puts back the SIGINT/SIGTERM
+    handlers it installed for the checkpoint-and-stop behaviour (also when the run fails)."""
+    from uvjax import train
+
+    def mine(signum, frame):  # a handler of the caller's own
+        pass
+
+    signal.signal(signal.SIGTERM, mine)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    seen = {}
+
+    class Watching(_FeatureBatches):
+        def __next__(self):
+            seen.setdefault("during", signal.getsignal(signal.SIGTERM))
+            return super().__next__()
+
+    train.run(_numeric_cfg(**{"train.steps": 2}), str(tmp_path / "ok"), data_iterator=Watching(), progress=False)
+    assert seen["during"] is not mine  # the trainer's own handler was active while it ran
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(RuntimeError):
+        train.run(_numeric_cfg(**{"train.nonfinite": "halt"}), str(tmp_path / "halt"),
+                  data_iterator=_FeatureBatches(poison=0), progress=False)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_spike_guard_limit_is_deterministic_and_resumable():
     from uvjax.training.guard import StepGuard
     g = StepGuard(spike_factor=3.0, spike_window=3)

@@ -36,11 +36,21 @@ class _StopFlag:
         self.signal = None
 
     def install(self):
+        """Installs the handlers (main thread only) and remembers the ones they replace (``restore``)."""
         def handler(signum, frame):
             self.signal = signum
             logging.warning("received signal %d: will checkpoint and stop after this step", signum)
+        self.previous = {}
         for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.getsignal(s)
             signal.signal(s, handler)
+
+    def restore(self):
+        """Puts back the handlers ``install`` replaced: after ``train.run`` returns, Ctrl-C (a notebook's
+        "interrupt kernel") works as before."""
+        for s, h in getattr(self, "previous", {}).items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self.previous = {}
 
     def __bool__(self):
         return self.signal is not None
@@ -196,10 +206,15 @@ def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) 
     import jax
     from uvjax.storage_paths import lock_for_workdir
     with lock_for_workdir(workdir, enabled=jax.process_index() == 0) as lease:
-        return _run(cfg, workdir, data_iterator=data_iterator, progress=progress, lease=lease)
+        stop = _StopFlag()
+        stop.install()
+        try:
+            return _run(cfg, workdir, data_iterator=data_iterator, progress=progress, lease=lease, stop=stop)
+        finally:
+            stop.restore()
 
 
-def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None, lease=None) -> dict:
+def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None, lease=None, stop=None) -> dict:
     import jax
     import numpy as np
 
@@ -216,8 +231,8 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
     validate(cfg)
     sp.makedirs(workdir)
     primary = jax.process_index() == 0
-    stop = _StopFlag()
-    stop.install()
+    if stop is None:
+        stop = _StopFlag()
 
     mesh = make_mesh(cfg.mesh.shape)
     local_batch = check_batch_divisibility(cfg.train.batch_size, cfg.train.grad_accum, mesh, jax.process_count())
