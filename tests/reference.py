@@ -30,17 +30,31 @@ def lora_kernel(p, lora, name, scale):
     return w
 
 
-def decoder_forward(x, seg, pos, layers, final_scale, *, heads, kv_heads, base, eps, lora_layers=None, scale=0.0):
-    """x [T, E] (one row); layers: list of per-layer dicts with attn/mlp kernels (float64)."""
+def head_layer_norm(x, scale, bias, eps=1e-5):
+    """Chameleon's q/k norm: LayerNorm over each head's D values, then that head's own scale and bias.
+    x [T, H, D], scale/bias [H, D]."""
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def decoder_forward(x, seg, pos, layers, final_scale, *, heads, kv_heads, base, eps, lora_layers=None, scale=0.0,
+                    placement="pre"):
+    """x [T, E] (one row); layers: list of per-layer dicts with attn/mlp kernels (float64). A layer with
+    ``attn/q_norm`` and ``attn/k_norm`` applies Chameleon's per-head norms before RoPE; ``placement``
+    "swin" normalises each sublayer's output (x + norm(f(x))) instead of its input."""
     T, E = x.shape
     for li, p in enumerate(layers):
         lo = lora_layers[li] if lora_layers is not None else None
-        h = rms_norm(x, p["attn_norm"]["scale"], eps)
+        h = x if placement == "swin" else rms_norm(x, p["attn_norm"]["scale"], eps)
         q = h @ lora_kernel(p["attn"], lo and lo["attn"], "q", scale)
         k = h @ lora_kernel(p["attn"], lo and lo["attn"], "k", scale)
         v = h @ lora_kernel(p["attn"], lo and lo["attn"], "v", scale)
         D = q.shape[-1] // heads
         q, k, v = q.reshape(T, heads, D), k.reshape(T, kv_heads, D), v.reshape(T, kv_heads, D)
+        if "q_norm" in p["attn"]:
+            q = head_layer_norm(q, p["attn"]["q_norm"]["scale"], p["attn"]["q_norm"]["bias"])
+            k = head_layer_norm(k, p["attn"]["k_norm"]["scale"], p["attn"]["k_norm"]["bias"])
         q, k = rope(q, pos, base), rope(k, pos, base)
         rep = heads // kv_heads
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
@@ -52,11 +66,13 @@ def decoder_forward(x, seg, pos, layers, final_scale, *, heads, kv_heads, base, 
                 w = np.exp(logits - logits.max())
                 w /= w.sum()
                 out[t, hh] = sum(wi * v[s, hh] for wi, s in zip(w, allowed))
-        x = x + out.reshape(T, heads * D) @ lora_kernel(p["attn"], lo and lo["attn"], "o", scale)
-        h = rms_norm(x, p["mlp_norm"]["scale"], eps)
+        a = out.reshape(T, heads * D) @ lora_kernel(p["attn"], lo and lo["attn"], "o", scale)
+        x = x + (rms_norm(a, p["attn_norm"]["scale"], eps) if placement == "swin" else a)
+        h = x if placement == "swin" else rms_norm(x, p["mlp_norm"]["scale"], eps)
         g = h @ lora_kernel(p["mlp"], lo and lo["mlp"], "gate", scale)
         u = h @ lora_kernel(p["mlp"], lo and lo["mlp"], "up", scale)
-        x = x + (silu(g) * u) @ lora_kernel(p["mlp"], lo and lo["mlp"], "down", scale)
+        m = (silu(g) * u) @ lora_kernel(p["mlp"], lo and lo["mlp"], "down", scale)
+        x = x + (rms_norm(m, p["mlp_norm"]["scale"], eps) if placement == "swin" else m)
     return rms_norm(x, final_scale, eps)
 
 

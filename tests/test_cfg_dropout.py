@@ -54,3 +54,25 @@ def test_pipeline_dropout_rate_and_determinism(tmp_path):
             assert user_text_len(None, b) < user_text_len(None, a)
     # 400 Bernoulli(0.25) draws: mean 100, sd 8.7
     assert 70 <= n_dropped <= 130, n_dropped
+
+
+def test_dropout_of_an_edit_record_keeps_its_images_checked_before_and_not_after(tmp_path):
+    """An edit's null prompt has no input image by design (the unconditional stream): it encodes; but the
+    record as stored is still checked, so a stored edit without its input image is refused."""
+    import pytest
+    user_img = Segment("user", "image", codes=np.arange(4, dtype=np.int32))
+    edit = Record("e0", "edit", [user_img, Segment("user", "text", text="move the battery"),
+                                 Segment("assistant", "text", text="Moved."),
+                                 Segment("assistant", "image", codes=np.arange(4, dtype=np.int32) + 1)])
+    broken = Record("e1", "edit", edit.segments[1:])
+    storage.write_records([edit, broken], str(tmp_path), "edit", records_per_shard=10)
+    reader = storage.RecordReader(storage.expand_paths(str(tmp_path)))
+    tok = train_bpe(["move the battery", "Moved."] * 10 + template_texts(), 300)
+    seq = SequenceConfig(seq_len=64, overflow="truncate", image_tokens=4, feature_dim=0, codebook_size=8,
+                         check_tasks=True)
+    enc = ReadEncode(reader, tok, get_template("vicuna_v1", ""), seq, "raise", cfg_dropout=1.0)
+    ex = enc.encode(0)
+    mod = ex.arrays["modality"]
+    assert (mod == IMAGE_OUT).sum() == 4 and (mod == 2).sum() == 0  # the input image is dropped with the prompt
+    with pytest.raises(ValueError, match="expects >=1 user and >=1 assistant image"):
+        enc.encode(1)

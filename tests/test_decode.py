@@ -18,6 +18,8 @@ from uvjax.models.unified import UnifiedModel
 
 IDS = SpecialIds(boi=5, eoi=6, stop=(2,))
 N = 4
+# vocabulary ids of the 24 codes of the shared-vocabulary model: scattered over 40..95, in no order
+SHARED_IDS = tuple(int(i) for i in np.random.default_rng(3).choice(np.arange(40, 96), 24, replace=False))
 
 
 _MODELS = {}
@@ -34,6 +36,9 @@ def _make_model(features):
         over = {"model.image.image_positions": N}
     elif features == "no_layer_loop":  # the decode loop carries per-layer weight/cache buffers
         over = {"model.scan_unroll": 0}
+    elif features == "shared_vocab":  # Chameleon: codes are (permuted, non-contiguous) vocabulary rows
+        over = {"model.image.layout": "shared_vocab", "model.image.code_token_ids": SHARED_IDS,
+                "model.qk_norm": True, "model.norm_placement": "swin"}
     else:
         over = {"model.image.output_kind": "features", "model.image.feature_dim": 6} if features else {}
     model = UnifiedModel(model_config(tiny_config(**over)).validate())
@@ -88,6 +93,7 @@ def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
     """Greedy decoding by full re-forward of the growing sequence, with the documented rules."""
     F = model.cfg.image.feature_dim
     codes = model.cfg.image.output_kind == "codes"
+    image_rows = list(model.cfg.image.code_token_ids) if model.cfg.image.layout == "shared_vocab" else []
     assert len(prompt["tokens"]) + s.max_new_tokens <= L
     key = (id(v), L)
     if key not in _NAIVE:
@@ -113,6 +119,7 @@ def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
         else:
             tl = tl.copy()
             tl[IDS.eoi] = -np.inf
+            tl[image_rows] = -np.inf  # shared vocabulary: image rows are not text
             can_open = nimg < s.max_images and s.max_new_tokens - t >= N + 2
             if not can_open:
                 tl[IDS.boi] = -np.inf
@@ -134,7 +141,7 @@ def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
     return out
 
 
-@pytest.mark.parametrize("features", [False, True, "cells", "no_layer_loop"])
+@pytest.mark.parametrize("features", [False, True, "cells", "no_layer_loop", "shared_vocab"])
 def test_kv_cache_decoding_equals_naive_full_forward(features):
     model, v = _model(features)
     F = model.cfg.image.feature_dim
@@ -241,8 +248,9 @@ def test_greedy_text_matches_naive_for_long_text_and_stops():
     assert out2.lengths[0] == 1 and out2.tokens[0, 0] == first
 
 
-def test_exactly_n_codes_then_eoi_interleaved():
-    model, v = _model()
+@pytest.mark.parametrize("variant", [False, "shared_vocab"])
+def test_exactly_n_codes_then_eoi_interleaved(variant):
+    model, v = _model(variant)
     gen = Generator(model, v, IDS)
     # hot sampling so that rows open further images on their own (text, image, text, image)
     s = DecodeSettings(max_new_tokens=48, image_tokens=N, max_images=3, force_image_within=2,
@@ -263,6 +271,7 @@ def test_exactly_n_codes_then_eoi_interleaved():
             images = int(r == 2)
             while i < n:
                 assert mod[i] == TEXT and tok[i] != IDS.eoi
+                assert int(tok[i]) not in SHARED_IDS or not variant, "an image row sampled as text"
                 if tok[i] == IDS.boi:
                     i, images = image_at(i + 1), images + 1
                 else:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = ("alignment", "knowledge_transfer", "ratio", "data_scaling", "reasoning", "mutual_benefit")
+EXPERIMENTS = ("alignment", "knowledge_transfer", "ratio", "data_scaling", "reasoning", "mutual_benefit", "layout")
 
 
 def _env(root):
@@ -132,7 +132,7 @@ def test_table_and_plot_agree_with_the_runs(ran, name):
         assert im.format == "PNG" and im.size[0] >= 300 * cols and im.size[1] >= 300 * rows
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "layout"])  # layout: equal steps, no matching
 def test_matched_arms_see_the_reference_examples(ran, name):
     """Steps of a matched arm = the reference arm's examples of that stream / this arm's per step."""
     root = ran(name)
@@ -269,6 +269,43 @@ def test_biased_and_reasoning_stages(ran):
         assert a.segments[0].text == b.segments[0].text  # the same prompt
         assert len(a.segments) == len(b.segments) + 1 and a.attributes["rationale_segments"]
         assert np.array_equal(a.segments[-1].codes, b.segments[-1].codes)  # the same image
+
+
+def test_layout_arms_differ_only_in_the_layout(ran):
+    """The layout experiment's two arms: same data (one dataset stage), steps and seed; the shared-vocabulary
+    arm has no adapters or generation head, and its code -> token map was read from the tokenizer's names."""
+    from uvjax.data.tokenizer import image_token_name
+    from uvjax.stages import read_stage_log
+    root = ran("layout")
+    cfgs, stages = {}, {}
+    for arm in ("two-heads", "shared-vocab"):
+        rd = root / "layout" / arm / "seed_0"
+        with open(rd / "config.json") as f:
+            cfgs[arm] = json.load(f)
+        stages[arm] = [r["path"] for r in read_stage_log(str(rd)) if r["stage"] == "dataset"][-1]
+    assert stages["two-heads"] == stages["shared-vocab"]
+    a, b = cfgs["two-heads"], cfgs["shared-vocab"]
+    assert a["model"]["image"]["layout"] == "two_heads" and b["model"]["image"]["layout"] == "shared_vocab"
+    assert a["train"] == b["train"] and a["data"] == b["data"]
+    ids = b["model"]["image"]["code_token_ids"]
+    assert len(ids) == b["model"]["image"]["num_codes"] == 64
+    import ml_collections as mlc
+    from uvjax.train import load_text_tokenizer
+    tok = load_text_tokenizer(mlc.ConfigDict(b), str(root / "layout" / "shared-vocab" / "seed_0"))
+    assert [tok.tok.id_to_token(i) for i in ids[:3]] == [image_token_name(c) for c in range(3)]
+
+
+def test_an_experiment_runs_on_the_shared_vocabulary_layout(ran, tmp_path):
+    """The layout switch of every experiment config (``--config.layout=shared_vocab``), on the rationale
+    ablation: its arms train and evaluate with codes as vocabulary rows."""
+    out = _drive(tmp_path, "reasoning", "--config.layout=shared_vocab")
+    for arm in ("rationale", "no-rationale"):
+        with open(tmp_path / "reasoning" / arm / "seed_0" / "config.json") as f:
+            assert json.load(f)["model"]["image"]["layout"] == "shared_vocab"
+    with open(tmp_path / "reasoning" / "results.json") as f:
+        res = json.load(f)
+    assert len(res["runs"]) == 2 and all(np.isfinite(r["metrics"]["vqa/all/strict"]) for r in res["runs"])
+    del out
 
 
 def test_smollm2_gpu_preset_builds_the_documented_runs(tmp_path):

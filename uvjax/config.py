@@ -33,6 +33,8 @@ def base_config() -> mlc.ConfigDict:
     m.rope_base = 10000.0
     m.rope_scaling = ()
     m.norm_eps = 1e-5
+    m.qk_norm = False  # Chameleon: per-head LayerNorm on queries and keys
+    m.norm_placement = "pre"  # pre | swin (Chameleon-30B)
     m.tie_embeddings = False
     m.dtype = "float32"
     m.param_dtype = "float32"
@@ -43,7 +45,10 @@ def base_config() -> mlc.ConfigDict:
     m.image = mlc.ConfigDict(dict(num_codes=1024, code_dim=8, feature_dim=0, input_kind="codes",
                                   output_kind="codes", und_adapter="linear", gen_adapter="linear",
                                   share_adapters=False, codebook_from="", align_strength=0.0, align_seed=42,
-                                  align_translation=False, image_positions=0))
+                                  align_translation=False, image_positions=0,
+                                  # two_heads (2505.23043) | shared_vocab (Chameleon/Anole: codes are
+                                  # vocabulary rows; code_token_ids is read from the tokenizer by train.py)
+                                  layout="two_heads", code_token_ids=(), image_ce="image_rows"))
 
     c.loss = l = mlc.ConfigDict()
     l.w_text = 1.0
@@ -159,6 +164,25 @@ def lora_preset(c: mlc.ConfigDict, rank: int, alpha: float, lr: float = 2e-4, ad
     c.optim.lr_rules = ((ADAPTER_PATTERN, adapter_lr),)
 
 
+def shared_vocab_layout(c: mlc.ConfigDict, *, chameleon: bool = True) -> mlc.ConfigDict:
+    """Switches a config trained from scratch to the Chameleon/Anole layout (UnifiedVisual's model): the VQ
+    codes become ``model.image.num_codes`` rows appended to the text vocabulary (named ``IMGIMG…Z`` by
+    the tokenizer, the map read back by train.py), one embedding and one LM head for every position, no
+    adapters and no generation head; ``chameleon`` adds its per-head q/k LayerNorm. The data, the sequence
+    arrays and the per-modality loss are unchanged, so the same data trains either layout."""
+    m = c.model
+    m.image.layout, m.image.code_token_ids = "shared_vocab", ()
+    m.qk_norm = bool(chameleon)
+    text_vocab = int(c.stages.tokenizer.vocab_size) if "stages" in c and "tokenizer" in c.stages else int(m.vocab_size)
+    m.vocab_size = max(int(m.vocab_size), text_vocab + int(m.image.num_codes))
+    # A LoRA preset trains the adapters/generation head beside the factors; here the code rows of the
+    # embedding and the LM head are those modules (new rows: they must learn), so they train instead.
+    rows = r"params/(embed|lm_head)/.*"
+    c.train.trainable = tuple(rows if p == ADAPTER_PATTERN else p for p in c.train.trainable)
+    c.optim.lr_rules = tuple((rows if p == ADAPTER_PATTERN else p, lr) for p, lr in c.optim.lr_rules)
+    return c
+
+
 def model_config(cfg) -> UnifiedConfig:
     m = cfg.model
     lora = LoRAConfig(rank=int(m.lora.rank), alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
@@ -168,8 +192,11 @@ def model_config(cfg) -> UnifiedConfig:
         kv_heads=int(m.kv_heads), head_dim=int(m.head_dim), intermediate=int(m.intermediate),
         rope_base=float(m.rope_base), rope_scaling=tuple(m.rope_scaling), norm_eps=float(m.norm_eps),
         tie_embeddings=bool(m.tie_embeddings), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-        attention=str(m.get("attention", "xla")), scan_unroll=int(m.get("scan_unroll", 1)), lora=lora)
-    im = ImageConfig(**{k: m.image[k] for k in m.image.keys() if k != "codebook_from"})
+        attention=str(m.get("attention", "xla")), scan_unroll=int(m.get("scan_unroll", 1)), lora=lora,
+        qk_norm=bool(m.get("qk_norm", False)), norm_placement=str(m.get("norm_placement", "pre")))
+    im = {k: m.image[k] for k in m.image.keys() if k != "codebook_from"}
+    im["code_token_ids"] = tuple(int(i) for i in im.get("code_token_ids", ()))
+    im = ImageConfig(**im)
     return UnifiedConfig(dec, im)
 
 

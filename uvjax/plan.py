@@ -61,6 +61,34 @@ def _tpu_devices(chip: str, n: int):
     return desc.devices
 
 
+def _exhausted_bytes(message: str):
+    """Bytes the compiler said the program needs, from an out-of-memory compile error (None otherwise):
+    "... memory required for HLO temporaries (35.05G) exceeds available HBM (15.75G)"."""
+    m = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\)", message, re.S)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10))
+
+
+def _image_vocabulary_for_plan(cfg) -> bool:
+    """shared_vocab: the code -> token-id map only picks rows (no shape depends on it). The plan reads it
+    from the run's tokenizer when that exists, else uses the last ``num_codes`` rows and says so (a plan
+    is made before the weights are on this machine). Returns whether the placeholder was used."""
+    im = cfg.model.image
+    if im.get("layout", "two_heads") != "shared_vocab" or tuple(im.code_token_ids):
+        return False
+    from uvjax.data.tokenizer import TextTokenizer, image_code_ids, with_image_tokens
+    n, v = int(im.num_codes), int(cfg.model.vocab_size)
+    path = cfg.data.get("tokenizer", "") or ""
+    if path and os.path.exists(os.path.join(path, "tokenizer.json")):
+        ids, placeholder = image_code_ids(with_image_tokens(TextTokenizer.load(path), n), n), False
+    else:
+        ids, placeholder = tuple(range(v - n, v)), True
+    with cfg.unlocked():
+        cfg.model.image.code_token_ids = ids
+    return placeholder
+
+
 def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto") -> dict:
     chip, n = parse_topology(topology)
     import jax
@@ -88,6 +116,7 @@ def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto") -> dict
     validate(cfg)
     mesh = make_mesh(cfg.mesh.shape, devices)
     check_batch_divisibility(cfg.train.batch_size, cfg.train.grad_accum, mesh, 1)
+    placeholder_map = _image_vocabulary_for_plan(cfg)
     model = UnifiedModel(model_config(cfg).validate())
     trainer, abs_state, _ = plan_trainer(model, cfg, mesh, cfg.sharding.rules)
     B, T = int(cfg.train.batch_size), int(cfg.train.seq_len)
@@ -100,9 +129,20 @@ def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto") -> dict
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
     t0 = time.time()
     lowered = step.lower(abs_state, batch)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001  (XlaRuntimeError: the compiler ran out of memory for this program)
+        need = _exhausted_bytes(str(e))
+        if need is None:
+            raise
+        compiled = None
     compile_s = time.time() - t0
-    mem = compiled.memory_analysis()
+    if compiled is None:  # the chip cannot hold the step's temporaries: an answer, not a traceback
+        per_dev = {"argument_bytes": 0, "output_bytes": 0, "temp_bytes": need, "alias_bytes": 0,
+                   "generated_code_bytes": 0}
+        mem = type("Exhausted", (), {k.replace("_bytes", "_size_in_bytes"): v for k, v in per_dev.items()})()
+    else:
+        mem = compiled.memory_analysis()
     per_dev = {
         "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0)),
         "output_bytes": int(getattr(mem, "output_size_in_bytes", 0)),
@@ -134,6 +174,8 @@ def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto") -> dict
         "headroom_bytes": int(hbm_gib * 2 ** 30) - peak, "fits": peak <= hbm_gib * 2 ** 30,
         "flops_per_step": fl["total"], "assumed_mfu": mfu, "expected_step_s": step_s,
         "expected_tokens_per_s": (B * T / step_s) if step_s else None, "compile_s": compile_s,
+        "code_token_map": "placeholder (no tokenizer here; shapes only)" if placeholder_map else None,
+        "compiler_out_of_memory": compiled is None,
     }
 
 
@@ -153,7 +195,9 @@ def format_report(r: dict) -> str:
         + (f"{r['expected_step_s']:.3f} s/step, {r['expected_tokens_per_s']:.0f} tokens/s" if r["expected_step_s"]
            else "n/a"),
         f"  compile {r['compile_s']:.1f} s",
-    ]
+    ] + ([f"  code -> token map: {r['code_token_map']}"] if r.get("code_token_map") else []) \
+      + (["  the compiler ran out of memory: the temporaries alone need the size above (arguments not "
+          "counted); fewer sequences or shorter ones per chip, or a larger chip"] if r.get("compiler_out_of_memory") else [])
     return "\n".join(lines)
 
 

@@ -83,6 +83,9 @@ def load_text_tokenizer(cfg, workdir: str):
                                 f"train one, or point config.data.tokenizer at a directory that has it")
     path = sp.local_tree(path, sp.remote_cache_dir("trees"))  # a local path: itself, made absolute
     tok = TextTokenizer.load(path)
+    if cfg.model.image.get("layout", "two_heads") == "shared_vocab":  # codes are vocabulary rows
+        from uvjax.data.tokenizer import with_image_tokens
+        tok = with_image_tokens(tok, int(cfg.model.image.num_codes))
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size} tokens ({path})")
@@ -119,6 +122,24 @@ class RowShardIterator:
     def close(self):
         if hasattr(self.it, "close"):
             self.it.close()
+
+
+def bind_image_vocabulary(cfg, workdir: str, tok=None) -> None:
+    """shared_vocab: ``model.image.code_token_ids`` (code -> vocabulary id) read from the tokenizer's
+    image-token names, once, into the config the run saves (so a loaded run needs no tokenizer to build
+    its model); a map already in the config must equal the tokenizer's."""
+    if cfg.model.image.get("layout", "two_heads") != "shared_vocab":
+        return
+    from uvjax.data.tokenizer import image_code_ids
+    tok = tok or load_text_tokenizer(cfg, workdir)
+    ids = image_code_ids(tok, int(cfg.model.image.num_codes))
+    given = tuple(int(i) for i in cfg.model.image.code_token_ids)
+    if given and given != ids:
+        raise ValueError(f"model.image.code_token_ids differs from the tokenizer's image tokens (first code "
+                         f"-> {given[0]} in the config, {ids[0]} in the tokenizer): the run was trained with "
+                         f"another tokenizer")
+    with cfg.unlocked():
+        cfg.model.image.code_token_ids = ids
 
 
 def run_inputs(cfg, workdir: str) -> dict[str, str]:
@@ -236,6 +257,8 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
 
     mesh = make_mesh(cfg.mesh.shape)
     local_batch = check_batch_divisibility(cfg.train.batch_size, cfg.train.grad_accum, mesh, jax.process_count())
+    if data_iterator is None or cfg.data.get("tokenizer"):
+        bind_image_vocabulary(cfg, workdir)
     model = UnifiedModel(model_config(cfg).validate())
     t0 = time.time()
     trainer, state = create_trainer(model, cfg, mesh, cfg.sharding.rules)

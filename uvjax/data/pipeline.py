@@ -109,11 +109,17 @@ class ReadEncode:
             raise ValueError(f"{where}: unreadable record ({type(e).__name__}: {e})") from e
         from uvjax.data.records import record_from_bytes
         rec = record_from_bytes(data, where)
+        cfg, where = self.cfg, f"{where} (id {rec.id!r})"
         if self.cfg_dropout > 0 and np.random.default_rng([self.seed, 4099, index]).random() < self.cfg_dropout:
+            import dataclasses
             from uvjax.data.records import null_prompt_record
+            from uvjax.data.sequence import validate_record
+            validate_record(rec, self.tokenizer, cfg, where)  # the record as stored must be valid
             rec = null_prompt_record(rec)  # classifier-free guidance: learn the unconditional image too
-        return encode_record(rec, self.tokenizer, self.template, self.cfg, pad=False,
-                             where=f"{where} (id {rec.id!r})")
+            # its user images are gone by design (an edit's or correction's input image too): the task's
+            # image counts no longer apply to it
+            cfg = dataclasses.replace(cfg, check_tasks=False)
+        return encode_record(rec, self.tokenizer, self.template, cfg, pad=False, where=where)
 
     def __call__(self, index: int) -> dict[str, Any]:
         try:

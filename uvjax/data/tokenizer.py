@@ -193,6 +193,59 @@ def load_or_train(directory: str, texts: Callable[[], Iterable[str]], vocab_size
     return TextTokenizer.load(directory)
 
 
+# ============================================================================ image codes as vocabulary rows
+# Chameleon/Anole name code c ``IMGIMG<digits of c, 0-9 written A-J>Z`` (code 123: ``IMGIMGBCDZ``); the
+# names, not the ids, define which row is which code (reference §A.3), so the map is always read back.
+IMAGE_TOKEN_PREFIX, IMAGE_TOKEN_SUFFIX = "IMGIMG", "Z"
+
+
+def image_token_name(code: int) -> str:
+    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(int(code))) + IMAGE_TOKEN_SUFFIX
+
+
+def image_token_code(name: str) -> int | None:
+    """The code a vocabulary entry stands for, or None when ``name`` is not an image token."""
+    if not (name.startswith(IMAGE_TOKEN_PREFIX) and name.endswith(IMAGE_TOKEN_SUFFIX)):
+        return None
+    body = name[len(IMAGE_TOKEN_PREFIX):-len(IMAGE_TOKEN_SUFFIX)]
+    if not body or any(not "A" <= ch <= "J" for ch in body):
+        return None
+    return int("".join(str(ord(ch) - ord("A")) for ch in body))
+
+
+def image_code_ids(tokenizer: "TextTokenizer", num_codes: int) -> tuple[int, ...]:
+    """Vocabulary id of each code 0..num_codes-1, read from the tokenizer's image-token names. Raises,
+    naming what is missing, unless the vocabulary holds exactly one entry for each of those codes."""
+    found: dict[int, int] = {}
+    for name, i in tokenizer.tok.get_vocab(with_added_tokens=True).items():
+        c = image_token_code(name)
+        if c is not None:
+            if c in found:
+                raise ValueError(f"tokenizer ({tokenizer.source}): two vocabulary entries for image code {c}")
+            found[c] = int(i)
+    missing = [c for c in range(num_codes) if c not in found]
+    extra = sorted(c for c in found if c >= num_codes)
+    if missing or extra:
+        raise ValueError(
+            f"tokenizer ({tokenizer.source}) has image tokens for {len(found)} codes; model.image.num_codes="
+            f"{num_codes} needs codes 0..{num_codes - 1}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}"
+            f"{f', beyond the codebook {extra[:5]}' if extra else ''}")
+    return tuple(found[c] for c in range(num_codes))
+
+
+def with_image_tokens(tokenizer: "TextTokenizer", num_codes: int) -> "TextTokenizer":
+    """The tokenizer with one special token per VQ code (Chameleon's names), appended after its vocabulary
+    when it has none (a tokenizer trained here); unchanged when it already has them (Chameleon/Anole).
+    Special tokens: text can never produce them, and record text that contains one is refused."""
+    names = {image_token_code(n) for n in tokenizer.tok.get_vocab(with_added_tokens=True)} - {None}
+    if names:
+        image_code_ids(tokenizer, num_codes)  # complete and consistent, or a clear error
+        return tokenizer
+    tok = tokenizers.Tokenizer.from_str(tokenizer.tok.to_str())
+    tok.add_special_tokens([image_token_name(c) for c in range(num_codes)])
+    return TextTokenizer(tok, tokenizer.specials, tokenizer.source)
+
+
 _LOADERS: dict[str, Callable[..., TextTokenizer]] = {}
 
 

@@ -144,6 +144,12 @@ def arm_config(ec, arm: Arm, seed: int, workdir: str, *, steps: int | None = Non
     cfg = load_base(arm.base or ec.base)
     for k, v in pairs(ec.get("overrides")) + list(arm.overrides):
         set_dotted(cfg, k, v)
+    layout = ec.get("layout", "") or "two_heads"
+    if layout == "shared_vocab":  # the same experiment on the Chameleon/Anole layout (config.shared_vocab_layout)
+        from uvjax.config import shared_vocab_layout
+        shared_vocab_layout(cfg)
+    elif layout != "two_heads":
+        raise ValueError(f"experiment config layout={layout!r}; expected 'two_heads' or 'shared_vocab'")
     set_dotted(cfg, "train.seed", int(seed))
     set_dotted(cfg, "stages.cache_dir", cache_dir(ec, workdir))
     set_dotted(cfg, "stages.evaluate.enabled", False)  # the driver evaluates with the experiment's settings
@@ -194,8 +200,8 @@ def plan_steps(ec, arms: Sequence[Arm], workdir: str) -> dict[str, int]:
     seed0 = int(ec.seeds[0])
 
     def measure(a: Arm) -> dict:
-        key = json.dumps([a.base or ec.base, pairs(ec.get("overrides")), list(a.overrides)], sort_keys=True,
-                         default=str)
+        key = json.dumps([a.base or ec.base, pairs(ec.get("overrides")), list(a.overrides)] + _layout_key(ec),
+                         sort_keys=True, default=str)
         if a.name not in budget or budget[a.name].get("key") != key:
             cfg = arm_config(ec, a, seed0, workdir)
             m = measure_examples_per_step(cfg, os.path.join(workdir, a.name, "budget"), int(ec.get("budget_batches", 16)))
@@ -342,8 +348,14 @@ def arm_key(ec, arm: Arm) -> str:
     """What an arm's results depend on (base, overrides, evaluation settings); a finished run of another
     key in the same work dir is refused instead of being mixed into the table."""
     return json.dumps([arm.base or ec.base, pairs(ec.get("overrides")), list(arm.overrides), arm.match,
-                       list(arm.eval_tasks or ()), json.loads(ec.eval.to_json_best_effort(sort_keys=True))],
-                      sort_keys=True, default=str)
+                       list(arm.eval_tasks or ()), json.loads(ec.eval.to_json_best_effort(sort_keys=True))]
+                      + _layout_key(ec), sort_keys=True, default=str)
+
+
+def _layout_key(ec) -> list:
+    """The model layout joins an arm's key when it is not the default (keys of earlier runs stay valid)."""
+    layout = ec.get("layout", "") or "two_heads"
+    return [] if layout == "two_heads" else [{"layout": layout}]
 
 
 def check_done(ec, arm: Arm, seed: int, workdir: str) -> dict | None:
@@ -652,6 +664,9 @@ def experiment_config(name: str, preset: str):
     c.stop_on_error = False
     c.compilation_cache = True  # persistent XLA cache in <cache_dir>/xla shared by the arms
     c.x_label = ""
+    # two_heads (2505.23043's adapters + generation head) | shared_vocab (Chameleon/Anole: codes are rows
+    # of the text vocabulary); every experiment runs on either, its data unchanged
+    c.layout = "two_heads"
     c.eval = mlc.ConfigDict(dict(num_images=200, judge_preset="full", batch_size=32, tasks=("vqa", "generation"),
                                  sample_seed=0))
     if preset in ("tiny", "smollm2"):

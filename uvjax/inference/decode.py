@@ -7,12 +7,14 @@ budget ``max_new_tokens`` is spent. No Python runs per token.
 
 Per-row state machine (rows switch modality independently):
 
-- **text mode**: a text token is sampled from the LM head (greedy / temperature / top-k / top-p).
+- **text mode**: a text token is sampled from the LM head (greedy / temperature / top-k / top-p); in the
+  shared-vocabulary layout its image rows are masked.
   A stop id (eos, or ``<|im_end|>`` for ChatML) ends the row. ``<boi>`` switches to image mode; it is
   masked when no complete image fits in the remaining budget (so an image always has exactly N
   codes), when ``max_images`` is reached, or when ``image_tokens`` is 0. ``<eoi>`` is never sampled in
   text mode (it only closes images).
-- **image mode**: exactly ``image_tokens`` (N) items come from the generation head, each fed back
+- **image mode**: exactly ``image_tokens`` (N) items come from the generation head (shared vocabulary:
+  the LM head's image rows, every other row masked), each fed back
   through ``embed_generated`` as an IMAGE_OUT position: VQ codes are sampled (temperature, top-k),
   continuous outputs take the regressed vector itself. After N items ``<eoi>`` is forced and the row
   returns to text mode, so answers may interleave text and images.
@@ -285,6 +287,9 @@ class Generator:
             variables = {**variables, "params": {**params, "decoder": fuse_projections(params["decoder"])}}
         self.model, self.variables = model, variables
         self.codes_out = model.cfg.image.output_kind == "codes"
+        # shared vocabulary: image rows are never sampled as text (an image only opens with <boi> and then
+        # has exactly N codes, sampled from those rows as ``image_logits``)
+        self.image_rows = tuple(model.cfg.image.code_token_ids) if model.cfg.shared_vocab else ()
         self.feature_dim = model.cfg.image.feature_dim
         self._fns: dict = {}
 
@@ -343,6 +348,8 @@ class Generator:
                     if guided:
                         il = guide(il[:B], il[B:], cfg_scale)
                 vocab = jnp.arange(tl.shape[-1])
+                if self.image_rows:
+                    tl = tl.at[:, jnp.asarray(self.image_rows, jnp.int32)].set(NEG_INF)
                 can_open = (nimg < s.max_images) & (M - t >= N + 2) if N else jnp.zeros((B,), bool)
                 tl = jnp.where((vocab == ids.eoi)[None], NEG_INF, tl)
                 tl = jnp.where((vocab == ids.boi)[None] & ~can_open[:, None], NEG_INF, tl)
@@ -499,6 +506,10 @@ class VQCodec:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         from uvjax.models.vq import to_uint8
+        if "decoder" not in self._vars["params"]:  # an encoder-only VQ (HF's Chameleon port drops the decoder)
+            raise ValueError(f"{self.path}: this VQ file has no decoder (its source checkpoint had none), so codes "
+                             "cannot be turned into images. Convert a VQGAN with its decoder, e.g. Anole's "
+                             "vqgan.ckpt: python -m uvjax.weights.llamagen_vq vqgan.ckpt OUT --naming chameleon")
         return to_uint8(self._chunked(self._dec, np.asarray(codes, np.int32)))
 
     def codebook(self) -> np.ndarray:

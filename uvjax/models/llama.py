@@ -26,6 +26,7 @@ from uvjax.models.partitioning import constrain
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+NORM_PLACEMENTS = ("pre", "swin")
 
 REMAT_POLICIES = {
     "none": None,
@@ -47,6 +48,12 @@ class DecoderConfig:
     rope_base: float = 10000.0
     rope_scaling: tuple = ()  # () | ("linear", factor) | ("llama3", factor, low, high, original_max_pos)
     norm_eps: float = 1e-5
+    # Chameleon (arXiv 2405.09818): a LayerNorm with its own scale and bias per head on queries and keys,
+    # before RoPE (``qk_norm``), and "swin" norm placement: each sublayer's *output* is normalised before
+    # the residual add, x + norm(f(x)), instead of x + f(norm(x)) (Chameleon-30B; Chameleon-7B is "pre").
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre | swin
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -89,6 +96,8 @@ class DecoderConfig:
             raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 0 (0: unroll every layer)")
         if self.fused_projections and self.lora.rank:
             raise ValueError("fused projections need the LoRA factors merged into the kernels first (merge_lora)")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"model.norm_placement={self.norm_placement!r}; expected one of {NORM_PLACEMENTS}")
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
             raise ValueError(f"model.dtype/param_dtype must be in {sorted(DTYPES)}")
         return self
@@ -140,6 +149,27 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+    """Chameleon's query/key norm: LayerNorm statistics over each head's D values, then a scale and a bias
+    of their own per head ([heads, D]: Chameleon's model-parallel shards kept one norm per head)."""
+
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, H, D]
+        H, D = x.shape[-2:]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (None, None)), (H, D),
+                           self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, None)), (H, D),
+                          self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 class Attention(nn.Module):
     cfg: DecoderConfig
 
@@ -157,6 +187,9 @@ class Attention(nn.Module):
             k = dense(K * D, ("embed", "kv_heads"), "k", name="k")(x, deterministic)
             v = dense(K * D, ("embed", "kv_heads"), "v", name="v")(x, deterministic)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, K, D), v.reshape(B, T, K, D)
+        if cfg.qk_norm:
+            q = HeadLayerNorm(cfg.qk_norm_eps, cfg.weight_dtype, name="q_norm")(q)
+            k = HeadLayerNorm(cfg.qk_norm_eps, cfg.weight_dtype, name="k_norm")(k)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", None))
         inv = rope_frequencies(cfg)
@@ -383,7 +416,8 @@ def fuse_projections(params: dict) -> dict:
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer; signature fits ``nn.scan`` (carry, per-layer nothing)."""
+    """One transformer layer (pre-norm, or Chameleon's swin placement); signature fits ``nn.scan``
+    (carry, per-layer nothing)."""
 
     cfg: DecoderConfig
     deterministic: bool = True
@@ -393,10 +427,14 @@ class Block(nn.Module):
     def __call__(self, x, segment_ids, positions):
         cfg = self.cfg
         norm = functools.partial(RMSNorm, eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-        h = Attention(cfg, name="attn")(norm(name="attn_norm")(x), segment_ids, positions,
-                                        self.deterministic, self.decode)
-        x = x + h
-        x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x), self.deterministic)
+        attn = lambda y: Attention(cfg, name="attn")(y, segment_ids, positions, self.deterministic, self.decode)
+        mlp = lambda y: MLP(cfg, name="mlp")(y, self.deterministic)
+        if cfg.norm_placement == "swin":  # Chameleon-30B: normalise each sublayer's output
+            x = x + norm(name="attn_norm")(attn(x))
+            x = x + norm(name="mlp_norm")(mlp(x))
+        else:
+            x = x + attn(norm(name="attn_norm")(x))
+            x = x + mlp(norm(name="mlp_norm")(x))
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         return x, None
 

@@ -1,7 +1,17 @@
-"""The unified model: one decoder, text in/out through the LM embedding/head, images in through the
-understanding adapter, images out (teacher forced) through the generation adapter and predicted by the
-generation head. Which path a position takes is read from ``modality`` (data/arrays.py), never
-re-derived.
+"""The unified model: one decoder over text and image positions, in one of two layouts
+(``model.image.layout``):
+
+- ``two_heads`` (arXiv 2505.23043): text in/out through the LM embedding/head, images in through the
+  understanding adapter, images out (teacher forced) through the generation adapter and predicted by the
+  generation head.
+- ``shared_vocab`` (Chameleon/Anole, the model of UnifiedVisual): VQ codes are rows of the one text
+  vocabulary. An image token enters through the text embedding and is predicted by the LM head; code c is
+  vocabulary id ``code_token_ids[c]``, a map read from the tokenizer's ``IMGIMG…Z`` names
+  (``data/tokenizer.image_code_ids``), never assumed to be an offset. ``image_logits`` are the LM head's
+  image rows, in code order, so the loss, CFG and decoding read codes in both layouts.
+
+The sequence arrays are the same for both: image positions hold code indices. Which path a position takes
+is read from ``modality`` (data/arrays.py), never re-derived.
 """
 from __future__ import annotations
 
@@ -16,6 +26,11 @@ from uvjax.models.llama import Decoder, DecoderConfig
 
 IMAGE_KINDS = ("codes", "features")
 IMAGE_LOSSES = ("ce", "cosine", "mse")
+LAYOUTS = ("two_heads", "shared_vocab")
+# shared_vocab: which logits the image CE normalises over at image targets. image_rows: the N image rows
+# of the LM head (the code distribution the decoder samples from); full_vocab: the whole vocabulary (what
+# Chameleon-style full fine-tuning computes; the text rows then also learn "not here").
+IMAGE_CE_ROWS = ("image_rows", "full_vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +52,27 @@ class ImageConfig:
     # put an icon in "the bottom-left corner" or name the corner an icon is in also needs to know which cell
     # of the raster a code is, and learning that from the distance to <boi> costs a small model many steps.
     image_positions: int = 0
+    layout: str = "two_heads"
+    code_token_ids: tuple = ()  # shared_vocab: vocabulary id of code 0..num_codes-1 (from the tokenizer)
+    image_ce: str = "image_rows"  # shared_vocab: IMAGE_CE_ROWS
 
     def validate(self) -> "ImageConfig":
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"model.image.layout={self.layout!r}; expected one of {LAYOUTS}")
+        if self.image_ce not in IMAGE_CE_ROWS:
+            raise ValueError(f"model.image.image_ce={self.image_ce!r}; expected one of {IMAGE_CE_ROWS}")
+        if self.layout == "shared_vocab":
+            if (self.input_kind, self.output_kind) != ("codes", "codes"):
+                raise ValueError("model.image.layout='shared_vocab' puts VQ codes in the vocabulary: it needs "
+                                 f"input_kind and output_kind 'codes', got {self.input_kind!r}/{self.output_kind!r}")
+            if self.align_strength:
+                raise ValueError("model.image.align_strength distorts adapter inputs; the shared_vocab layout "
+                                 "has no understanding adapter")
+            if self.code_token_ids and len(self.code_token_ids) != self.num_codes:
+                raise ValueError(f"model.image.code_token_ids maps {len(self.code_token_ids)} codes, but "
+                                 f"model.image.num_codes={self.num_codes}")
+            if len(set(self.code_token_ids)) != len(self.code_token_ids):
+                raise ValueError("model.image.code_token_ids: two codes map to the same vocabulary id")
         for k in ("input_kind", "output_kind"):
             if getattr(self, k) not in IMAGE_KINDS:
                 raise ValueError(f"model.image.{k}={getattr(self, k)!r}; expected one of {IMAGE_KINDS}")
@@ -62,7 +96,15 @@ class UnifiedConfig:
     def validate(self) -> "UnifiedConfig":
         self.decoder.validate()
         self.image.validate()
+        ids = self.image.code_token_ids
+        if self.image.layout == "shared_vocab" and ids and not 0 <= min(ids) <= max(ids) < self.decoder.vocab_size:
+            raise ValueError(f"model.image.code_token_ids span {min(ids)}..{max(ids)}, outside the vocabulary "
+                             f"(model.vocab_size={self.decoder.vocab_size})")
         return self
+
+    @property
+    def shared_vocab(self) -> bool:
+        return self.image.layout == "shared_vocab"
 
 
 class UnifiedModel(nn.Module):
@@ -73,15 +115,20 @@ class UnifiedModel(nn.Module):
         kw = dict(dtype=d.compute_dtype, param_dtype=d.weight_dtype)
         self.embed = nn.Embed(d.vocab_size, d.hidden, embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")), **kw)
-        if "codes" in (im.input_kind, im.output_kind):
+        shared = im.layout == "shared_vocab"
+        if shared and len(im.code_token_ids) != im.num_codes:
+            raise ValueError("the shared_vocab layout needs model.image.code_token_ids (code -> vocabulary id, "
+                             "read from the tokenizer's IMGIMG names by the trainer); it is empty")
+        if "codes" in (im.input_kind, im.output_kind) and not shared:
             # Code vectors (the VQ codebook rows, l2-normalised like LlamaGen's) feed the adapters.
             self.image_codebook = self.param(
                 "image_codebook", nn.with_logical_partitioning(_unit_rows, ("codes", "code_dim")),
                 (im.num_codes, im.code_dim), d.weight_dtype)
         in_axis = lambda kind: "code_dim" if kind == "codes" else "features"
-        self.understanding_adapter = Adapter(im.und_adapter, d.hidden, in_axis(im.input_kind), **kw)
-        if not im.share_adapters:
-            self.generation_adapter = Adapter(im.gen_adapter, d.hidden, in_axis(im.output_kind), **kw)
+        if not shared:
+            self.understanding_adapter = Adapter(im.und_adapter, d.hidden, in_axis(im.input_kind), **kw)
+            if not im.share_adapters:
+                self.generation_adapter = Adapter(im.gen_adapter, d.hidden, in_axis(im.output_kind), **kw)
         if im.image_positions:
             self.image_position_embed = self.param(
                 "image_position_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
@@ -89,9 +136,14 @@ class UnifiedModel(nn.Module):
         self.decoder = Decoder(d)
         if not d.tie_embeddings:
             self.lm_head = _LMHead(d.vocab_size, **kw)
-        out = im.num_codes if im.output_kind == "codes" else im.feature_dim
-        self.generation_head = Linear(out, ("embed", "codes" if im.output_kind == "codes" else "features"),
-                                      kernel_init=nn.initializers.normal(0.02), **kw)
+        if not shared:
+            out = im.num_codes if im.output_kind == "codes" else im.feature_dim
+            self.generation_head = Linear(out, ("embed", "codes" if im.output_kind == "codes" else "features"),
+                                          kernel_init=nn.initializers.normal(0.02), **kw)
+
+    def code_ids(self):
+        """[num_codes] int32: vocabulary id of each code (shared_vocab)."""
+        return jnp.asarray(self.cfg.image.code_token_ids, jnp.int32)
 
     # -- inputs ---------------------------------------------------------------------------------
     def embed_inputs(self, batch):
@@ -99,6 +151,12 @@ class UnifiedModel(nn.Module):
         tokens, modality = batch["tokens"], batch["modality"]
         is_img_in, is_img_out = modality == IMAGE_IN, modality == IMAGE_OUT
         is_image = is_img_in | is_img_out
+        if self.cfg.shared_vocab:  # codes are vocabulary rows: one embedding for every position
+            x = self.embed(jnp.where(is_image, jnp.take(self.code_ids(), tokens, mode="clip"), tokens))
+            if im.image_positions:
+                cell = self.image_cell_embedding(image_cells(is_image))
+                x = x + jnp.where(is_image[..., None], cell, 0).astype(x.dtype)
+            return x
         x = self.embed(jnp.where(is_image, 0, tokens))
         code_vec = None
         if "codes" in (im.input_kind, im.output_kind):
@@ -123,6 +181,13 @@ class UnifiedModel(nn.Module):
         """Generation-adapter embedding of sampled image outputs (used when decoding); ``cells``: each
         output's index within its image (needed when ``image_positions`` is on)."""
         im = self.cfg.image
+        if self.cfg.shared_vocab:
+            e = self.embed(jnp.take(self.code_ids(), codes_or_features, mode="clip"))
+            if im.image_positions:
+                if cells is None:
+                    raise ValueError("embed_generated needs the cell index of each output when image_positions > 0")
+                e = e + self.image_cell_embedding(cells).astype(e.dtype)
+            return e
         v = jnp.take(self.image_codebook, codes_or_features, axis=0) if im.output_kind == "codes" \
             else codes_or_features
         gen_adapter = self.understanding_adapter if im.share_adapters else self.generation_adapter
@@ -168,8 +233,20 @@ class UnifiedModel(nn.Module):
         return self.lm_head.variables["params"]["kernel"], False
 
     def image_logits(self, h):
-        """Codebook logits (VQ outputs) or the predicted feature vector (continuous outputs)."""
+        """Codebook logits (VQ outputs) or the predicted feature vector (continuous outputs). shared_vocab:
+        the LM head's image rows, in code order ([..., num_codes])."""
+        if self.cfg.shared_vocab:
+            w, transposed = self.image_head()
+            hf = h.astype(jnp.float32)
+            return (hf @ w.astype(jnp.float32).T if transposed else hf @ w.astype(jnp.float32)).astype(jnp.float32)
         return self.generation_head(h).astype(jnp.float32)
+
+    def image_head(self):
+        """shared_vocab: (weight, transposed) of the code logits, the LM head's image rows in code order
+        ([E, N], or [N, E] for a tied embedding), for the fused head + cross-entropy of the loss."""
+        w, transposed = self.text_head()
+        w = nn.unbox(w)  # boxed (logical axes) while ``init`` runs
+        return (jnp.take(w, self.code_ids(), axis=0) if transposed else jnp.take(w, self.code_ids(), axis=1)), transposed
 
 
 def text_head_path(cfg: UnifiedConfig) -> str:

