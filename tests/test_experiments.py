@@ -295,17 +295,33 @@ def test_layout_arms_differ_only_in_the_layout(ran):
     assert [tok.tok.id_to_token(i) for i in ids[:3]] == [image_token_name(c) for c in range(3)]
 
 
-def test_an_experiment_runs_on_the_shared_vocabulary_layout(ran, tmp_path):
-    """The layout switch of every experiment config (``--config.layout=shared_vocab``), on the rationale
-    ablation: its arms train and evaluate with codes as vocabulary rows."""
-    out = _drive(tmp_path, "reasoning", "--config.layout=shared_vocab")
-    for arm in ("rationale", "no-rationale"):
-        with open(tmp_path / "reasoning" / arm / "seed_0" / "config.json") as f:
-            assert json.load(f)["model"]["image"]["layout"] == "shared_vocab"
-    with open(tmp_path / "reasoning" / "results.json") as f:
-        res = json.load(f)
-    assert len(res["runs"]) == 2 and all(np.isfinite(r["metrics"]["vqa/all/strict"]) for r in res["runs"])
-    del out
+def test_the_layout_switch_of_every_experiment(tmp_path):
+    """``--config.layout=shared_vocab`` turns any experiment's arms into the shared-vocabulary layout (their
+    data and overrides unchanged; a LoRA preset trains the code rows instead of the adapters), and the
+    layout joins the arm's key so a work dir never mixes the two. (That such a config trains and evaluates
+    through the driver: the layout experiment's shared-vocab arm above.)"""
+    from uvjax.config import ADAPTER_PATTERN, validate
+    from uvjax.experiments import common
+    ec, exp = _quick("reasoning")
+    arm = exp.arms(ec)[0]
+    two = common.arm_config(ec, arm, 0, str(tmp_path / "w"))
+    key_two = common.arm_key(ec, arm)
+    with ec.unlocked():
+        ec.layout = "shared_vocab"
+    shared = common.arm_config(ec, arm, 0, str(tmp_path / "w"))
+    validate(shared)
+    assert two.model.image.layout == "two_heads" and shared.model.image.layout == "shared_vocab"
+    assert shared.model.vocab_size >= shared.stages.tokenizer.vocab_size + shared.model.image.num_codes
+    assert shared.data == two.data and shared.stages.reasoning == two.stages.reasoning
+    assert common.arm_key(ec, arm) != key_two
+    with ec.unlocked():
+        ec.base = "vqvq.py:smollm2"  # a LoRA preset: the code rows train in place of the adapters
+    lora = common.arm_config(ec, arm, 0, str(tmp_path / "w"))
+    assert ADAPTER_PATTERN not in lora.train.trainable and "params/(embed|lm_head)/.*" in lora.train.trainable
+    with ec.unlocked():
+        ec.layout = "three_heads"
+    with pytest.raises(ValueError, match="layout='three_heads'"):
+        common.arm_config(ec, arm, 0, str(tmp_path / "w"))
 
 
 def test_smollm2_gpu_preset_builds_the_documented_runs(tmp_path):

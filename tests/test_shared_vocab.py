@@ -175,3 +175,18 @@ def test_config_errors_name_the_key():
     model = UnifiedModel(model_config(_config(**{"model.image.code_token_ids": ()})).validate())
     with pytest.raises(ValueError, match="code_token_ids"):
         model.init({"params": jax.random.key(0)}, dummy_batch(), method=UnifiedModel.init_all)
+
+
+def test_knowledge_transfer_probe_reads_the_code_rows_of_the_embedding():
+    """The probe's input representation in this layout is what enters the model for a code: its row of
+    the text embedding (the two-head layout's codebook vector)."""
+    from types import SimpleNamespace
+    from uvjax.experiments.knowledge_transfer import probe_features
+    model = UnifiedModel(model_config(_config()).validate())
+    v = _init(model)
+    codes = np.random.default_rng(4).integers(0, K, (3, 5))
+    f = probe_features(SimpleNamespace(model=model, variables=v), codes, batch=4)
+    emb = np.asarray(v["params"]["embed"]["embedding"], np.float64)
+    want = np.stack([emb[[IDS[c] for c in row]].mean(0) for row in codes])
+    np.testing.assert_allclose(f["adapter_in_mean"], want, rtol=1e-6, atol=1e-7)
+    assert f["llm_hidden_mean"].shape == (3, 32)

@@ -84,7 +84,11 @@ def probe_features(run, codes: np.ndarray, batch: int = 64) -> dict[str, np.ndar
     im = run.model.cfg.image
     if im.input_kind != "codes":
         raise ValueError("the knowledge-transfer probe reads VQ code vectors (model.image.input_kind='codes')")
-    book = np.asarray(run.variables["params"]["image_codebook"], np.float32)
+    if run.model.cfg.shared_vocab:  # what enters the model for a code: its row of the text embedding
+        emb = np.asarray(run.variables["params"]["embed"]["embedding"], np.float32)
+        book = emb[np.asarray(im.code_token_ids)]
+    else:
+        book = np.asarray(run.variables["params"]["image_codebook"], np.float32)
     vec = book[codes]
     if im.align_strength:
         a, b = alignment.affine(vec.shape[-1], im.align_strength, im.align_seed, im.align_translation)
