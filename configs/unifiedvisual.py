@@ -10,18 +10,24 @@ distribution the decoder samples from) or ``full_vocab`` (the whole vocabulary, 
 fine-tune computes).
 
 Presets (``--config=configs/unifiedvisual.py:<preset>``):
-- ``tiny`` (default, CPU): the first run's Smart Watch stages (cached: shared with ``configs/vqvq.py``) plus
-  the procedural UnifiedVisual-style subsets of ``uvjax/data/reasoning.py`` (indirect generation prompts
-  with rationales, edits, corrections, images inside reasoning answers) in the interleaved stream; a
-  3-layer Chameleon-architecture decoder (per-head q/k norm) from scratch over 1,024 text + 512 image
-  tokens; 256-token sequences. Minutes on 2 cores.
+- ``tiny`` (default, CPU): the first run's Smart Watch stages (the VQ and the rendered data are the cached
+  stages of ``configs/vqvq.py``; the tokenizer also learns the reasoning phrasings) plus the procedural
+  UnifiedVisual-style subsets of ``uvjax/data/reasoning.py`` (indirect generation prompts with rationales,
+  edits, corrections, images inside reasoning answers) in the interleaved stream; a 3-layer
+  Chameleon-architecture decoder (per-head q/k norm) from scratch over 1,024 text + 512 image tokens;
+  1,500 steps of 16 × 256 tokens, α = 1. Measured on 2 cores shared with other jobs: 38 min with a cold
+  cache (LM 30 min); VQA weather 0.95, corners 0.48 / 0.41, generation at chance, as the two-head first
+  run at this budget (README).
 - ``smoke``: seconds, for tests.
 - ``anole7b``: Anole-7B (or Chameleon-7B) from a local HF ``ChameleonForConditionalGeneration`` directory
-  (``--config.model.pretrained.path=``; its tokenizer and VQGAN come with it), UnifiedVisual-240K parquet
-  through the imported-data stages (``--config.stages.source.train=`` the parquet, ``.image_dir=`` the
-  extracted image tarballs), 512 px images -> 1,024 codes (1,026 tokens per image span), bf16 compute,
-  full remat, FSDP over every device, LoRA r=16 on all projections. ``python -m uvjax.plan
-  --config=configs/unifiedvisual.py:anole7b --topology=v5e-64`` sizes it (README / docs/PERFORMANCE.md).
+  (``--config.model.pretrained.path=``; its tokenizer comes with it; its VQGAN converted once by
+  ``python -m uvjax.weights.hf_chameleon DIR --vq_out=VQ``, ``--config.stages.source.vq=VQ``),
+  UnifiedVisual-240K parquet through the imported-data stages (``--config.stages.source.train=`` the parquet,
+  ``.image_dir=`` the extracted image tarballs), 512 px images -> 1,024 codes (1,026 tokens per image span),
+  sequences of 4,096, global batch 64, bf16 compute, full remat, FSDP over every device, LoRA r=16 on all
+  projections. ``uvjax.plan`` (deviceless TPU AOT, libtpu 0.0.42): ``--topology=v5p-128`` (64 chips) fits at
+  36.1 GiB per chip (95 GiB HBM); ``--topology=v5e-64`` does not (the step's temporaries need 35.1 GiB of a
+  v5e's 16): a v5e slice needs shorter sequences per chip (docs/PERFORMANCE.md).
 """
 from uvjax.config import base_config, shared_vocab_layout
 
