@@ -48,3 +48,13 @@ def test_topology_names():
     assert parse_topology("v4-32") == ("v4", 16)  # v4 names count TensorCores: 2 per chip
     with pytest.raises(ValueError, match="topology"):
         parse_topology("tpu9-8")
+
+
+def test_an_out_of_memory_compile_is_read_as_the_bytes_it_needed():
+    """The TPU compiler's out-of-memory message (as libtpu 0.0.42 words it) becomes the plan's answer."""
+    from uvjax.plan import _exhausted_bytes
+    msg = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+           "for HLO temporaries (35.05G) exceeds available HBM (15.75G).")
+    assert _exhausted_bytes(msg) == int(35.05 * 2 ** 30)
+    assert _exhausted_bytes("RESOURCE_EXHAUSTED: ... temporaries (512.5M) exceeds") == int(512.5 * 2 ** 20)
+    assert _exhausted_bytes("INVALID_ARGUMENT: shapes differ") is None
