@@ -27,7 +27,9 @@ Presets (``--config=configs/unifiedvisual.py:<preset>``):
   sequences of 4,096, global batch 64, bf16 compute, full remat, FSDP over every device, LoRA r=16 on all
   projections. ``uvjax.plan`` (deviceless TPU AOT, libtpu 0.0.42): ``--topology=v5p-128`` (64 chips) fits at
   36.1 GiB per chip (95 GiB HBM); ``--topology=v5e-64`` does not (the step's temporaries need 35.1 GiB of a
-  v5e's 16): a v5e slice needs shorter sequences per chip (docs/PERFORMANCE.md).
+  v5e's 16): a v5e slice needs shorter sequences per chip (docs/PERFORMANCE.md). 8×H100: add
+  ``--config.train.grad_accum=8`` (one sequence per GPU per microbatch); ``--topology=h100-8`` (CPU backend,
+  approximate) gives 14.4 GiB per GPU.
 """
 from uvjax.config import base_config, shared_vocab_layout
 
