@@ -284,8 +284,9 @@ def test_exactly_n_codes_then_eoi_interleaved(variant):
     assert interleaved
 
 
-def test_cfg_scale_zero_equals_conditional_stream():
-    model, v = _model()
+@pytest.mark.parametrize("variant", [False, "shared_vocab"])
+def test_cfg_scale_zero_equals_conditional_stream(variant):
+    model, v = _model(variant)
     prompts = _prompts()
     rng = np.random.default_rng(5)
     nulls = [{"tokens": np.array([1, 7], np.int32), "modality": np.array([TEXT, TEXT], np.int32)}
