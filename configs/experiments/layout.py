@@ -3,8 +3,9 @@
 
 Presets:
 - ``tiny`` (default, CPU): the first run's VQ-VQ ``tiny`` model and recipe (3 layers, 1,500 steps at batch
-  32 × 128, α = 0.2, the paper's mix) in both layouts; 3 seeds; 200 test images. ≈ 13 min per run on
-  2 cores (≈ 80 min for the 6 runs) plus the stages when the cache is cold.
+  32 × 128, α = 0.2, the paper's mix) in both layouts; 3 seeds; 200 test images. Measured on 2 cores:
+  591–744 s per run, evaluation included (≈ 65 min for the 6 runs), plus the stages when the cache is cold
+  (VQ ≈ 2–6 min). Results: docs/RESULTS.md §7.
 - ``quick``: the ``smoke`` chain, 3 steps, 3 test images, one seed (tests).
 """
 from uvjax.experiments.common import experiment_config
