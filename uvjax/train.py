@@ -83,7 +83,7 @@ def load_text_tokenizer(cfg, workdir: str):
                                 f"train one, or point config.data.tokenizer at a directory that has it")
     path = sp.local_tree(path, sp.remote_cache_dir("trees"))  # a local path: itself, made absolute
     tok = TextTokenizer.load(path)
-    if cfg.model.image.get("layout", "two_heads") == "shared_vocab":  # codes are vocabulary rows
+    if (cfg.model.get("image") or {}).get("layout", "two_heads") == "shared_vocab":  # codes are vocabulary rows
         from uvjax.data.tokenizer import with_image_tokens
         tok = with_image_tokens(tok, int(cfg.model.image.num_codes))
     if tok.vocab_size > cfg.model.vocab_size:
