@@ -14,3 +14,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.torch_compat import ensure_torchvision_importable  # noqa: E402
 
 ensure_torchvision_importable()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's OpenMP pool spins next to XLA's threads on a busy 2-core machine: one torch thread for the
+    module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``), restored after."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -38,13 +38,7 @@ VQ = dict(resolution=32, base_channels=32, channel_multiplier=[1, 2], num_res_bl
           num_embeddings=N_CODES, latent_channels=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's OpenMP pool spins next to XLA's threads on a busy 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _vocab() -> dict:
@@ -287,7 +281,7 @@ def test_errors_name_the_problem(ckpts, tmp_path):
     with pytest.raises(ValueError, match=r"missing codes \[7\]"):
         hc.model_overrides_from_hf(hc.read_chameleon_config(str(src)))
     json.dump({**cfg, "model_type": "llama"}, open(src / "config.json", "w"))
-    with pytest.raises(ValueError, match="model_type='llama' is not Chameleon"):
+    with pytest.raises(ValueError, match="model_type='llama' is not a supported Chameleon"):
         hc.load_hf_chameleon(str(src))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hc.load_hf_chameleon(str(tmp_path / "nope"))

@@ -30,13 +30,7 @@ ROPE = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's OpenMP pool spins next to XLA's threads on a busy 2-core machine; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _save_tiny(path, *, tie, rope="plain", seed=0, shard="40KB"):

@@ -41,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from uvjax.weights.hf_llama import (IGNORABLE, StackedParams, checkpoint_files, hf_config_from_model,
+from uvjax.weights.hf_llama import (IGNORABLE, StackedParams, checkpoint_files, hf_config_from_model, read_hf_config,
                                     iter_hf_export, iter_hf_tensors, model_dict_from_hf, np_dtype, role_of_hf_name)
 
 SUPPORTED_MODEL_TYPES = ("chameleon",)
@@ -64,23 +64,9 @@ CHAT_MARKERS = {"im_start": "<reserved08708>", "im_end": "<reserved08706>"}
 
 # ============================================================================================ config
 def read_chameleon_config(path: str) -> dict:
-    """``config.json`` of a Chameleon checkpoint directory, with a clear error for the usual mistakes."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist "
-                                f"(set config.model.pretrained.path to a local Chameleon/Anole checkpoint)")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{path!r} has no config.json: not an HF model directory")
-    with open(cfg_path) as f:
-        hf = json.load(f)
-    mt, arch = hf.get("model_type"), tuple(hf.get("architectures") or ())
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{cfg_path}: model_type={mt!r} is not Chameleon {SUPPORTED_MODEL_TYPES} "
-                         f"(Llama-family checkpoints use model.pretrained.kind='hf')")
-    bad = [a for a in arch if a not in SUPPORTED_ARCHITECTURES]
-    if bad:
-        raise ValueError(f"{cfg_path}: architectures {bad} not supported; expected {SUPPORTED_ARCHITECTURES}")
-    return hf
+    """``config.json`` of a Chameleon checkpoint directory (``hf_llama.read_hf_config``'s checks)."""
+    return read_hf_config(path, SUPPORTED_MODEL_TYPES, SUPPORTED_ARCHITECTURES,
+                          "Chameleon/Anole (Llama-family checkpoints use model.pretrained.kind='hf')")
 
 
 def code_token_ids_from_vocabulary_map(vocab: dict | None, num_codes: int, source: str = "config.json") -> tuple:

@@ -61,23 +61,24 @@ def np_dtype(name: str):
 
 
 # ============================================================================================ config
-def read_hf_config(path: str) -> dict:
-    """``config.json`` of a checkpoint directory, with a clear error for the usual mistakes."""
+def read_hf_config(path: str, model_types: tuple = SUPPORTED_MODEL_TYPES,
+                   architectures: tuple = SUPPORTED_ARCHITECTURES, family: str = "Llama-family") -> dict:
+    """``config.json`` of a checkpoint directory, with a clear error for the usual mistakes (shared by the
+    Llama and Chameleon importers: ``model_types`` / ``architectures`` are what the caller reads)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist "
-                                f"(set config.model.pretrained.path to a local Llama-family checkpoint)")
+                                f"(set config.model.pretrained.path to a local {family} checkpoint)")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path!r} has no config.json: not an HF model directory")
     with open(cfg_path) as f:
         hf = json.load(f)
     mt, arch = hf.get("model_type"), tuple(hf.get("architectures") or ())
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{cfg_path}: model_type={mt!r} is not a supported Llama-family type "
-                         f"{SUPPORTED_MODEL_TYPES}")
-    bad = [a for a in arch if a not in SUPPORTED_ARCHITECTURES]
+    if mt not in model_types:
+        raise ValueError(f"{cfg_path}: model_type={mt!r} is not a supported {family} type {model_types}")
+    bad = [a for a in arch if a not in architectures]
     if bad:
-        raise ValueError(f"{cfg_path}: architectures {bad} not supported; expected {SUPPORTED_ARCHITECTURES}")
+        raise ValueError(f"{cfg_path}: architectures {bad} not supported; expected {architectures}")
     return hf
 
 
