@@ -137,16 +137,12 @@ def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto") -> dict
             raise
         compiled = None
     compile_s = time.time() - t0
-    if compiled is None:  # the chip cannot hold the step's temporaries: an answer, not a traceback
-        per_dev = {"argument_bytes": 0, "output_bytes": 0, "temp_bytes": need, "alias_bytes": 0,
-                   "generated_code_bytes": 0}
-        mem = type("Exhausted", (), {k.replace("_bytes", "_size_in_bytes"): v for k, v in per_dev.items()})()
-    else:
-        mem = compiled.memory_analysis()
+    # the chip cannot hold the step's temporaries: an answer (the bytes it needed), not a traceback
+    mem = compiled.memory_analysis() if compiled is not None else None
     per_dev = {
         "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0)),
         "output_bytes": int(getattr(mem, "output_size_in_bytes", 0)),
-        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)),
+        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else need,
         "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0)),
         "generated_code_bytes": int(getattr(mem, "generated_code_size_in_bytes", 0)),
     }
