@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import idle_check, machine, write_json  # noqa: E402
+from benchmarks.common import idle_check, machine, machine_line, write_json  # noqa: E402
 from benchmarks.train_step import shape  # noqa: E402
 
 
@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
     md = args.out.rsplit(".", 1)[0] + ".md"
     with open(md, "w") as f:
         f.write(f"# Attention forward + backward, config {args.config} (B {B}, T {T}, H {H}/{K}, D {D}, block {block})\n\n"
+                f"{machine_line(res['machine'])}\n\n"
                 "| side | median ms | XLA temp MB |\n| --- | ---: | ---: |\n")
         for n in times:
             f.write(f"| {n} | {med[n]:.1f} | {f'{temp[n]:.0f}' if n in temp else '–'} |\n")

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from benchmarks.common import idle_check, machine, write_json  # noqa: E402
+from benchmarks.common import idle_check, machine, machine_line, write_json  # noqa: E402
 from uvjax.training.checkpoint import Checkpointer  # noqa: E402
 from uvjax.training.integrity import tree_digests  # noqa: E402
 
@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/checkpoint.json")
     args = ap.parse_args()
+    print(machine_line())
     idle = idle_check()
     rows = {}
     cfg, trainer, mesh, state, batch = first_run_state()

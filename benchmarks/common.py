@@ -1,4 +1,9 @@
-"""Benchmark utilities: idle check, matmul peak, peak RSS, JSON + table output."""
+"""Benchmark utilities: idle check, matmul peak, peak RSS, the CPU a number was measured on, JSON output.
+
+Every benchmark's JSON carries ``machine()`` (which includes ``cpu_info()``) and every table opens with
+``machine_line()``: a CPU number means little without the vendor, the vector/matrix units and the core count
+(issue 34: the same code ran train ×1.0 on a Xeon against ×1.2 on an EPYC).
+"""
 from __future__ import annotations
 
 import json
@@ -6,7 +11,64 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import time
+
+# the vector / matrix units XLA:CPU's GEMM backends (YNNPACK, oneDNN, Eigen) can use
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16", "amx_tile",
+             "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """CPU model, vendor family, the flags above and core count (lscpu, falling back to /proc/cpuinfo)."""
+    model, vendor, flags = "", "", set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k == "Model name":
+                model = v.strip()
+            elif k == "Vendor ID":
+                vendor = v.strip()
+            elif k == "Flags":
+                flags = set(v.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not model or not flags:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    k = k.strip()
+                    if k == "model name" and not model:
+                        model = v.strip()
+                    elif k == "vendor_id" and not vendor:
+                        vendor = v.strip()
+                    elif k == "flags" and not flags:
+                        flags = set(v.split())
+        except OSError:
+            pass
+    have = {f: f in flags for f in CPU_FLAGS}
+    return {"cpu_model": model or "unknown", "cpu_vendor": vendor or "unknown", "cores": os.cpu_count(),
+            "flags": have, "cpu_family": cpu_family(model, vendor, have)}
+
+
+def cpu_family(model: str, vendor: str, flags: dict) -> str:
+    """The key PERFORMANCE.md keeps one table per: vendor + widest vector unit + bf16/AMX support."""
+    name = "AMD EPYC" if "EPYC" in model else "Intel Xeon" if "Xeon" in model else (
+        "AMD" if vendor == "AuthenticAMD" else "Intel" if vendor == "GenuineIntel" else model or "unknown CPU")
+    units = "AVX-512" if flags.get("avx512f") else "AVX2" if flags.get("avx2") else "no AVX2"
+    extra = [u for u, f in (("BF16", "avx512_bf16"), ("AMX", "amx_tile")) if flags.get(f)]
+    return f"{name} ({', '.join([units] + extra)})"
+
+
+def machine_line(m: dict | None = None) -> str:
+    """One line for the top of a table: model, family, cores, the units, jax, date."""
+    m = m or machine()
+    units = " ".join(f for f, on in m.get("flags", {}).items() if on) or "none of " + "/".join(CPU_FLAGS)
+    return (f"CPU: {m.get('cpu_model')} — {m.get('cpu_family')}, {m.get('cores')} cores; flags: {units}; "
+            f"jax {m.get('jax')} ({m.get('backend')}); XLA_FLAGS={m.get('xla_flags') or '(none)'}; {m.get('date')}")
 
 
 def idle_check(seconds: float = 2.0) -> dict:
@@ -45,7 +107,8 @@ def machine() -> dict:
     import jax
     return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()][:4],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **cpu_info()}
 
 
 def write_json(path: str, payload: dict) -> None:

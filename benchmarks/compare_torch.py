@@ -670,7 +670,8 @@ def markdown(payload) -> str:
     m, idle = payload["machine"], payload["idle"]
     cpus = payload["args"].get("cpus")
     pinned = f" (every worker pinned to CPUs {cpus})" if cpus else ""
-    lines = [f"# uvjax vs HF transformers + peft ({m['date']})", "",
+    from benchmarks.common import machine_line
+    lines = [f"# uvjax vs HF transformers + peft ({m['date']})", "", machine_line(m), "",
              f"Machine: {m['platform']}, {idle['cores']} cores{pinned}, jax {m['jax']}, torch {payload['torch_version']} "
              f"({payload['args']['torch_threads']} threads), transformers {payload['transformers_version']}, "
              f"peft {payload['peft_version']}. Idle check at start: {idle['cpu_busy_percent']}% busy, "

@@ -107,6 +107,9 @@ def main(argv=None):
                          "python": platform.python_version(), "cpus": os.cpu_count(),
                          "model_tokens_per_s": MODEL_TOKENS_PER_S},
               "results": {}}
+    from benchmarks.common import machine, machine_line
+    result["machine"] = machine()
+    print(machine_line(result["machine"]))
     print(f"{'setting':<12} {'examples/s':>11} {'tokens/s':>10} {'x model':>8} {'fill':>5} "
           f"{'startup s':>9} {'load':>5}")
     for name, rs in runs.items():

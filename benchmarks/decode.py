@@ -77,10 +77,11 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     args = ap.parse_args()
     import numpy as np
-    from benchmarks.common import idle_check, machine, peak_rss_mb, write_json
+    from benchmarks.common import idle_check, machine, machine_line, peak_rss_mb, write_json
     from uvjax.data.arrays import TEXT
     from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds
 
+    print(machine_line())
     idle = idle_check()
     model, v = build_model()
     ids = SpecialIds(boi=5, eoi=6, stop=())  # no stop: every row runs the full budget

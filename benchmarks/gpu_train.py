@@ -19,6 +19,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 
 # (config, attention, remat, batch, seq); batch/seq 0 = the config's own (smollm2 16 x 1024, 1B 8 x 2048)
 VARIANTS = (
@@ -57,6 +58,8 @@ def run_variant(v, steps: int, timeout: int) -> dict:
 
 
 def table(rows) -> str:
+    from benchmarks.common import machine_line
+    machines = [r["machine"] for r in rows if "machine" in r]
     head = ("config", "attention", "remat", "batch x seq", "tok/s", "step ms", "compile s", "MFU vs matmul",
             "TFLOP/s", "matmul TFLOP/s", "GPU peak GiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -69,7 +72,7 @@ def table(rows) -> str:
             f"{r['step_s_median'] * 1e3:.1f}", f"{r['compile_s']:.1f}", f"{100 * r['fraction_of_matmul_peak']:.1f}%",
             f"{r['achieved_gflops'] / 1e3:.1f}", f"{r['matmul_peak_gflops'] / 1e3:.0f}",
             f"{r.get('device_peak_gib', float('nan')):.1f}"]) + " |")
-    return "\n".join(lines)
+    return "\n".join(([machine_line(machines[0]), ""] if machines else []) + lines)
 
 
 def main():
@@ -89,7 +92,7 @@ def main():
         if only and v[0] not in only:
             continue
         rows.append(run_variant(v, args.steps, args.timeout))
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        print(table(rows[-1:]).splitlines()[-1], flush=True)  # the row (the machine line heads the full table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"results": rows}, f, indent=2)

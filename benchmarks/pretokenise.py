@@ -50,37 +50,6 @@ ARCHS = ("tiny", "vq16")
 # 16-image chunk on 2 shared cores plus ~45 s to compile, so --quick leaves it out (ask with --archs).
 DEFAULTS = {"archs": "tiny,vq16", "tiny_images": 384, "vq16_images": 16, "repeats": 3, "batches": 100}
 QUICK = {"archs": "tiny", "tiny_images": 16, "vq16_images": 16, "repeats": 1, "batches": 8}
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "amx_int8")
-
-
-def cpu_info() -> dict:
-    """CPU model (lscpu, falling back to /proc/cpuinfo), the vector/matrix flags XLA:CPU can use, cores."""
-    model, flags = "", set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() == "Model name":
-                model = v.strip()
-            elif k.strip() == "Flags":
-                flags = set(v.split())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not model or not flags:
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    k, _, v = line.partition(":")
-                    if k.strip() == "model name" and not model:
-                        model = v.strip()
-                    elif k.strip() == "flags" and not flags:
-                        flags = set(v.split())
-        except OSError:
-            pass
-    return {"cpu_model": model or "unknown", "cores": os.cpu_count(),
-            "flags": {f: f in flags for f in CPU_FLAGS}}
-
-
 def vq_model(arch: str, out_dir: str) -> tuple[str, int, dict]:
     """Random-initialised VQ of ``arch`` saved as ``out_dir/vq.safetensors`` (what ``VQCodec`` loads);
     returns the path, the input size and a description."""
@@ -165,9 +134,8 @@ def table(result: dict) -> str:
     """The run's JSON as a short text table (``python -c`` on a saved JSON prints it again)."""
     mach, idle, c = result["machine"], result["idle"], result["config"]
     g = lambda x: f"{x:.3g}" if x < 100 else f"{x:.0f}"  # noqa: E731
-    flags = ", ".join(f for f, on in mach["flags"].items() if on) or "none of " + "/".join(CPU_FLAGS)
-    lines = [f"{mach['cpu_model']}, {mach['cores']} cores ({flags}); jax {mach['jax']} {mach['backend']}; "
-             f"idle check: {idle['cpu_busy_percent']:.0f}% busy, load1 {idle['loadavg_1m']:.2f}",
+    from benchmarks.common import machine_line
+    lines = [machine_line(mach), f"idle check: {idle['cpu_busy_percent']:.0f}% busy, load1 {idle['loadavg_1m']:.2f}",
              f"{'VQ':<5} {'px':>4} {'codes':>6} {'images':>6} {'records':>7} {'enc img/s':>10} {'pass img/s':>10} "
              f"{'pass rec/s':>10} {'compile s':>9} {'load':>5}"]
     for a, r in result["pretokenise"].items():
@@ -222,7 +190,7 @@ def main(argv=None):
     from uvjax import pretokenise as pt
 
     idle = idle_check(1.0 if args.quick else 2.0) if not args.no_idle_check else cpu_snapshot()
-    mach = {**machine(), **cpu_info()}
+    mach = machine()
     result = {"machine": mach, "idle": idle, "config": {**vars(args), "archs": archs}, "setup": {},
               "pretokenise": {}, "pipeline": {}}
     with tempfile.TemporaryDirectory(prefix="uvjax-bench-pretok-") as tmp:

@@ -142,7 +142,8 @@ def main():
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size of the peak measurement (8192 on GPUs)")
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args()
-    from benchmarks.common import idle_check, machine, matmul_peak_gflops, write_json
+    from benchmarks.common import idle_check, machine, machine_line, matmul_peak_gflops, write_json
+    print(machine_line())
     idle = idle_check()
     peak = matmul_peak_gflops(n=args.peak_n, dtype=args.dtype)
     print(f"[peak] jitted {args.dtype} matmul {args.peak_n}²: {peak:.1f} GFLOP/s")

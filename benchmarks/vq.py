@@ -78,7 +78,9 @@ def main():
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     cfg = vq_tokenizer.get_config(a.preset)
-    res = {"preset": a.preset, "backend": jax.default_backend(), "load_before": os.getloadavg()[0]}
+    from benchmarks.common import machine, machine_line
+    res = {"preset": a.preset, "backend": jax.default_backend(), "machine": machine(), "load_before": os.getloadavg()[0]}
+    print(machine_line(res["machine"]))
     res["tiny_model"] = bench_model(vq_train.vq_config_from(cfg), cfg.data.image_size, a.batch, a.repeats)
     res["tiny_train"] = bench_train(cfg, cfg.train.batch_size, a.repeats)
     if a.llamagen:

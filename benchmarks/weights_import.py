@@ -129,8 +129,9 @@ def main():
     if a.child:
         child(a.child, a.path, a.dtype)
         return
-    from benchmarks.common import idle_check, machine, write_json
+    from benchmarks.common import idle_check, machine, machine_line, write_json
     from uvjax.weights.gguf import smollm2_path
+    print(machine_line())
     idle_before = idle_check()
     cases = [("gguf", smollm2_path(), "float32"), ("gguf", smollm2_path(), "bfloat16")]
     tmp = None

@@ -8,12 +8,13 @@ import json
 
 def test_pretokenise_benchmark_quick(tmp_path, capsys):
     from benchmarks import pretokenise as bench
+    from benchmarks.common import CPU_FLAGS
     out = tmp_path / "pretokenise.json"
     bench.main(["--quick", "--batches=4", f"--out={out}"])
     res = json.loads(out.read_text())
     assert {"machine", "idle", "config", "setup", "pretokenise", "pipeline"} <= set(res)
     m = res["machine"]
-    assert m["cpu_model"] and m["cores"] >= 1 and set(bench.CPU_FLAGS) == set(m["flags"])
+    assert m["cpu_model"] and m["cores"] >= 1 and set(CPU_FLAGS) == set(m["flags"]) and m["cpu_family"]
     assert res["config"]["archs"] == ["tiny"] and set(res["pretokenise"]) == set(res["pipeline"]) == {"tiny"}
     s = res["setup"]["tiny"]
     assert (s["image_size"], s["grid"], s["codes_per_image"], s["images"], s["records"]) == (64, "8x8", 64, 16, 49)
