@@ -559,7 +559,8 @@ def lm_identity(cfg_dict: dict) -> dict:
             d.get(section, {}).pop(k, None)
     d.pop("stages", None)
     d.pop("workdir", None)
-    d.get("data", {}).pop("workers", None)
+    for k in ("workers", "read_threads"):  # how batches are made, not which: the LM does not depend on them
+        d.get("data", {}).pop(k, None)
     return d
 
 
