@@ -48,3 +48,26 @@ def test_cpu_info_matches_proc_cpuinfo():
 def test_cpu_family_names_vendor_and_units(model, vendor, on, expected):
     from benchmarks.common import CPU_FLAGS, cpu_family
     assert cpu_family(model, vendor, {f: f in on for f in CPU_FLAGS}) == expected
+
+
+@pytest.mark.parametrize("name, group", [
+    ("ynn_fusion.50", "gemm"), ("dot.3", "gemm"), ("xnn_fusion", "gemm"),
+    ("slice_concatenate_fusion.1", "copy/transpose"), ("copy_bitcast_fusion", "copy/transpose"),
+    ("transpose.4", "copy/transpose"), ("dynamic-update-slice.1", "copy/transpose"),
+    ("wrapped_broadcast.2", "copy/transpose"), ("input_reduce_fusion.2", "reduce"),
+    ("bitcast_multiply_fusion.7", "elementwise"), ("subtract_exponential_fusion.5", "elementwise"),
+    ("SlinkyThreadPool::Await", "wait"), ("ThunkExecutor::Execute", None), ("ThreadpoolListener::StartRegion", None),
+])
+def test_step_profile_groups_xla_op_names(name, group):
+    from benchmarks.step_profile import category
+    assert category(name) == group
+
+
+def test_step_profile_shares_by_hand():
+    from benchmarks.step_profile import summarize
+    ops = {"ynn_fusion.1": 0.30, "dot.2": 0.10, "copy.1": 0.05, "add_multiply_fusion": 0.04,
+           "input_reduce_fusion": 0.01, "ThunkExecutor::Execute": 0.45}
+    s = summarize(ops, top=2)
+    assert s["summed_op_s"] == pytest.approx(0.50)
+    assert s["shares"] == pytest.approx({"gemm": 0.8, "copy/transpose": 0.1, "elementwise": 0.08, "reduce": 0.02})
+    assert [t["op"] for t in s["top_non_gemm"]] == ["copy.1", "add_multiply_fusion"]
