@@ -43,7 +43,7 @@ def _timed(fn, n: int, warmup: int) -> list[float]:
     return times
 
 
-def measure(workdir: str, steps: int, preset: str = "tiny") -> dict:
+def measure(workdir: str, steps: int, preset: str = "tiny", read_threads: int | None = None) -> dict:
     import jax
     from uvjax import train
     from uvjax.config import load_config_file, model_config
@@ -53,6 +53,8 @@ def measure(workdir: str, steps: int, preset: str = "tiny") -> dict:
     from uvjax.training.step import create_trainer, make_train_step
 
     cfg = load_config_file("vqvq", preset)
+    if read_threads is not None:  # a lever to A/B: grain's read threads (uvjax/data/pipeline.py)
+        cfg.data.read_threads = read_threads
     t = time.time()
     cfg, _ = prepare(cfg, workdir)
     stages_s = time.time() - t
@@ -101,7 +103,7 @@ def measure(workdir: str, steps: int, preset: str = "tiny") -> dict:
     med_pipe = statistics.median(pipe)
     loop_sps = statistics.median(tps) / tokens_per_step
     return {
-        "preset": f"configs/vqvq.py:{preset}", "batch": B, "seq_len": int(cfg.train.seq_len),
+        "preset": f"configs/vqvq.py:{preset}", "read_threads": int(cfg.data.read_threads), "batch": B, "seq_len": int(cfg.train.seq_len),
         "layers": int(cfg.model.layers), "hidden": int(cfg.model.hidden), "stages_s": stages_s,
         "pipeline": {"batch_s_median": med_pipe, "batches_per_s": 1 / med_pipe, "batch_s_all": pipe},
         "step": {"step_s_median": med_step, "steps_per_s": 1 / med_step, "compile_and_first_s": compile_s,
@@ -121,7 +123,8 @@ def table(result: dict) -> str:
     return "\n".join([
         machine_line(result["machine"]),
         f"idle check: {idle['cpu_busy_percent']:.0f}% busy, load1 {idle['loadavg_1m']:.2f}; "
-        f"{r['preset']}: {r['layers']} layers x {r['hidden']}, batch {r['batch']} x {r['seq_len']}",
+        f"{r['preset']}: {r['layers']} layers x {r['hidden']}, batch {r['batch']} x {r['seq_len']}, "
+        f"data.read_threads {r['read_threads']}",
         "| what | per second | ms each |", "| --- | ---: | ---: |",
         f"| data pipeline alone (batches) | {r['pipeline']['batches_per_s']:.1f} | {1e3 * r['pipeline']['batch_s_median']:.0f} |",
         f"| train step alone (steps) | {r['step']['steps_per_s']:.2f} | {1e3 * r['step']['step_s_median']:.0f} |",
@@ -139,12 +142,14 @@ def main(argv=None):
                     help="its parent's cache/ holds the stages (runs/cache: the one README line 1 fills)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--read_threads", type=int, default=None, help="override data.read_threads (A/B of the lever)")
     ap.add_argument("--out", default="benchmarks/results/first_run.json")
     args = ap.parse_args(argv)
     from benchmarks.common import idle_check, machine, machine_line, write_json
     print(machine_line())
     idle = idle_check()
-    result = {"machine": machine(), "idle": idle, "first_run": measure(args.workdir, args.steps, args.preset)}
+    result = {"machine": machine(), "idle": idle, "first_run": measure(args.workdir, args.steps, args.preset,
+                                                                         args.read_threads)}
     write_json(args.out, result)
     text = table(result)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
