@@ -118,6 +118,14 @@ def write_json(path: str, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def write_results(path: str, payload: dict, table: str) -> None:
+    """The JSON at ``path``, its table beside it (``.md``) and on stdout."""
+    write_json(path, payload)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
 def cpu_snapshot(seconds: float = 0.5) -> dict:
     """A quiet, short idle check (busy % over ``seconds`` + load averages) to take before each timed
     unit of an alternating A/B comparison."""

@@ -82,7 +82,7 @@ def measure(workdir: str, steps: int, preset: str = "tiny", read_threads: int | 
     one_step()
     compile_s = time.perf_counter() - t
     step_times = _timed(one_step, steps, warmup=3)
-    del holder
+    holder.clear()  # free the state before the loop builds its own
 
     # 3. the real loop, in a scratch work dir beside --workdir (so it shares the stage cache)
     loop_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), os.path.basename(workdir) + "-loop")
@@ -145,16 +145,12 @@ def main(argv=None):
     ap.add_argument("--read_threads", type=int, default=None, help="override data.read_threads (A/B of the lever)")
     ap.add_argument("--out", default="benchmarks/results/first_run.json")
     args = ap.parse_args(argv)
-    from benchmarks.common import idle_check, machine, machine_line, write_json
+    from benchmarks.common import idle_check, machine, machine_line, write_results
     print(machine_line())
     idle = idle_check()
     result = {"machine": machine(), "idle": idle, "first_run": measure(args.workdir, args.steps, args.preset,
                                                                          args.read_threads)}
-    write_json(args.out, result)
-    text = table(result)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_results(args.out, result, table(result))
     return result
 
 

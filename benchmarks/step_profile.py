@@ -88,17 +88,8 @@ def summarize(ops: dict[str, float], top: int = 8) -> dict:
 
 def profile(name: str, steps: int, scan_unroll: int) -> dict:
     import jax
-    from benchmarks.train_step import build
-    from uvjax.config import model_config
-    from uvjax.models.unified import UnifiedModel
-    from uvjax.training.sharding import global_batch_from_local, make_mesh
-    from uvjax.training.step import create_trainer, make_train_step
-    cfg, batch, _ = build(name, scan_unroll=scan_unroll)
-    mesh = make_mesh([1, -1, 1])
-    model = UnifiedModel(model_config(cfg).validate())
-    trainer, state = create_trainer(model, cfg, mesh, cfg.sharding.rules)
-    step = make_train_step(trainer, batch)
-    gb = global_batch_from_local(batch, mesh)
+    from benchmarks.train_step import setup
+    step, state, gb, _, _ = setup(name, scan_unroll=scan_unroll)
     for _ in range(3):  # compile + settle the heap (uvjax/runtime_env.py)
         state, m = step(state, gb)
         jax.block_until_ready(m)
@@ -142,17 +133,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/step_profile.json")
     args = ap.parse_args(argv)
-    from benchmarks.common import idle_check, machine, machine_line, write_json
+    from benchmarks.common import idle_check, machine, machine_line, write_results
     print(machine_line())
     idle = idle_check()
     # the first run's model trains without the layer loop (configs/vqvq.py); S and M with it, as benchmarked
     profiles = [profile(c, args.steps, 0 if c == "tiny" else 1) for c in args.configs.split(",") if c]
     result = {"machine": machine(), "idle": idle, "profiles": profiles}
-    write_json(args.out, result)
-    text = table(result)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write_results(args.out, result, table(result))
     return result
 
 

@@ -75,22 +75,28 @@ def build(name: str, dtype: str = "float32", remat: str = "none", attention: str
     return c, batch, dict(n_text=n_text, n_img=n_img, shape=s)
 
 
-def bench(name: str, steps: int, dtype: str, mesh_shape, remat: str, attention: str = "xla", batch: int = 0,
-          seq: int = 0, scan_unroll: int = 1) -> dict:
-    import jax
-    from benchmarks.common import peak_rss_mb
+def setup(name: str, dtype: str = "float32", mesh_shape=(1, -1, 1), remat: str = "none", attention: str = "xla",
+          batch: int = 0, seq: int = 0, scan_unroll: int = 1):
+    """The config's jitted train step, its initial state and the global batch (also used by step_profile.py)."""
     from uvjax.config import model_config
     from uvjax.models.unified import UnifiedModel
-    from uvjax.training.flops import train_flops_per_step
     from uvjax.training.sharding import global_batch_from_local, make_mesh
     from uvjax.training.step import create_trainer, make_train_step
 
     cfg, batch, counts = build(name, dtype, remat, attention, batch, seq, scan_unroll)
-    mesh = make_mesh(mesh_shape)
+    mesh = make_mesh(list(mesh_shape))
     model = UnifiedModel(model_config(cfg).validate())
     trainer, state = create_trainer(model, cfg, mesh, cfg.sharding.rules)
-    step = make_train_step(trainer, batch)
-    gb = global_batch_from_local(batch, mesh)
+    return make_train_step(trainer, batch), state, global_batch_from_local(batch, mesh), counts, mesh
+
+
+def bench(name: str, steps: int, dtype: str, mesh_shape, remat: str, attention: str = "xla", batch: int = 0,
+          seq: int = 0, scan_unroll: int = 1) -> dict:
+    import jax
+    from benchmarks.common import peak_rss_mb
+    from uvjax.training.flops import train_flops_per_step
+
+    step, state, gb, counts, mesh = setup(name, dtype, mesh_shape, remat, attention, batch, seq, scan_unroll)
     t = time.perf_counter()
     compiled = step.lower(state, gb).compile()
     compile_s = time.perf_counter() - t
