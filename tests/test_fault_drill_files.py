@@ -697,9 +697,9 @@ def test_a_damaged_vq_config_json_is_named_by_evaluate_and_generate(tmp_path):
     with pytest.raises(itg.DamagedFile, match="vq_config.json: damaged VQ tokenizer config: not valid JSON") as e:
         evaluate._image_size(str(tmp_path), cfg, vq)
     assert str(p) in str(e.value) and "mv DIR DIR.damaged" in str(e.value)
-    from uvjax import generate
+    from uvjax import api  # what uvjax.generate, the demo and the notebook API size images by
     with pytest.raises(itg.DamagedFile, match="damaged VQ tokenizer config"):
-        generate._vq_image_size(vq, cfg)
+        api.image_size_of(str(tmp_path), cfg, vq)
 
 
 def test_a_damaged_run_config_json_is_named_when_loading_a_run(tmp_path):

@@ -9,3 +9,11 @@ if _sys.argv[:1] == ["-m"] and "uvjax.runtime_env" not in getattr(_sys, "orig_ar
     from uvjax import runtime_env as _runtime_env
     if _runtime_env.launched_as_uvjax_module(_sys.orig_argv):
         _runtime_env.reexec_with_malloc_hugetlb()
+
+
+def __getattr__(name):
+    """``uvjax.load`` / ``uvjax.Model`` (``uvjax/api.py``) without importing JAX on ``import uvjax``."""
+    if name in ("load", "Model"):
+        from uvjax import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'uvjax' has no attribute {name!r}")

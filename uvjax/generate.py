@@ -1,6 +1,7 @@
 """``python -m uvjax.generate --workdir=RUN (--prompt=TEXT | --image=PNG --question=TEXT | --batch=FILE.jsonl) --out=PATH``
 
-Generates with a trained run: text-to-image (``--prompt``), image question answering (``--image`` +
+Generates with a trained run or an export directory (``python -m uvjax.weights.export``), through the
+Python API (``uvjax/api.py``): text-to-image (``--prompt``), image question answering (``--image`` +
 ``--question``) or a JSONL batch (one ``{"prompt": ...}`` or ``{"image": ..., "question": ...}`` per
 line, optional ``"id"``). Images go through the run's VQ tokenizer (``<workdir>/vq/vq.safetensors`` or
 a config path, see :func:`~uvjax.inference.decode.find_vq`): input PNGs are resized to its training
@@ -64,69 +65,38 @@ def read_requests(prompt, image, question, batch) -> list[dict]:
     return [{"image": image, "question": question}]
 
 
-def load_png(path: str, size: int, resize: str = "center_crop") -> np.ndarray:
-    """An image file as the pre-tokenisation pass reads it (``uvjax.pretokenise``): any mode to RGB (alpha
-    over white), then the run's resize rule (``stages.source.resize``: centre crop, or LLaVA's pad)."""
-    from uvjax import pretokenise as pt
-    try:
-        img, _ = pt.read_image_file(path, pt.ImagePolicy(min_side=1))
-    except pt.ImageError as e:
-        raise app.UsageError(f"--image: {e}")
-    return pt.preprocess(img, size, resize)
-
-
-def _vq_image_size(vq_path: str, cfg) -> int:
-    p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
-    if os.path.exists(p):
-        from uvjax.evaluate import _read_vq_config
-        s = _read_vq_config(p).get("data", {}).get("image_size")
-        if s:
-            return int(s)
-    stage_size = ((cfg.get("stages") or {}).get("data") or {}).get("image_size", 0)
-    return int(cfg.data.get("image_size", 0) or stage_size or 128)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not F.workdir or not F.out:
         raise app.UsageError("--workdir and --out are required")
+    from uvjax.api import load
     from uvjax.data.records import Record, Segment
-    from uvjax.data.tokenizer import get_template
-    from uvjax.inference.decode import (DecodeSettings, Generator, SpecialIds, VQCodec, encode_prompt,
-                                        find_vq, null_prompt)
-    from uvjax.inference.loading import load_trained
     from uvjax.evaluate import write_png
+    from uvjax.inference.decode import DecodeSettings, find_vq
 
     reqs = read_requests(F.prompt, F.image, F.question, F.batch)
-    run = load_trained(F.workdir)
-    cfg, tok = run.cfg, run.tokenizer
-    vq_path, looked = find_vq(run.workdir, cfg)
+    model = load(F.workdir)  # a run directory or an export directory (uvjax/api.py)
     needs_vq = any("image" in r for r in reqs) or (F.force_image and any("prompt" in r for r in reqs))
-    if needs_vq and vq_path is None:
+    if needs_vq and model.codec is None and model.input_kind != "features":
+        _, looked = find_vq(model.path, model.cfg)
         raise SystemExit(f"this request needs the run's VQ tokenizer (image inputs/outputs) but none was found; "
                          f"looked at {looked}. Train one with `python -m uvjax.training.vq_train ... "
-                         f"--workdir={run.workdir}/vq`, or use --no_force_image for text-only prompts")
-    if run.model.cfg.image.output_kind != "codes" and F.force_image:
+                         f"--workdir={model.path}/vq`, or use --no_force_image for text-only prompts")
+    if model.output_kind != "codes" and F.force_image:
         raise SystemExit("this run generates continuous features, which have no pixel decoder; "
                          "use --no_force_image")
-    codec = VQCodec(vq_path) if vq_path else None
-    size = _vq_image_size(vq_path, cfg) if codec else 0
-    n_codes = F.image_tokens or (int(np.prod(codec.cfg.grid(size))) if codec else 0)
-    if not codec:
-        n_codes = 0  # no decoder: never open an image
-    template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
-    prompts, nulls = [], []
+    n_codes = (F.image_tokens or model.image_tokens) if model.can_generate else 0  # no decoder: never open one
+    records = []
     for r in reqs:
         if "prompt" in r:
-            rec = Record("prompt", "generation", [Segment("user", "text", text=r["prompt"])])
+            records.append(Record("prompt", "generation", [Segment("user", "text", text=r["prompt"])]))
         else:
-            resize = str(((cfg.get("stages") or {}).get("source") or {}).get("resize", "center_crop"))
-            codes = codec.encode(load_png(r["image"], size, resize)[None])[0]
-            rec = Record("question", "vqa", [Segment("user", "image", codes=codes),
-                                             Segment("user", "text", text=r["question"])])
-        prompts.append(encode_prompt(rec, tok, template))
-        nulls.append(encode_prompt(null_prompt(rec), tok, template))
+            try:
+                image = model._image_segment(r["image"])
+            except ValueError as e:
+                raise app.UsageError(f"--image: {e}")
+            records.append(Record("question", "vqa", [image, Segment("user", "text", text=r["question"])]))
     base = DecodeSettings(
         max_new_tokens=F.max_new_tokens or (64 + (n_codes + 2) * F.max_images if n_codes else 64),
         temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, image_tokens=n_codes,
@@ -134,8 +104,7 @@ def main(argv):
         max_images=F.max_images if n_codes else 0)
     # text-to-image rows may get <boi> forced; image questions never do (separate batches)
     t2i = dataclasses.replace(base, force_image_within=32 if (F.force_image and n_codes) else 0)
-    ids = SpecialIds.from_tokenizer(tok)
-    gen = Generator(run.model, run.variables, ids)
+    ids = model._p.ids
 
     from uvjax import storage_paths as sp
     out_path = sp.resolve(F.out)  # a local path or a gs:// URL (written through etils.epath)
@@ -149,9 +118,7 @@ def main(argv):
     for idx, settings in groups:
         for start in range(0, len(idx), F.batch_size):
             rows = idx[start:start + F.batch_size]
-            out = gen.generate([prompts[i] for i in rows], settings,
-                               null_prompts=[nulls[i] for i in rows] if F.cfg_scale else None,
-                               cfg_scale=F.cfg_scale, seed=F.seed + rows[0])
+            out = model._decode([records[i] for i in rows], settings, cfg_scale=F.cfg_scale, seed=F.seed + rows[0])
             for row, i in enumerate(rows):
                 r = reqs[i]
                 imgs = [c for c in out.images(row, ids) if len(c) == n_codes]
@@ -161,18 +128,23 @@ def main(argv):
                         path = out_path if k_img == 0 else f"{stem}_{k_img}.png"
                     else:
                         path = os.path.join(out_dir, f"{r.get('id', i)}" + (f"_{j}" if j else "") + ".png")
-                    write_png(codec.decode(np.asarray(c)[None])[0], path)
+                    write_png(model.codec.decode(np.asarray(c)[None])[0], path)
                     paths.append(path)
                     k_img += 1
-                results[i] = {**r, "text": out.text(row, ids, tok).strip(), "images": paths,
+                results[i] = {**r, "text": out.text(row, ids, model.tokenizer).strip(), "images": paths,
                               "codes": [np.asarray(c).tolist() for c in imgs]}
-    meta = {"workdir": run.workdir, "step": run.step, "vq": vq_path, "image_tokens": n_codes,
+    meta = {"workdir": model.path, "step": model.step, "vq": model.vq_path, "image_tokens": n_codes,
             "cfg_scale": F.cfg_scale, "seed": F.seed, "settings": dataclasses.asdict(t2i), "results": results}
     json_path = stem + ".json" if single else os.path.join(out_dir, "generations.json")
     sp.atomic_write_text(json_path, json.dumps(meta, indent=1))
     for r in results:
         print(f"{r.get('prompt') or r.get('question')!r} -> {r['text']!r} {r['images']}")
     print(f"wrote {json_path}")
+
+
+def console_main():
+    """The ``uvjax-generate`` console script."""
+    app.run(main)
 
 
 if __name__ == "__main__":

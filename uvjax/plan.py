@@ -431,6 +431,11 @@ def main(argv):
     sys.exit(0 if r["fits"] else 1)
 
 
-if __name__ == "__main__":
+def console_main():
+    """``uvjax-plan`` (the console script) and ``python -m uvjax.plan``."""
     _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    console_main()
