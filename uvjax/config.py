@@ -87,6 +87,9 @@ def base_config() -> mlc.ConfigDict:
     t.spike_window = 100  # steps in that running median (training/guard.py)
     t.halt_after_skips = 5  # this many skipped updates in a row stop the run (no checkpoint of them)
     t.log_every = 10
+    # optional Weights & Biases sink (training/metrics.py): scalars, eval images/tables, the config; files in
+    # <workdir>/wandb ("offline": no network, `wandb sync` later). Logging only: outside the LM fingerprint
+    t.wandb = mlc.ConfigDict(dict(enabled=False, project="uvjax", entity="", run_name="", mode="offline"))
     t.checkpoint_every = 200
     t.eval_every = 0  # quick evaluation every N steps (0 = only the final evaluation of the stages)
     t.keep_checkpoints = 2  # verified checkpoints kept (a newer one is verified before an older goes)

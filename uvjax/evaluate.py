@@ -1,8 +1,9 @@
 """``python -m uvjax.evaluate --workdir=RUN [--quick] [--num_images=N] [--judge_dir=DIR]``
 
 Evaluates a trained run on the Smart Watch test split (``SmartWatchSpec`` test, images from
-``start_index`` 10**9, never seen in training) and writes ``<out>/report.json``, ``<out>/table.txt``
-and ``<out>/generations.png`` (default out: ``<workdir>/eval/step_<step>``):
+``start_index`` 10**9, never seen in training) and writes ``<out>/report.json``, ``<out>/table.txt``,
+``<out>/generations.png`` and ``<out>/vq_reconstructions.png`` (default out: ``<workdir>/eval/step_<step>``);
+given a metric writer it also logs the scalars, the table and both grids (TensorBoard, W&B):
 
 - **VQA** per attribute over every VQA turn: strict / tolerant / coarse matching
   (``uvjax/evaluation/metrics.py`` documents each rule) and the reference repo's partial-credit score;
@@ -126,11 +127,13 @@ def _row(d: dict, i: int) -> dict:
     return {k: int(v[i]) for k, v in d.items()}
 
 
-def _grid(rows: list[tuple[np.ndarray, np.ndarray | None, str]], path: str, cell: int = 128) -> None:
-    """PNG: one row per prompt: real render | generated image | prompt text."""
+def grid_image(rows: list[tuple[np.ndarray, np.ndarray | None, str]], cell: int = 128,
+               text_w: int = 360) -> np.ndarray:
+    """uint8 [H, W, 3]: one row per entry: image | image (None: a red "no image" box) | text. Height
+    ``rows * (cell + 4) + 4``, width ``2 * (cell + 4) + text_w + 4`` (4 px padding)."""
     from PIL import Image, ImageDraw, ImageFont
     import textwrap
-    text_w, pad = 360, 4
+    pad = 4
     H = len(rows) * (cell + pad) + pad
     W = 2 * (cell + pad) + text_w + pad
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
@@ -147,7 +150,63 @@ def _grid(rows: list[tuple[np.ndarray, np.ndarray | None, str]], path: str, cell
                 canvas.paste(Image.fromarray(img).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
         d.multiline_text((2 * (cell + pad) + pad, y + 4), "\n".join(textwrap.wrap(text, 52)[:8]),
                          fill=(0, 0, 0), font=font)
-    write_png(canvas, path)
+    return np.asarray(canvas)
+
+
+def _grid(rows: list[tuple[np.ndarray, np.ndarray | None, str]], path: str, cell: int = 128) -> np.ndarray:
+    """PNG: one row per prompt: real render | generated image | prompt text. Returns its pixels."""
+    img = grid_image(rows, cell)
+    write_png(img, path)
+    return img
+
+
+def grid_cell(image_size: int) -> int:
+    """The grids' cell size: the test image size, clamped to [64, 128] px."""
+    return max(64, min(128, int(image_size)))
+
+
+def vq_reconstruction_rows(records, encode_images: Callable, decode_codes: Callable, n: int) -> list | None:
+    """(real, reconstructed, "<index>: PSNR x dB") for the first ``n`` distinct test images, through the run's
+    VQ (encode, decode): how much of a generated image's blur the tokenizer alone explains. None when the
+    encoder gives features (no pixel decoder)."""
+    pix, ids, seen = [], [], set()
+    for r in records:
+        for s in r.images():
+            if s.pixels is not None and id(s.pixels) not in seen and len(pix) < n:
+                seen.add(id(s.pixels))
+                pix.append(s.pixels)
+                ids.append(r.id.rsplit("/", 2)[-2] if r.id.count("/") >= 2 else r.id)  # .../<index>/<task>
+    if not pix:
+        return []
+    codes = np.asarray(encode_images(np.stack(pix)))
+    if codes.dtype.kind not in "iu":
+        return None
+    recon = np.asarray(decode_codes(codes.reshape(len(pix), -1)))
+    rows = []
+    for real, rec, rid in zip(pix, recon, ids):
+        text = rid
+        if rec.shape == real.shape:
+            mse = float(np.mean((real.astype(np.float64) - rec.astype(np.float64)) ** 2))
+            text += f": PSNR {10 * np.log10(255.0 ** 2 / mse):.1f} dB" if mse > 0 else ": exact"
+        rows.append((real, rec.astype(np.uint8), text))
+    return rows
+
+
+class EvalReport(dict):
+    """``evaluate_run``'s report (a plain JSON-able dict) plus ``images``: name → uint8 [H, W, 3] grid
+    (``generations``: real | generated | prompt; ``vq_reconstructions``: real | through the VQ), kept in
+    memory for metric writers whether or not the PNGs are written."""
+
+    images: dict
+
+
+def log_evaluation(writer, report: dict, step: int | None = None) -> None:
+    """An evaluation into a metric writer at ``step`` (default: the report's): the scalars of
+    :func:`flat_metrics`, the table as text (``eval/table``) and the grids as images (``eval/<name>``)."""
+    step = int(report["step"] if step is None else step)
+    writer.write(step, flat_metrics(report))
+    writer.write_text(step, {"eval/table": format_table(report)})
+    writer.write_images(step, {f"eval/{k}": v for k, v in (getattr(report, "images", None) or {}).items()})
 
 
 def write_png(image, path: str) -> None:
@@ -167,11 +226,15 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
                  image_size: int | None = None, batch_size: int = 32, cfg_scale: float = 0.0,
                  image_temperature: float = 1.0, image_top_k: int = 0, seed: int = 0,
                  tasks: Sequence[str] = ("vqa", "caption", "generation"), out_dir: str | None = None,
-                 write: bool = True, grid_rows: int = 8, progress: bool = False, inception=None) -> dict:
-    """Evaluates a run directory; returns the report dict (also written as JSON + table + grid).
+                 write: bool = True, grid_rows: int = 8, progress: bool = False, inception=None,
+                 recon_images: int = 4, writer=None) -> EvalReport:
+    """Evaluates a run directory; returns the report dict (also written as JSON + table + grids unless
+    ``write=False``) with the grids' pixels in ``.images`` (:class:`EvalReport`).
 
     ``inception``: the FID Inception weight file (or a loaded ``InceptionFID``); None reads the run
-    config's ``stages.evaluate.inception_path`` ("" = no standard FID)."""
+    config's ``stages.evaluate.inception_path`` ("" = no standard FID). ``recon_images``: test images
+    shown through the VQ (0: none). ``writer``: a ``MetricWriter``; the evaluation is logged into it at the
+    run's step (:func:`log_evaluation`)."""
     from uvjax.data.tokenizer import get_template
     from uvjax.evaluation import judge as judge_mod
     from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, VQCodec, find_vq
@@ -198,6 +261,7 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     size = int(image_size or _image_size(run.workdir, cfg, vq_path))
     spec = test_spec(cfg, QUICK_IMAGES if quick and not num_images else num_images, size)
     records = [r for r in sw.generate(spec) if r.task in tasks]
+    recon_rows = vq_reconstruction_rows(records, encode_images, decode_codes, recon_images) if recon_images > 0 else []
     records = attach_codes(records, encode_images)
     items = build_items(records)
     sample = next((s for r in records for s in r.images() if s.codes is not None or s.features is not None), None)
@@ -208,8 +272,9 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
     ids = SpecialIds.from_tokenizer(tok)
     gen = Generator(run.model, run.variables, ids)
-    report: dict = {"workdir": run.workdir, "step": run.step, "quick": quick,
-                    "split": dataclasses.asdict(spec), "image_tokens": n_codes, "tasks": list(tasks)}
+    report = EvalReport({"workdir": run.workdir, "step": run.step, "quick": quick,
+                         "split": dataclasses.asdict(spec), "image_tokens": n_codes, "tasks": list(tasks)})
+    report.images = {}
     timing = {}
 
     def decode(kind: str, settings: DecodeSettings, **kw):
@@ -327,18 +392,27 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
                 timing["fid_s"] = round(time.time() - t, 2)
             gen_rep["samples"] = [{"id": it.record_id, "prompt": it.truth, "text": res[i]["text"],
                                    "image": i in set(made)} for i, it in enumerate(sel[:10])]
-            if write and sel:
+            if sel and grid_rows > 0:
                 pos = {i: k for k, i in enumerate(made)}
                 rows = [(real[i], gen_imgs[pos[i]] if i in pos else None, it.truth)
                         for i, it in enumerate(sel[:grid_rows])]
-                files["grid"] = os.path.join(out_dir, "generations.png")
-                _grid(rows, files["grid"], cell=max(64, min(128, size)))
+                report.images["generations"] = grid_image(rows, grid_cell(size))
+                if write:
+                    files["grid"] = os.path.join(out_dir, "generations.png")
+                    write_png(report.images["generations"], files["grid"])
         report["generation"] = gen_rep
+    if recon_rows:
+        report.images["vq_reconstructions"] = grid_image(recon_rows, grid_cell(size), text_w=200)
+        if write:
+            files["vq_reconstructions"] = os.path.join(out_dir, "vq_reconstructions.png")
+            write_png(report.images["vq_reconstructions"], files["vq_reconstructions"])
 
     timing["total_s"] = round(time.time() - t_start, 2)
     report["timing"] = timing
     if write:
         write_report(report, out_dir, files, format_table)
+    if writer is not None:
+        log_evaluation(writer, report)
     return report
 
 
@@ -486,7 +560,7 @@ def main(argv):
     print(f"\nwrote {report['files']['report']}")
 
 
-if __name__ == "__main__":
+def _define_flags():
     from absl import app, flags
     import uvjax.train  # noqa: F401  (load_trained imports it; it owns the --workdir flag we share)
     flags.mark_flag_as_required("workdir")
@@ -505,4 +579,14 @@ if __name__ == "__main__":
                         "pt_inception-2015-12-05-6726825d.pth, or its .safetensors/.npz conversion) for standard "
                         "FID; default: the run config's stages.evaluate.inception_path (docs/WEIGHTS.md)")
     flags.DEFINE_alias("inception", "inception_weights")
+
+
+def console_main():
+    """``uvjax-evaluate`` (the console script) and ``python -m uvjax.evaluate``."""
+    from absl import app
+    _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    console_main()

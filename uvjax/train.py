@@ -204,10 +204,11 @@ def init_codebook_from_vq(state, trainer, cfg):
 
 
 def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
-    """The quick evaluation (a few test images) on the in-memory parameters, logged as eval/...;
-    needs the stages' VQ tokenizer (and a cached judge for generation scores)."""
+    """The quick evaluation (a few test images) on the in-memory parameters, logged at ``step``: eval/...
+    scalars, the table as text and the generation / VQ reconstruction grids as images (nothing written to
+    eval/); needs the stages' VQ tokenizer (and a cached judge for generation scores)."""
     import jax
-    from uvjax.evaluate import evaluate_run, flat_metrics
+    from uvjax.evaluate import evaluate_run, log_evaluation
     from uvjax.inference.loading import LoadedRun
     from uvjax.training.optimizer import merge_variables
     variables = jax.device_get(merge_variables(state.trainable, state.frozen))
@@ -218,7 +219,7 @@ def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
     except FileNotFoundError as e:  # no VQ/judge yet: training goes on, the reason is logged once
         logging.warning("quick evaluation skipped at step %d: %s", step, e)
         return
-    writer.write(step, flat_metrics(report))
+    log_evaluation(writer, report, step)
 
 
 def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:
@@ -308,7 +309,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
         state = init_codebook_from_vq(state, trainer, cfg)
     if primary:
         sp.atomic_write_text(sp.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
-    writer = MetricWriter(workdir, enabled=primary)
+    writer = MetricWriter(workdir, enabled=primary, config=cfg)  # + HParams, + W&B if train.wandb.enabled
     meta = {"config": json.loads(cfg.to_json_best_effort()), "inputs": inputs}
 
     total = int(cfg.train.steps)
@@ -546,7 +547,7 @@ def _close(ckpt, writer, quiet: bool = False) -> None:
 
 LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
                                     "async_checkpoint", "progress", "spike_factor", "spike_window", "halt_after_skips",
-                                    "checkpoint_readback", "probe_tolerance"),
+                                    "checkpoint_readback", "probe_tolerance", "wandb"),
                           "model": ("attention", "scan_unroll"),  # how the same function is computed
                           "loss": ("fused_head_chunk",)}
 
@@ -669,9 +670,16 @@ def run_all(cfg, workdir: str) -> dict:
             from uvjax.stages_features import evaluation_kwargs
             tasks = tuple(cfg.stages.evaluate.get("tasks", ("vqa", "caption", "generation")))
             n = int(cfg.stages.evaluate.get("num_images", 0) or 0)
-            summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks,
-                                                 num_images=n or None, progress=bool(cfg.train.progress),
-                                                 **evaluation_kwargs(workdir, cfg))
+            import jax
+            from uvjax.training.metrics import MetricWriter
+            # the final evaluation's grids, reconstructions and table go to TensorBoard (and W&B) at the last step
+            writer = MetricWriter(workdir, enabled=jax.process_index() == 0, config=cfg)
+            try:
+                summary["evaluation"] = evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks,
+                                                     num_images=n or None, progress=bool(cfg.train.progress),
+                                                     writer=writer, **evaluation_kwargs(workdir, cfg))
+            finally:
+                writer.close()
             times["evaluate"] = time.time() - t
             StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
                                     path=workdir)
@@ -733,10 +741,15 @@ def run_summary_table(summary: dict, workdir: str) -> str:
     return "\n".join(lines)
 
 
+def console_main():
+    """``uvjax-train`` (the console script) and ``python -m uvjax.train``."""
+    from uvjax.config import resolve_config_argv
+    sys.argv = resolve_config_argv(sys.argv)
+    app.run(main)
+
+
 if __name__ == "__main__":
     # Library code imports uvjax.train (e.g. loading a run for evaluation); make that the running
     # module instead of a second copy that would define the absl flags again.
     sys.modules.setdefault("uvjax.train", sys.modules["__main__"])
-    from uvjax.config import resolve_config_argv
-    sys.argv = resolve_config_argv(sys.argv)
-    app.run(main)
+    console_main()
