@@ -215,12 +215,29 @@ def load(path: str, *, step: int | None = None) -> Model:
     vq_path, _ = find_vq(loaded.workdir, loaded.cfg)
     encode_features = None
     if loaded.model.cfg.image.input_kind == "features":
+        encode_features = _tower_encoder(loaded)
+    return Model(loaded, vq_path, encode_features)
+
+
+def _tower_encoder(loaded):
+    """The vision tower that turns a feature run's input images into features: the export's ``tower/`` or the
+    run's siglip stage. None when there is none (said when an image is asked about)."""
+    from uvjax.inference.loading import is_export_dir
+    if not is_export_dir(loaded.workdir):
         try:
             from uvjax.stages_features import evaluation_kwargs
-            encode_features = evaluation_kwargs(loaded.workdir, loaded.cfg)["encode_images"]
+            return evaluation_kwargs(loaded.workdir, loaded.cfg)["encode_images"]
         except (FileNotFoundError, KeyError):
-            encode_features = None  # said when an image is asked about (Model._image_segment)
-    return Model(loaded, vq_path, encode_features)
+            return None
+    info = (loaded.cfg.get("export") or {}).get("tower") or {}
+    if not info.get("path"):
+        return None
+    path = os.path.join(loaded.workdir, str(info["path"]))
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):  # an HF vision directory
+        from uvjax import pretokenise as pt
+        return pt.tower_encoder(path, kind=str(info.get("kind", "siglip"))).tower.encode
+    from uvjax.stages_features import TowerEncoder
+    return TowerEncoder(path).encode
 
 
 __all__ = ["Model", "load", "image_size_of"]

@@ -562,6 +562,9 @@ def lm_identity(cfg_dict: dict) -> dict:
     d.pop("workdir", None)
     for k in ("workers", "read_threads"):  # how batches are made, not which: the LM does not depend on them
         d.get("data", {}).pop(k, None)
+    pre = d.get("model", {}).get("pretrained")
+    if isinstance(pre, dict) and not pre.get("peft_adapter"):  # unset: runs from before the key keep their LM
+        pre.pop("peft_adapter", None)
     return d
 
 

@@ -447,8 +447,17 @@ def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
     """Path of the run's VQ tokenizer (``vq.safetensors`` written by ``uvjax.training.vq_train``) and
     the places looked at: config ``vq.params`` / ``vq.path`` / ``vq.workdir`` / ``data.vq`` (a file or
     a directory holding the file), the last ``vq`` stage in ``<workdir>/stages.jsonl`` (runs built by
-    ``uvjax.stages``), then ``<workdir>/vq/`` and ``<workdir>/``."""
+    ``uvjax.stages``), then ``<workdir>/vq/`` and ``<workdir>/``. An export directory
+    (``uvjax.weights.export``) is looked up by its own record only (``export.vq`` of its ``uvjax_config.json``):
+    the training machine's places are not consulted."""
     import os
+    from uvjax.inference.loading import export_config, is_export_dir
+    if "://" not in workdir and is_export_dir(workdir):
+        rel = export_config(workdir).export.get("vq")
+        if not rel:
+            return None, [f"{os.path.join(workdir, 'uvjax_config.json')}: export.vq (exported without a VQ)"]
+        path = os.path.join(workdir, rel)
+        return (path if os.path.isfile(path) else None), [path]
     cands: list[str] = []
     if cfg is not None:
         for sect, key in (("vq", "params"), ("vq", "path"), ("vq", "workdir"), ("data", "vq")):

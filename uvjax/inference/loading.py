@@ -1,9 +1,11 @@
-"""Load a trained run for inference: config, model, merged variables and tokenizer from a work dir
-(a local path or a ``gs://`` URL: ``uvjax/storage_paths.py``; orbax restores from the bucket directly)."""
+"""Load a trained model for inference: config, model, variables and tokenizer from a run's work dir (a local
+path or a ``gs://`` URL: ``uvjax/storage_paths.py``; orbax restores from the bucket directly) or from the
+self-contained directory ``python -m uvjax.weights.export`` writes (told apart by its files)."""
 from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import ml_collections as mlc
 
@@ -15,7 +17,7 @@ from uvjax.models.unified import UnifiedConfig, UnifiedModel
 class LoadedRun:
     cfg: mlc.ConfigDict
     model: UnifiedModel
-    variables: dict  # {"params": ..., "lora": ...} (LoRA not merged)
+    variables: dict  # {"params": ..., "lora": ...} (a run: LoRA not merged; an export: merged, lora {})
     tokenizer: object
     step: int
     workdir: str
@@ -67,8 +69,104 @@ def _check_against_checkpoint(cfg, workdir: str, step: int, meta: dict) -> None:
                           f"loaded with: {'; '.join(changed)}. Restore the original files")
 
 
+EXPORT_CONFIG = "uvjax_config.json"
+
+
+def is_export_dir(path: str) -> bool:
+    """Whether ``path`` is an export directory (``uvjax.weights.export``): its image-modules file and
+    ``uvjax_config.json`` (a run has ``config.json`` + ``checkpoints/`` instead)."""
+    from uvjax import storage_paths as sp
+    from uvjax.weights.export import IMAGE_FILE
+    return sp.exists(sp.join(path, IMAGE_FILE)) and sp.exists(sp.join(path, EXPORT_CONFIG))
+
+
+def export_config(path: str) -> mlc.ConfigDict:
+    """An export's ``uvjax_config.json`` with the paths that point into the export made absolute
+    (``export.relative_paths``); a damaged file raises ``DamagedFile`` naming it."""
+    import os
+
+    from uvjax.integrity_files import DamagedFile, parse_json
+    from uvjax.weights.export import EXPORT_FORMAT
+    f = os.path.join(path, EXPORT_CONFIG)
+    todo = "It is written by `python -m uvjax.weights.export`: export the run again, or restore the file from a copy"
+    with open(f, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamagedFile(f"{f}: damaged export config: not UTF-8 text ({e}). {todo}") from e
+    d = parse_json(text, f, "export config", todo)
+    exp = d.get("export") if isinstance(d, dict) else None
+    if not isinstance(exp, dict) or exp.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{f} has no 'export' section of format {EXPORT_FORMAT!r}: written by an older uvjax "
+                         f"(export layout 1: no VQ, machine paths). Export the run again with "
+                         f"`python -m uvjax.weights.export --workdir=RUN --out={path}`, or load the weights alone "
+                         f"with uvjax.weights.export.load_exported")
+    for key in exp.get("relative_paths") or ():
+        node = d
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = os.path.normpath(os.path.join(path, node[last]))
+    return mlc.ConfigDict(d)
+
+
+def load_export(path: str, step: int | None = None) -> LoadedRun:
+    """An export directory as a :class:`LoadedRun`: the HF decoder + image modules (LoRA already merged,
+    so the model has no LoRA and ``variables["lora"]`` is empty), in the stored dtype (``model.param_dtype``
+    is set to it), the exported tokenizer, ``step`` = the step exported. Param names and shapes are checked
+    against the model the config describes; a mismatch names the tensors."""
+    import os
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    from uvjax import storage_paths as sp
+    from uvjax.train import load_text_tokenizer
+    from uvjax.weights.export import load_exported, model_dict_from_decoder
+    if sp.is_remote(path):  # read from a local mirror (safetensors and the tokenizer are local readers)
+        path = sp.local_tree(path, sp.remote_cache_dir("trees"))
+    path = os.path.abspath(path)
+    cfg = export_config(path)
+    exp = cfg.export
+    if step is not None and exp.step is not None and int(step) != int(exp.step):
+        raise ValueError(f"{path} is an export of step {exp.step}; step={step} was asked for (an export holds "
+                         f"one step: export that step from the run with --step={step})")
+    with cfg.unlocked():
+        cfg.mesh.shape = (1, 1, 1)
+        cfg.model.lora.rank = 0  # folded into the kernels by the export (export.lora_merged)
+        cfg.model.param_dtype = str(exp.dtype)
+        cfg.data.tokenizer = path
+    mc = model_config(cfg).validate()
+    model = UnifiedModel(mc)
+    variables, m, _ = load_exported(path, str(exp.dtype))
+    want_m = model_dict_from_decoder(mc.decoder)
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    diff = [f"{k}: uvjax_config.json {want_m[k]!r} vs config.json {m.get(k)!r}" for k in want_m
+            if norm(want_m[k]) != norm(m.get(k))]
+    if diff:
+        raise ValueError(f"{path}: the HF config.json and uvjax_config.json describe different decoders: "
+                         + "; ".join(diff))
+    from uvjax.training.step import _init_variables
+    abstract = nn.unbox(jax.eval_shape(lambda: _init_variables(model, jax.random.key(0))))["params"]
+    want = traverse_util.flatten_dict(abstract, sep="/")
+    got = traverse_util.flatten_dict(variables["params"], sep="/")
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = [f"{k} {tuple(np.shape(got[k]))} (expected {tuple(want[k].shape)})" for k in sorted(set(want) & set(got))
+           if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    if missing or extra or bad:
+        raise ValueError(f"{path}: the exported weights do not fit the model uvjax_config.json describes: "
+                         f"missing {missing[:12]}, unexpected {extra[:12]}, mis-shaped {bad[:12]}")
+    params = traverse_util.unflatten_dict({k: jnp.asarray(got[k], want[k].dtype) for k in want}, sep="/")
+    return LoadedRun(cfg=cfg, model=model, variables={"params": params, "lora": {}},
+                     tokenizer=load_text_tokenizer(cfg, path), step=int(exp.step) if exp.step is not None else 0,
+                     workdir=path)
+
+
 def load_trained(workdir: str, step: int | None = None) -> LoadedRun:
-    """Restores the train state of ``step`` (default: latest) on one device and returns the run."""
+    """Restores the train state of ``step`` (default: latest) on one device and returns the run; an export
+    directory (:func:`is_export_dir`) is loaded by :func:`load_export` instead."""
     from uvjax.train import load_text_tokenizer
     from uvjax.training.checkpoint import Checkpointer, abstract_like
     from uvjax.training.optimizer import merge_variables
@@ -77,6 +175,17 @@ def load_trained(workdir: str, step: int | None = None) -> LoadedRun:
 
     from uvjax import storage_paths as sp
     workdir = sp.resolve(workdir)
+    if sp.exists(sp.join(workdir, "adapter_config.json")):  # uvjax.weights.peft_adapter's output
+        raise ValueError(f"{workdir} is a PEFT adapter directory (adapter_config.json), not a run or an export: load "
+                         f"it with peft (PeftModel.from_pretrained(base, dir)), or export the run it came from with "
+                         f"`python -m uvjax.weights.export` to use it with uvjax.load / uvjax.generate")
+    if is_export_dir(workdir):
+        return load_export(workdir, step)
+    from uvjax.weights.export import IMAGE_FILE
+    if sp.exists(sp.join(workdir, IMAGE_FILE)):
+        raise FileNotFoundError(f"{workdir} is an export without {EXPORT_CONFIG} (export_hf(run_config=None)): "
+                                f"export the run with `python -m uvjax.weights.export`, or read the weights alone "
+                                f"with uvjax.weights.export.load_exported")
     cfg = load_config(workdir)
     with cfg.unlocked():
         cfg.mesh.shape = (1, 1, 1)

