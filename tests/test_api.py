@@ -202,3 +202,26 @@ def test_the_generate_command_goes_through_the_api(api_run, model, tmp_path):
     subprocess.run([sys.executable, "-m", "uvjax.generate", f"--workdir={api_run}", "--prompt=a watch",
                     f"--out={tmp_path / 'g.png'}"], check=True, env=env, cwd=str(tmp_path), capture_output=True)
     assert Image.open(tmp_path / "g.png").size == (IMAGE, IMAGE)
+
+
+def test_an_export_directory_answers_and_draws_as_its_run(api_run, model, tmp_path):
+    """``uvjax.load(EXPORT)`` — the run moved away — gives the run's answers and images (same seed)."""
+    import shutil
+    import uvjax
+    from uvjax.weights.export import export_run
+    out = str(tmp_path / "export")
+    export_run(api_run, out)
+    img, _ = _watch(3)
+    want_answer = model.answer(img, "What is the weather?", max_new_tokens=12)
+    want_images = model.generate("a watch", n=2, seed=5)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(api_run, moved)
+    shutil.rmtree(api_run)
+    try:
+        exp = uvjax.load(out)
+        assert exp.step == model.step and exp.image_size == IMAGE and exp.can_generate
+        assert exp.answer(img, "What is the weather?", max_new_tokens=12) == want_answer
+        for a, b in zip(exp.generate("a watch", n=2, seed=5), want_images):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finally:
+        shutil.copytree(moved, api_run)
