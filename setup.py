@@ -70,6 +70,10 @@ setup(
             "uvjax-plan=uvjax.plan:console_main",
             "uvjax-demo=uvjax.demo:console_main",
             "uvjax-export=uvjax.weights.export:main",
+            "uvjax-lmms-eval=uvjax.integrations.lmms_eval:main",
+            "uvjax-geneval=uvjax.integrations.geneval:console_main",
         ],
+        # lmms-eval finds the "uvjax" model through this group (uvjax/integrations/lmms_eval.py)
+        "lmms_eval.models": ["uvjax = uvjax.integrations:lmms_eval_models"],
     },
 )

@@ -142,10 +142,12 @@ class Model:
                    for i, (im, q) in enumerate(zip(images, questions))]
         settings = DecodeSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
         out_texts = []
-        for bi, start in enumerate(range(0, len(records), batch_size)):
-            out = self._decode(records[start:start + batch_size], settings, cfg_scale=0.0, seed=seed + bi)
-            out_texts += [out.text(r, self._p.ids, self.tokenizer).strip()
-                          for r in range(len(records[start:start + batch_size]))]
+        B = min(int(batch_size), len(records))
+        for bi, start in enumerate(range(0, len(records), B)):
+            part = records[start:start + B]
+            # the last batch is filled with repeats: one compiled shape for every batch (as the evaluation does)
+            out = self._decode(part + [part[-1]] * (B - len(part)), settings, cfg_scale=0.0, seed=seed + bi)
+            out_texts += [out.text(r, self._p.ids, self.tokenizer).strip() for r in range(len(part))]
         return out_texts
 
     def generate(self, prompt: str, *, n: int = 1, cfg_scale: float = 0.0, temperature: float = 1.0,
