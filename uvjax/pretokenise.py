@@ -159,8 +159,12 @@ def preprocess(img: np.ndarray, size: int, mode: str = "center_crop", fill=CLIP_
         return np.asarray(im, np.uint8)
     while mode == "center_crop" and min(im.size) >= 2 * size:
         im = im.resize(tuple(x // 2 for x in im.size), Image.BOX)
-    scale = size / min(im.size)
-    im = im.resize(tuple(round(x * scale) for x in im.size), Image.BICUBIC)
+    short = min(im.size)
+    if mode == "resize_crop":  # CLIP's processor: the long side is floor(size * long / short), as HF computes it
+        new_size = tuple(size if x == short else int(size * x / short) for x in im.size)
+    else:  # ADM / LlamaGen round
+        new_size = tuple(round(x * size / short) for x in im.size)
+    im = im.resize(new_size, Image.BICUBIC)
     a = np.asarray(im, np.uint8)
     top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
     return np.ascontiguousarray(a[top:top + size, left:left + size])
