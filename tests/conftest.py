@@ -28,3 +28,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _hypothesis_profiles():
+    """CI (``CI`` set and not false/0, as CI runners set it): derandomised hypothesis -- a red run is the
+    same run when repeated -- with no example database carried between runs and the reproduce blob
+    printed on failure. Locally (``dev``) hypothesis stays random, so repeated runs keep exploring new
+    examples; ``HYPOTHESIS_PROFILE=ci`` gives CI's. Explicit here rather than relying on hypothesis' own
+    CI detection (6.155 loads a similar built-in "ci" profile whenever ``CI`` is in the environment, even
+    ``CI=false``). No deadline in either: timings on a shared 2-core runner are not a test result."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the test extra is not installed: nothing to configure
+        return
+    default = settings.get_profile("default")
+    settings.register_profile("ci", parent=default, derandomize=True, database=None, print_blob=True,
+                              deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("dev", parent=default, print_blob=True, deadline=None)
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if ci else "dev"))
+
+
+_hypothesis_profiles()

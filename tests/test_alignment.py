@@ -53,10 +53,22 @@ def test_bad_strength_is_refused():
         alignment.affine(8, 1.0)
 
 
+def _reference_affine(dim, s, seed):
+    """alignment.py's construction, written out in float64: A = Q·diag(u) with Q from the QR of a U[0, 1)
+    matrix, u ~ U(1-s, 1+s], translation t ~ U(-s, s], drawn in that order from default_rng(seed)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.random((dim, dim)))
+    u = 1.0 + s - 2.0 * s * rng.random(dim)
+    t = s - 2.0 * s * rng.random(dim)
+    return q * u[None, :], t
+
+
 def test_model_distorts_only_understanding_inputs():
-    """Once ``ImageConfig`` has the ``align_*`` fields (the change described in alignment.py's report):
-    the understanding adapter reads x·A + b, the generation adapter the untouched code vectors."""
+    """The understanding adapter reads x·A + b of the code vectors, the generation adapter the untouched
+    ones: the embedded IMAGE_IN rows equal (codebook[id]·A + b)·W + c computed here in float64 from the
+    parameters and the construction above (translation on, adapter bias non-zero)."""
     import dataclasses
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT
@@ -67,12 +79,26 @@ def test_model_distorts_only_understanding_inputs():
     batch = {"tokens": jnp.array([[1, 3, 4, 5, 2]]), "modality": jnp.array([[1, IMAGE_IN, IMAGE_IN, IMAGE_OUT, 1]]),
              "segment_ids": jnp.ones((1, 5), jnp.int32), "positions": jnp.arange(5)[None]}
     m0 = UnifiedModel(UnifiedConfig(dec, base))
-    params = m0.init(jax.random.PRNGKey(0), batch, method=UnifiedModel.init_all)
-    m1 = UnifiedModel(UnifiedConfig(dec, dataclasses.replace(base, align_strength=0.3)))
+    params = nn.unbox(m0.init(jax.random.PRNGKey(0), batch, method=UnifiedModel.init_all))
+    noise = np.random.default_rng(1)  # a non-zero adapter bias (initialised to zeros) so b and c both show
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.1 * noise.standard_normal(x.shape, np.float32),
+                                    params)
+    s, seed = 0.3, 5
+    m1 = UnifiedModel(UnifiedConfig(dec, dataclasses.replace(base, align_strength=s, align_seed=seed,
+                                                              align_translation=True)))
     x0 = np.asarray(m0.apply(params, batch, method=UnifiedModel.embed_inputs))
     x1 = np.asarray(m1.apply(params, batch, method=UnifiedModel.embed_inputs))
     mod = np.asarray(batch["modality"][0])
-    assert not np.allclose(x0[0, mod == IMAGE_IN], x1[0, mod == IMAGE_IN])
+    a64, b64 = _reference_affine(8, s, seed)
+    got_a, got_b = alignment.affine(8, s, seed=seed, translation=True)
+    np.testing.assert_allclose(got_a, a64, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_b, b64, rtol=0, atol=1e-6)
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params["params"])
+    codes = p["image_codebook"][np.asarray(batch["tokens"][0])[mod == IMAGE_IN]]
+    und = p["understanding_adapter"]["fc1"]
+    want = (codes @ a64 + b64) @ und["kernel"] + und["bias"]
+    np.testing.assert_allclose(x1[0, mod == IMAGE_IN], want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want - (codes @ und["kernel"] + und["bias"])).max() > 0.05  # the distortion is visible
     np.testing.assert_array_equal(x0[0, mod != IMAGE_IN], x1[0, mod != IMAGE_IN])
     mz = UnifiedModel(UnifiedConfig(dec, dataclasses.replace(base, align_strength=0.0)))
     np.testing.assert_array_equal(np.asarray(mz.apply(params, batch, method=UnifiedModel.embed_inputs)), x0)

@@ -89,8 +89,9 @@ def _last_logits_fn(model, v, L):
     return last_logits
 
 
-def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
-    """Greedy decoding by full re-forward of the growing sequence, with the documented rules."""
+def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48, feats_out=None):
+    """Greedy decoding by full re-forward of the growing sequence, with the documented rules.
+    ``feats_out``: a list that receives the regressed vector of each continuous output, in order."""
     F = model.cfg.image.feature_dim
     codes = model.cfg.image.output_kind == "codes"
     image_rows = list(model.cfg.image.code_token_ids) if model.cfg.image.layout == "shared_vocab" else []
@@ -113,6 +114,8 @@ def naive_decode(model, v, prompt, s: DecodeSettings, L: int = 48):
             item = (int(np.argmax(il)) if codes else 0, IMAGE_OUT)
             if not codes:
                 feats[n] = il
+                if feats_out is not None:
+                    feats_out.append(il.copy())
             count += 1
         elif image:
             item, image = (IDS.eoi, TEXT), False
@@ -149,14 +152,21 @@ def test_kv_cache_decoding_equals_naive_full_forward(features):
     s = DecodeSettings(max_new_tokens=20, image_tokens=N, max_images=2, force_image_within=3,
                        image_temperature=0.0)
     out = Generator(model, v, IDS, bucket=8).generate(prompts, s)
+    n_feats = 0
     for r, p in enumerate(prompts):
-        want = naive_decode(model, v, p, s)
+        want_feats = []
+        want = naive_decode(model, v, p, s, feats_out=want_feats)
         n = int(out.lengths[r])
         got = list(zip(out.tokens[r, :n].tolist(), out.modality[r, :n].tolist()))
-        if features is True:  # continuous outputs: compare the item structure, codes are placeholders
-            got = [(0, m) if m == IMAGE_OUT else (t, m) for t, m in got]
-        assert got == want, f"row {r}"
+        assert got == want, f"row {r}"  # continuous outputs: token 0 at IMAGE_OUT in both
         assert (out.modality[r, n:] == PAD).all()
+        if features is True:  # continuous outputs: the regressed vectors themselves, emitted and fed back
+            got_feats = out.features[r, :n][out.modality[r, :n] == IMAGE_OUT]
+            assert len(want_feats) == len(got_feats) and np.abs(np.asarray(want_feats)).max() > 0.1
+            np.testing.assert_allclose(got_feats, np.asarray(want_feats), rtol=1e-4, atol=1e-4, err_msg=f"row {r}")
+            assert not out.features[r, :n][out.modality[r, :n] != IMAGE_OUT].any()  # zeros elsewhere
+            n_feats += len(got_feats)
+    assert n_feats >= 8 or features is not True
 
 
 def test_lora_is_merged_for_decoding_and_equals_the_unmerged_full_forward():
@@ -284,25 +294,69 @@ def test_exactly_n_codes_then_eoi_interleaved(variant):
     assert interleaved
 
 
-@pytest.mark.parametrize("variant", [False, "shared_vocab"])
-def test_cfg_scale_zero_equals_conditional_stream(variant):
+def _image_logits_after(model, v, prompt, items, feats=None, L=48):
+    """Image logits (or regressed vector) of a full forward of ``prompt`` followed by the emitted
+    ``items`` (tokens, modality[, features]), at the last position."""
+    key = (id(v), L)
+    if key not in _NAIVE:
+        _NAIVE[key] = (v, _last_logits_fn(model, v, L))
+    F = model.cfg.image.feature_dim
+    n0 = len(prompt["tokens"])
+    n = n0 + len(items[0])
+    toks, mod, x = np.zeros(L, np.int32), np.zeros(L, np.int32), np.zeros((L, max(F, 1)), np.float32)
+    toks[:n0], mod[:n0] = prompt["tokens"], prompt["modality"]
+    toks[n0:n], mod[n0:n] = items[0], items[1]
+    if F:
+        x[:n0] = prompt["features"]
+        x[n0:n] = items[2]
+    return np.asarray(_NAIVE[key][1](toks, mod, x, n)[1], np.float64)
+
+
+@pytest.mark.parametrize("variant", [False, "shared_vocab", True])
+def test_cfg_guides_image_outputs_by_the_hand_combined_pair(variant):
+    """The guided image output is cond + s·(cond − uncond) of full forwards of the prompt and of its null
+    prompt, each followed by the items emitted so far (both streams are fed the same items), combined in
+    float64: greedy codes are its argmax (enough steps differ from the conditional argmax that guidance
+    off or a wrong scale shows); continuous outputs are the combined vector itself. s = 0 is the plain run."""
     model, v = _model(variant)
-    prompts = _prompts()
-    rng = np.random.default_rng(5)
+    F = model.cfg.image.feature_dim
+    prompts = _prompts(F)
     nulls = [{"tokens": np.array([1, 7], np.int32), "modality": np.array([TEXT, TEXT], np.int32)}
              for _ in prompts]
     nulls[2] = {"tokens": np.array([1, 7, IDS.boi], np.int32), "modality": np.full(3, TEXT, np.int32)}
-    s = DecodeSettings(max_new_tokens=14, image_tokens=N, force_image_within=1, image_temperature=1.0)
+    for p in nulls if F else ():
+        p["features"] = np.zeros((len(p["tokens"]), F), np.float32)
+    s = DecodeSettings(max_new_tokens=20, image_tokens=N, max_images=2, force_image_within=1,
+                       image_temperature=1.0, temperature=2.0)
     gen = Generator(model, v, IDS)
-    plain = gen.generate(prompts, s, seed=11)
-    cfg0 = gen.generate(prompts, s, null_prompts=nulls, cfg_scale=0.0, seed=11)
-    np.testing.assert_array_equal(plain.tokens, cfg0.tokens)
-    np.testing.assert_array_equal(plain.modality, cfg0.modality)
-    greedy = dataclasses.replace(s, image_temperature=0.0)
-    g3 = gen.generate(prompts, greedy, null_prompts=nulls, cfg_scale=3.0)
-    g0 = gen.generate(prompts, greedy, null_prompts=nulls, cfg_scale=0.0)
-    assert not np.array_equal(g3.tokens, g0.tokens)  # guidance changes the codes
-    del rng
+    if variant is not True:  # (continuous outputs are not sampled)
+        plain = gen.generate(prompts, s, seed=11)
+        cfg0 = gen.generate(prompts, s, null_prompts=nulls, cfg_scale=0.0, seed=11)
+        np.testing.assert_array_equal(plain.tokens, cfg0.tokens)
+        np.testing.assert_array_equal(plain.modality, cfg0.modality)
+    scale = 3.0
+    out = gen.generate(prompts, dataclasses.replace(s, image_temperature=0.0, temperature=0.0),
+                       null_prompts=nulls, cfg_scale=scale)
+    steps, moved, ties = 0, 0, 0
+    for r in range(len(prompts)):
+        n = int(out.lengths[r])
+        for j in np.flatnonzero(out.modality[r, :n] == IMAGE_OUT):
+            items = (out.tokens[r, :j], out.modality[r, :j]) + ((out.features[r, :j],) if F else ())
+            cond = _image_logits_after(model, v, prompts[r], items)
+            uncond = _image_logits_after(model, v, nulls[r], items)
+            guided = cond + scale * (cond - uncond)
+            steps += 1
+            if F:
+                np.testing.assert_allclose(out.features[r, j], guided, rtol=1e-4, atol=1e-4, err_msg=f"{r} {j}")
+                moved += int(np.abs(guided - cond).max() > 0.1)
+                continue
+            top2 = np.sort(guided)[-2:]
+            if top2[1] - top2[0] < 1e-3 * max(1.0, np.abs(top2).max()):
+                ties += 1
+                continue  # a float32 near-tie: either code is right
+            assert int(out.tokens[r, j]) == int(np.argmax(guided)), (r, j)
+            moved += int(np.argmax(guided) != np.argmax(cond))
+    assert steps >= 12 and ties <= 2 and moved >= steps // 3, (steps, moved, ties)
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():

@@ -103,19 +103,36 @@ def test_group_norm_batched_flat_activations_match_float64():
 
 
 def test_straight_through_and_loss_placement():
+    """The loss *values* of the two beta placements agree (stop-gradient: codebook == commit in value), so
+    the placement shows only in the gradients. Hand-derived (N = number of elements, q = e[idx]):
+    d/dz = 2*w_commit*(z - q)/N and d/de_k = 2*w_codebook*sum_{idx=k}(e_k - z)/N, with
+    (w_codebook, w_commit) = (1, beta) by default and (beta, 1) for taming's legacy placement."""
     rng = np.random.default_rng(1)
     e = rng.standard_normal((16, 4)).astype(np.float32)
     z = jnp.asarray(rng.standard_normal((1, 2, 2, 4)).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((1, 2, 2, 4)).astype(np.float32))
+    beta = 0.25
     for legacy in (False, True):
-        q = VectorQuantizer(VQConfig(codebook_size=16, code_dim=4, l2_norm=False, legacy_beta=legacy, beta=0.25))
+        q = VectorQuantizer(VQConfig(codebook_size=16, code_dim=4, l2_norm=False, legacy_beta=legacy, beta=beta))
         f = lambda zz: jnp.sum(q.apply({"params": {"embedding": e}}, zz)[0] * w)
         np.testing.assert_allclose(np.asarray(jax.grad(f)(z)), np.asarray(w), rtol=1e-6)  # identity gradient
         zst, idx, losses = q.apply({"params": {"embedding": e}}, z)
-        np.testing.assert_allclose(np.asarray(zst), e[np.asarray(idx)], rtol=1e-6, atol=1e-6)
-        mse = float(np.mean((e[np.asarray(idx)] - np.asarray(z)) ** 2))
-        want = 0.25 * mse + mse if legacy else mse + 0.25 * mse
-        np.testing.assert_allclose(float(losses["vq"]), want, rtol=1e-5)
+        idx = np.asarray(idx).ravel()
+        np.testing.assert_allclose(np.asarray(zst).reshape(-1, 4), e[idx], rtol=1e-6, atol=1e-6)
+        z64, e64 = np.asarray(z, np.float64).reshape(-1, 4), e.astype(np.float64)
+        diff = e64[idx] - z64
+        mse = np.mean(diff ** 2)
+        np.testing.assert_allclose(float(losses["vq"]), (1 + beta) * mse, rtol=1e-5)
+        w_codebook, w_commit = (beta, 1.0) if legacy else (1.0, beta)
+        n = diff.size
+        want_dz = 2 * w_commit * (-diff) / n
+        want_de = np.zeros_like(e64)
+        np.add.at(want_de, idx, 2 * w_codebook * diff / n)
+        assert np.abs(want_de).max() > 0.01 and len(set(idx.tolist())) > 1
+        vq_loss = lambda p, zz, q=q: q.apply({"params": {"embedding": p}}, zz)[2]["vq"]
+        g_e, g_z = jax.grad(vq_loss, argnums=(0, 1))(jnp.asarray(e), z)
+        np.testing.assert_allclose(np.asarray(g_z).reshape(-1, 4), want_dz, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(g_e), want_de, rtol=1e-5, atol=1e-7)
 
 
 def test_downsample_pads_right_bottom_and_upsample_is_nearest():
