@@ -53,7 +53,8 @@ setup(
         # python -m uvjax.demo (a browser demo)
         "demo": ["gradio==6.31.0"],
         # the lmms-eval model plugin (uvjax/integrations/lmms_eval.py)
-        "lmms": ["lmms-eval==0.7.3", "transformers==5.23.0"],
+        # (datasets writes the local task's parquet; filelock and loguru: the launcher's workarounds and logging)
+        "lmms": ["lmms-eval==0.7.3", "transformers==5.23.0", "datasets==5.2.0", "filelock==4.3.2", "loguru==0.7.3"],
         # benchmarks/ (machine facts)
         "bench": ["psutil==7.2.2"],
         # jax's CUDA 12 build at the same version as the CPU pin. UNTESTED by this project: no GPU was lent to
