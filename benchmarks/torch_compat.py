@@ -8,25 +8,7 @@ this even ``LlamaForCausalLM`` fails to import. Declaring the two schemas lets t
 """
 from __future__ import annotations
 
-import sys
+# one implementation, in the package (the lmms-eval launcher needs it too): uvjax/integrations/lmms_eval.py
+from uvjax.integrations.lmms_eval import make_torchvision_importable as ensure_torchvision_importable
 
-_LIBS = []  # keeps the torch.library fragment alive
-
-
-def ensure_torchvision_importable() -> None:
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        return  # not installed: nothing to fix
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-        del sys.modules[name]
-    import torch
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for op in ("nms", "qnms"):
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _LIBS.append(lib)
-    import torchvision  # noqa: F401
+__all__ = ["ensure_torchvision_importable"]

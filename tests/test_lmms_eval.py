@@ -19,46 +19,10 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
+from helpers import tiny_vq_run  # noqa: E402  (the smoke LM, 2 steps, + a random-init 32 px VQ)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "uvjax_smartwatch_vqa"
-
-
-def _make_code_dataset(*a, **kw):
-    """tests/datasets.py under its own name: importing it as ``datasets`` would hide HF ``datasets``."""
-    spec = importlib.util.spec_from_file_location("uvjax_test_code_datasets", os.path.join(REPO, "tests", "datasets.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_code_dataset(*a, **kw)
-
-
-def tiny_vq_run(root: str) -> str:
-    """A run the API can load: the smoke LM trained 2 steps on code records, and a random-init VQ (32 px, 4x4 = 16
-    codes of 64) in ``<run>/vq`` so images can be encoded and decoded. It answers badly, which is fine here."""
-    import jax
-
-    from configs.vq_tokenizer import get_config as vq_config
-    from configs.vqvq import get_config
-    from uvjax.models import vq
-    from uvjax.train import run
-    from uvjax.training import vq_train
-    from uvjax.weights.llamagen_vq import save_vq
-    vc = vq_config("smoke")
-    with vc.unlocked():
-        vc.model.ch_mult = (1, 2, 2, 2)
-    vcfg = vq_train.vq_config_from(vc)
-    os.makedirs(os.path.join(root, "run", "vq"))
-    save_vq(jax.device_get(vq.init_params(vcfg, jax.random.PRNGKey(0), 32)), vcfg,
-            os.path.join(root, "run", "vq", vq_train.PARAMS_FILE))
-    ds = _make_code_dataset(os.path.join(root, "data"), num_images=24, image_tokens=16, num_codes=64)
-    cfg = get_config("smoke")
-    with cfg.unlocked():
-        cfg.stages.build = False  # stages.data.image_size (32) stays: the run's image size
-        cfg.data.tokenizer = ds["tokenizer"]
-        cfg.data.streams.understanding.paths = (ds["paths"]["understanding"],)
-        cfg.data.streams.generation.paths = (ds["paths"]["generation"],)
-        cfg.train.steps, cfg.train.progress, cfg.train.async_checkpoint = 2, False, False
-    run(cfg, os.path.join(root, "run"))
-    return os.path.join(root, "run")
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ import shutil
 import numpy as np
 
 from uvjax.weights.hf_llama import LAYER_ROLES, np_dtype
+from uvjax.weights.pretrained import _flat  # (path tuple, leaf) pairs, as the base import walks them
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -121,14 +122,6 @@ def adapter_config(lora_cfg, base_model_name_or_path: str | None) -> dict:
 
 
 # ============================================================================================ export
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
 def check_expressible(variables: dict, dec) -> dict:
     """The host (numpy) ``lora`` tree, after checking that PEFT can express it as LoRA on a
     ``LlamaForCausalLM``; raises saying what it cannot."""
