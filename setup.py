@@ -70,7 +70,7 @@ setup(
             "uvjax-evaluate=uvjax.evaluate:console_main",
             "uvjax-plan=uvjax.plan:console_main",
             "uvjax-demo=uvjax.demo:console_main",
-            "uvjax-export=uvjax.weights.export:main",
+            "uvjax-export=uvjax.export:console_main",
             "uvjax-lmms-eval=uvjax.integrations.lmms_eval:main",
             "uvjax-geneval=uvjax.integrations.geneval:console_main",
         ],

@@ -48,7 +48,7 @@ def measure(workdir: str, steps: int, preset: str = "tiny", read_threads: int | 
     from uvjax import train
     from uvjax.config import load_config_file, model_config
     from uvjax.models.unified import UnifiedModel
-    from uvjax.stages import prepare
+    from uvjax.stages.prepare import prepare
     from uvjax.training.sharding import global_batch_from_local, make_mesh
     from uvjax.training.step import create_trainer, make_train_step
 

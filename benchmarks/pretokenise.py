@@ -78,15 +78,16 @@ def vq_model(arch: str, out_dir: str) -> tuple[str, int, dict]:
 def llava_import(root: str, n_images: int, seed: int) -> dict:
     """The fixture's JSON + images under ``root/src``, imported into ``root/shards``."""
     from llava_fixture import write_llava
-    from uvjax.data import formats
+    from uvjax.data.importers.convert import convert
     data = write_llava(os.path.join(root, "src"), n_images=n_images, seed=seed)
-    res = formats.convert(data["json"], os.path.join(root, "shards"), format="llava", image_dir=data["images"])
+    res = convert(data["json"], os.path.join(root, "shards"), format="llava", image_dir=data["images"])
     shards = sorted(p for ps in res["paths"].values() for p in ps)
     return {"shards": shards, "records": len(data["items"])}
 
 
 def timed_pass(shards, enc, out_dir: str, batch: int) -> dict:
     from uvjax import pretokenise as pt
+    from uvjax.towers import encoders
     shutil.rmtree(out_dir, ignore_errors=True)
     load = os.getloadavg()[0]
     t = time.perf_counter()
@@ -188,6 +189,7 @@ def main(argv=None):
     from benchmarks.common import cpu_snapshot, idle_check, machine, peak_rss_mb, write_json
     from benchmarks.data_pipeline import timed_run
     from uvjax import pretokenise as pt
+    from uvjax.towers import encoders
 
     idle = idle_check(1.0 if args.quick else 2.0) if not args.no_idle_check else cpu_snapshot()
     mach = machine()
@@ -204,7 +206,7 @@ def main(argv=None):
             path, size, info[a] = vq_model(a, os.path.join(tmp, a, "vq"))
             t_model = time.perf_counter() - t
             t = time.perf_counter()
-            enc[a] = pt.vq_encoder(path, size)
+            enc[a] = encoders.vq_encoder(path, size)
             enc[a].encode(np.zeros((1, size, size, 3), np.uint8))  # compile (VQCodec pads to its chunk)
             t_compile = time.perf_counter() - t
             result["setup"][a] = {**info[a], "images": n, "records": data[a]["records"],

@@ -9,6 +9,6 @@ this even ``LlamaForCausalLM`` fails to import. Declaring the two schemas lets t
 from __future__ import annotations
 
 # one implementation, in the package (the lmms-eval launcher needs it too): uvjax/integrations/lmms_eval.py
-from uvjax.integrations.lmms_eval import make_torchvision_importable as ensure_torchvision_importable
+from uvjax.integrations.torch_compat import make_torchvision_importable as ensure_torchvision_importable
 
 __all__ = ["ensure_torchvision_importable"]

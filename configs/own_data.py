@@ -1,10 +1,10 @@
 """VQ-VQ on your own data: LLaVA/ShareGPT4V JSON, caption files, UnifiedVisual / HF-datasets parquet.
 
-The stage graph of ``uvjax/stages_imported.py`` imports ``stages.source.train`` (and ``.test``, the held-out
+The stage graph of ``uvjax/stages/imported.py`` imports ``stages.source.train`` (and ``.test``, the held-out
 split the final evaluation scores), trains a BPE tokenizer on its texts (or uses the base model's), trains
 uvjax's VQ tokenizer on its images unless ``stages.source.vq`` names one (a LlamaGen VQ-16 converted by
 ``python -m uvjax.weights.llamagen_vq``), pre-tokenises both splits, trains, and evaluates on the held-out
-split. Set the data with overrides (README "Train on your own data")::
+split. Set the data with overrides (docs/USAGE.md "Train on your own data")::
 
     --config.stages.source.train=$JSON --config.stages.source.image_dir=$IMAGES
     --config.stages.source.test=$TEST_JSON --config.stages.source.test_image_dir=$TEST_IMAGES

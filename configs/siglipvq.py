@@ -4,15 +4,15 @@ adapter, codebook-logit head, CE, alpha 0.2).
 Presets (``--config=configs/siglipvq.py:<preset>``), the decoder shapes of ``configs/vqvq.py``'s preset of the
 same name (so the four architectures compare like for like and share cached stages):
 - ``tiny`` (default): CPU; stages tokenizer → VQ (if codes are used) → SigLIP pretraining → pre-tokenised
-  dataset → LM → evaluation (``uvjax/stages_features.py``).
+  dataset → LM → evaluation (``uvjax/stages/features.py``).
 - ``smoke``: seconds-long version of the same chain, for tests and CI.
 - ``vicuna7b``: the paper's shapes (Vicuna-7B + LoRA r=128, SigLIP-B/16 196x768, VQ-16); weights come
   from ``towers.*.path`` and the base-model loader, data from ``data.streams.*.paths``.
 
-Why these adapters, losses and alphas: ``uvjax.stages_features.configure_architecture``.
+Why these adapters, losses and alphas: ``uvjax.config.configure_architecture``.
 """
 from uvjax.config import load_config_file
-from uvjax.stages_features import configure_architecture
+from uvjax.config import configure_architecture
 
 
 def get_config(arg: str | None = None):

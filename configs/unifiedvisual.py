@@ -17,7 +17,7 @@ Presets (``--config=configs/unifiedvisual.py:<preset>``):
   Chameleon-architecture decoder (per-head q/k norm) from scratch over 1,024 text + 512 image tokens;
   1,500 steps of 16 × 256 tokens, α = 1. Measured on 2 cores shared with other jobs: 38 min with a cold
   cache (LM 30 min); VQA weather 0.95, corners 0.48 / 0.41, generation at chance, as the two-head first
-  run at this budget (README).
+  run at this budget (docs/RESULTS.md, "The first run").
 - ``smoke``: seconds, for tests.
 - ``anole7b``: Anole-7B (or Chameleon-7B) from a local HF ``ChameleonForConditionalGeneration`` directory
   (``--config.model.pretrained.path=``; its tokenizer comes with it; its VQGAN converted once by

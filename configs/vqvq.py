@@ -11,7 +11,7 @@ Presets (``--config=configs/vqvq.py:<preset>``):
 - ``vicuna7b``: the paper's Vicuna-7B + LoRA recipe (local weights; pods/GPUs; ``uvjax.plan`` sizes it).
 """
 from uvjax.config import base_config, load_config_file
-from uvjax.weights.pretrained import smollm2_preset, vicuna7b_preset
+from uvjax.config import smollm2_preset, vicuna7b_preset
 
 
 def get_config(arg: str | None = None):
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
         c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1e-3, 100, 0.1
         m.scan_unroll = 0  # 3-4 small layers: no layer loop (measured on 2 cores: 468 -> 429 ms/step)
         if preset == "tiny_long":
-            # Measured (README): at the first run's budget (~16k generation samples at alpha 0.2) the image
+            # Measured (docs/RESULTS.md, "The first run"): at the first run's budget (~16k generation samples at alpha 0.2) the image
             # loss is no lower with the right prompt than with another image's; generation-only at full weight
             # starts to use the prompt after ~19k samples. So: equal understanding/generation samples, alpha 1.
             c.data.streams.understanding.weight, c.data.streams.generation.weight = 1.0, 1.0

@@ -109,7 +109,8 @@ def test_a_path_a_pil_image_and_an_array_are_the_same_input(model, tmp_path):
         np.testing.assert_array_equal(c, codes[0])
     # the codes are the VQ's encoding of the run's resize rule applied to the pixels (uvjax.pretokenise)
     from uvjax import pretokenise as pt
-    np.testing.assert_array_equal(codes[0], model.codec.encode(pt.preprocess(img, IMAGE, "center_crop")[None])[0])
+    from uvjax.data import images as image_io
+    np.testing.assert_array_equal(codes[0], model.codec.encode(image_io.preprocess(img, IMAGE, "center_crop")[None])[0])
     with pytest.raises(ValueError, match=r"expected uint8 \[H, W, 3\]"):
         model.answer(img.astype(np.float32), "What is the weather?")
     with pytest.raises(ValueError, match="nope.png"):
@@ -208,7 +209,7 @@ def test_an_export_directory_answers_and_draws_as_its_run(api_run, model, tmp_pa
     """``uvjax.load(EXPORT)`` — the run moved away — gives the run's answers and images (same seed)."""
     import shutil
     import uvjax
-    from uvjax.weights.export import export_run
+    from uvjax.export import export_run
     out = str(tmp_path / "export")
     export_run(api_run, out)
     img, _ = _watch(3)

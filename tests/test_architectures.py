@@ -77,7 +77,7 @@ def _config(arch: str, tok_dir: str, vocab: int, paths: dict):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_architecture_trains_from_pretokenised_records(arch, tokenizer_dir, tmp_path):
     from uvjax.models.unified import UnifiedModel
-    from uvjax.train import build_data_iterator
+    from uvjax.training.data_feed import build_data_iterator
     from uvjax.training.sharding import global_batch_from_local, make_mesh
     from uvjax.training.step import create_trainer, make_train_step
     kin, kout = ARCHS[arch]

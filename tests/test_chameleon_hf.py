@@ -23,6 +23,7 @@ from uvjax.data.tokenizer import image_code_ids, image_token_name  # noqa: E402
 from uvjax.models.unified import UnifiedModel  # noqa: E402
 from uvjax.models.vq import VQModel, init_params  # noqa: E402
 from uvjax.training.step import dummy_batch  # noqa: E402
+from uvjax.weights import chameleon_export as ce  # noqa: E402
 from uvjax.weights import hf_chameleon as hc  # noqa: E402
 from uvjax.weights.llamagen_vq import chameleon_key_to_flax, flatten_params, load_vq  # noqa: E402
 from uvjax.weights.pretrained import base_tokenizer, chameleon_preset, load_base_into_variables  # noqa: E402
@@ -183,7 +184,7 @@ def test_import_matches_transformers_and_export_round_trips(ckpts, swin, tmp_pat
     want_text, want_image = _logits(model, v, batch)
     assert np.abs(want_text - text).max() > 1e-3  # the LoRA deltas matter
     out = str(tmp_path / "export")
-    s = hc.export_chameleon(v, model.cfg, tok, out, vq=(cfg_vq, vq_params), image_size=32, template="chatml",
+    s = ce.export_chameleon(v, model.cfg, tok, out, vq=(cfg_vq, vq_params), image_size=32, template="chatml",
                             max_shard_size="100KB")
     assert len(s["weights"]) > 1 and s["vqmodel"] == "exported"
     hf2, info = transformers.ChameleonForConditionalGeneration.from_pretrained(out, output_loading_info=True)
@@ -210,7 +211,7 @@ def test_vq_encode_matches_transformers(ckpts, tmp_path):
     assert "decoder" not in params
     with pytest.raises(ValueError, match="no VQGAN decoder.*vqgan.ckpt.*--naming chameleon"):
         hc.require_vq_decoder(params, out)
-    from uvjax.inference.decode import VQCodec
+    from uvjax.towers.vq_codec import VQCodec
     codec = VQCodec(out)  # encodes; decoding says why it cannot
     with pytest.raises(ValueError, match="has no decoder.*--naming chameleon"):
         codec.decode(np.zeros((1, 256), np.int32))
@@ -224,7 +225,7 @@ def test_vq_encode_matches_transformers(ckpts, tmp_path):
 
     # an Anole-style port with decoder.* tensors converts whole (strict), and its decoder runs
     for key in flatten_params(params):  # the export names invert the import names
-        name = hc.flax_vq_key_to_chameleon(key, len(cfg.ch_mult))
+        name = ce.flax_vq_key_to_chameleon(key, len(cfg.ch_mult))
         assert chameleon_key_to_flax(name, 4 if key.endswith("kernel") else 1, len(cfg.ch_mult)) == key
     from safetensors.numpy import load_file, save_file
     anole = tmp_path / "anole"
@@ -234,7 +235,7 @@ def test_vq_encode_matches_transformers(ckpts, tmp_path):
     shard = sorted(set(index["weight_map"].values()))[0]
     t = load_file(str(anole / shard))
     for k, a in flatten_params({"decoder": dec}).items():
-        name = hc.VQ_PREFIX + hc.flax_vq_key_to_chameleon(k, len(cfg.ch_mult))
+        name = hc.VQ_PREFIX + ce.flax_vq_key_to_chameleon(k, len(cfg.ch_mult))
         t[name] = np.ascontiguousarray(a.transpose(3, 2, 0, 1) if k.endswith("kernel") else a)
         index["weight_map"][name] = shard
     save_file(t, str(anole / shard), metadata={"format": "pt"})
@@ -306,7 +307,7 @@ def test_end_to_end_import_train_with_lora_decode_interleaved_and_export(ckpts, 
     from uvjax.data.tokenizer import get_template
     from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, encode_prompt
     from uvjax.inference.loading import load_trained
-    from uvjax.weights.export import export_run
+    from uvjax.export import export_run
     path, _ = ckpts(False)
     c = base_config()
     chameleon_preset(c, path, rank=4, alpha=8.0)

@@ -74,7 +74,7 @@ def test_tiny_long_reuses_the_first_runs_stages_and_model():
 def test_attention_kernel_and_layer_unrolling_are_not_part_of_the_lm_fingerprint():
     """xla and cudnn compute the same function: switching keeps the run (and its checkpoints) resumable,
     while a change of what is computed (the compute dtype) does not."""
-    from uvjax.train import lm_fingerprint
+    from uvjax.training.workdir import lm_fingerprint
     a, b, c = _cfg(), _cfg(), _cfg()
     b.model.attention = "cudnn"
     b.model.scan_unroll = 0
@@ -88,7 +88,7 @@ def test_resume_check_lets_keys_added_since_the_run_started_through_and_names_ch
     """A run started by older code (its config.json lacks a key the current code added, its fingerprint
     differs) resumes; a changed value or a removed key refuses, naming the key (hand-built configs)."""
     import json
-    from uvjax.train import check_workdir_matches, lm_fingerprint
+    from uvjax.training.workdir import check_workdir_matches, lm_fingerprint
     cfg = _cfg()
     current = json.loads(cfg.to_json_best_effort())
 
@@ -126,7 +126,7 @@ def test_resume_check_with_damaged_fingerprint_or_config_files(tmp_path):
     against config.json (the same config resumes); when config.json is damaged too, the resume is refused
     with a message naming the file; a deleted fingerprint file is rewritten."""
     import json
-    from uvjax.train import check_workdir_matches, lm_fingerprint
+    from uvjax.training.workdir import check_workdir_matches, lm_fingerprint
     cfg = _cfg()
     current = cfg.to_json_best_effort()
     fp = lm_fingerprint(cfg)

@@ -114,7 +114,8 @@ def tiny_run(tmp_path_factory):
 
 def test_evaluate_tiny_run_writes_a_well_formed_report(tiny_run, tmp_path):
     from uvjax.data import smartwatch as sw
-    from uvjax.evaluate import format_table, evaluate_run
+    from uvjax.evaluation.report import format_table
+    from uvjax.evaluation.run import evaluate_run
     import jax
     import jax.numpy as jnp
     from uvjax.evaluation.judge import PRESETS, Judge, JudgeNet
@@ -145,6 +146,6 @@ def test_evaluate_tiny_run_writes_a_well_formed_report(tiny_run, tmp_path):
 
 
 def test_unknown_evaluation_task_is_named_before_any_work():
-    from uvjax.evaluate import evaluate_run
+    from uvjax.evaluation.run import evaluate_run
     with pytest.raises(ValueError, match=r"\['captions'\].*vqa, caption, generation"):
         evaluate_run("/nonexistent/run", tasks=("vqa", "captions"))

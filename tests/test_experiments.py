@@ -126,7 +126,7 @@ def test_table_and_plot_agree_with_the_runs(ran, name):
             assert std == pytest.approx(np.std(vals, ddof=1) if len(vals) > 1 else 0.0, abs=6e-4)
     from PIL import Image
     with Image.open(wd / "results.png") as im:
-        from uvjax.experiments.common import PANELS_PER_ROW
+        from uvjax.experiments.plots import PANELS_PER_ROW
         cols = min(len(panels), PANELS_PER_ROW)
         rows = -(-len(panels) // cols)  # panels wrap into rows of PANELS_PER_ROW
         assert im.format == "PNG" and im.size[0] >= 300 * cols and im.size[1] >= 300 * rows
@@ -202,7 +202,7 @@ def test_stream_fraction_is_a_prefix_of_the_stream(ran):
     from uvjax.data import pipeline
     from uvjax.data.storage import RecordReader, expand_paths
     from uvjax.data.tokenizer import TextTokenizer
-    from uvjax.stages import read_stage_log
+    from uvjax.stage_log import read_stage_log
     root = ran("alignment")  # its run's stages: the shared smoke dataset and tokenizer
     log = {r["stage"]: r["path"] for r in read_stage_log(str(root / "alignment" / "unified-s0" / "seed_0"))}
     ds, tok = os.path.join(log["dataset"], "train"), TextTokenizer.load(log["tokenizer"])
@@ -234,7 +234,7 @@ def test_biased_and_reasoning_stages(ran):
     import glob
     from uvjax.data.records import record_from_bytes
     from uvjax.data.storage import RecordReader, expand_paths
-    from uvjax.stages import read_stage_log
+    from uvjax.stage_log import read_stage_log
     root = ran("knowledge_transfer", "reasoning")
 
     def records(directory, stream):
@@ -275,7 +275,7 @@ def test_layout_arms_differ_only_in_the_layout(ran):
     """The layout experiment's two arms: same data (one dataset stage), steps and seed; the shared-vocabulary
     arm has no adapters or generation head, and its code -> token map was read from the tokenizer's names."""
     from uvjax.data.tokenizer import image_token_name
-    from uvjax.stages import read_stage_log
+    from uvjax.stage_log import read_stage_log
     root = ran("layout")
     cfgs, stages = {}, {}
     for arm in ("two-heads", "shared-vocab"):
@@ -290,7 +290,7 @@ def test_layout_arms_differ_only_in_the_layout(ran):
     ids = b["model"]["image"]["code_token_ids"]
     assert len(ids) == b["model"]["image"]["num_codes"] == 64
     import ml_collections as mlc
-    from uvjax.train import load_text_tokenizer
+    from uvjax.training.workdir import load_text_tokenizer
     tok = load_text_tokenizer(mlc.ConfigDict(b), str(root / "layout" / "shared-vocab" / "seed_0"))
     assert [tok.tok.id_to_token(i) for i in ids[:3]] == [image_token_name(c) for c in range(3)]
 
@@ -301,27 +301,27 @@ def test_the_layout_switch_of_every_experiment(tmp_path):
     layout joins the arm's key so a work dir never mixes the two. (That such a config trains and evaluates
     through the driver: the layout experiment's shared-vocab arm above.)"""
     from uvjax.config import ADAPTER_PATTERN, validate
-    from uvjax.experiments import common
+    from uvjax.experiments.arms import arm_config, arm_key
     ec, exp = _quick("reasoning")
     arm = exp.arms(ec)[0]
-    two = common.arm_config(ec, arm, 0, str(tmp_path / "w"))
-    key_two = common.arm_key(ec, arm)
+    two = arm_config(ec, arm, 0, str(tmp_path / "w"))
+    key_two = arm_key(ec, arm)
     with ec.unlocked():
         ec.layout = "shared_vocab"
-    shared = common.arm_config(ec, arm, 0, str(tmp_path / "w"))
+    shared = arm_config(ec, arm, 0, str(tmp_path / "w"))
     validate(shared)
     assert two.model.image.layout == "two_heads" and shared.model.image.layout == "shared_vocab"
     assert shared.model.vocab_size >= shared.stages.tokenizer.vocab_size + shared.model.image.num_codes
     assert shared.data == two.data and shared.stages.reasoning == two.stages.reasoning
-    assert common.arm_key(ec, arm) != key_two
+    assert arm_key(ec, arm) != key_two
     with ec.unlocked():
         ec.base = "vqvq.py:smollm2"  # a LoRA preset: the code rows train in place of the adapters
-    lora = common.arm_config(ec, arm, 0, str(tmp_path / "w"))
+    lora = arm_config(ec, arm, 0, str(tmp_path / "w"))
     assert ADAPTER_PATTERN not in lora.train.trainable and "params/(embed|lm_head)/.*" in lora.train.trainable
     with ec.unlocked():
         ec.layout = "three_heads"
     with pytest.raises(ValueError, match="layout='three_heads'"):
-        common.arm_config(ec, arm, 0, str(tmp_path / "w"))
+        arm_config(ec, arm, 0, str(tmp_path / "w"))
 
 
 def test_smollm2_gpu_preset_builds_the_documented_runs(tmp_path):
@@ -329,16 +329,16 @@ def test_smollm2_gpu_preset_builds_the_documented_runs(tmp_path):
     attention at batch 32 and 2,000 unified steps, the single-task arms dropping the other stream. Checked on
     the arm configs the driver builds, not on the preset file's text."""
     from uvjax.config import load_config_file
-    from uvjax.experiments import common
+    from uvjax.experiments.arms import arm_config
     ec = load_config_file("experiments/mutual_benefit", "smollm2_gpu")
     arms = {a.name: a for a in importlib.import_module("uvjax.experiments.mutual_benefit").arms(ec)}
     assert sorted(arms) == ["vqvq-generation", "vqvq-understanding", "vqvq-understanding-steps", "vqvq-unified"]
-    uni = common.arm_config(ec, arms["vqvq-unified"], 0, str(tmp_path / "mb"))
+    uni = arm_config(ec, arms["vqvq-unified"], 0, str(tmp_path / "mb"))
     assert (uni.model.layers, uni.model.hidden, uni.model.lora.rank) == (30, 576, 16)
     assert uni.model.pretrained.kind == "gguf" and uni.model.param_dtype == "float32"
     assert (uni.model.dtype, uni.model.attention) == ("bfloat16", "cudnn")
     assert (uni.train.steps, uni.train.batch_size, uni.train.seq_len, uni.optim.warmup_steps) == (2000, 32, 192, 100)
-    gen = common.arm_config(ec, arms["vqvq-generation"], 2, str(tmp_path / "mb"), steps=656)
+    gen = arm_config(ec, arms["vqvq-generation"], 2, str(tmp_path / "mb"), steps=656)
     assert gen.data.streams.understanding.weight == 0.0 and gen.data.streams.generation.weight > 0
     assert (gen.train.seed, gen.train.steps, gen.model.dtype) == (2, 656, "bfloat16")
     assert (ec.eval.num_images, tuple(ec.seeds)) == (200, (0, 1, 2))

@@ -58,13 +58,14 @@ def exported(tmp_path_factory):
     from configs.vq_tokenizer import get_config as vq_config
     from datasets import make_code_dataset
     from uvjax.config import load_config_file, lora_preset
-    from uvjax.inference.decode import VQCodec, find_vq
+    from uvjax.towers.vq_codec import VQCodec
+    from uvjax.inference.decode import find_vq
     from uvjax.inference.loading import load_trained
     from uvjax.models import vq
-    from uvjax.stages import StageLog
+    from uvjax.stage_log import StageLog
     from uvjax.train import run
     from uvjax.training import vq_train
-    from uvjax.weights.export import export_run
+    from uvjax.export import export_run
     from uvjax.weights.llamagen_vq import save_vq
     root = tmp_path_factory.mktemp("train")
     vc = vq_config("smoke")
@@ -186,7 +187,8 @@ def test_load_trained_from_the_export_alone(exported):
 
 
 def test_find_vq_gives_the_exports_codec(exported):
-    from uvjax.inference.decode import VQCodec, find_vq
+    from uvjax.towers.vq_codec import VQCodec
+    from uvjax.inference.decode import find_vq
     from uvjax.inference.loading import export_config
     out = exported["out"]
     path, looked = find_vq(out, export_config(out))
@@ -231,6 +233,7 @@ def test_tower_is_copied_and_referenced_relative(tmp_path):
     import ml_collections as mlc
 
     from uvjax import pretokenise as pt
+    from uvjax.towers import encoders
     from uvjax.models.siglip import ViT, ViTConfig
     from uvjax.weights.export import copy_tower, portable_config
     from uvjax.weights.hf_siglip import save_vit
@@ -249,8 +252,8 @@ def test_tower_is_copied_and_referenced_relative(tmp_path):
     assert d["model"]["pretrained"]["path"] == "" and originals["model"]["pretrained"]["path"] == "rel/llm"
     assert set(relative) == {"towers.siglip.path", "data.tokenizer"}
     imgs = _images(2, 32, 1)
-    a = pt.tower_encoder(str(src / "siglip.safetensors")).encode(imgs)
-    b = pt.tower_encoder(str(out / rel)).encode(imgs)
+    a = encoders.tower_encoder(str(src / "siglip.safetensors")).encode(imgs)
+    b = encoders.tower_encoder(str(out / rel)).encode(imgs)
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
@@ -268,7 +271,8 @@ def test_max_shard_size_reads_units_as_hugging_face(text, want):
 
 @pytest.mark.parametrize("bad", ["5XB", "five GB", "5Gb", "-1MB", "0", ""])
 def test_bad_max_shard_size_names_the_flag(bad, tmp_path, capsys):
-    from uvjax.weights.export import main, parse_size
+    from uvjax.export import main
+    from uvjax.weights.export import parse_size
     with pytest.raises(ValueError, match="max_shard_size="):
         parse_size(bad)
     with pytest.raises(SystemExit):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from uvjax import integrity_files as itg
-from uvjax import stages
+from uvjax import stage_log
+from uvjax.stages import cache as stages
 from uvjax.integrity_files import StageCacheDamaged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ FAULTS = ("truncate", "flip", "delete")
 PREPARE = """
 import json, sys
 from uvjax.config import load_config_file
-from uvjax.stages import prepare
+from uvjax.stages.prepare import prepare
 cfg = load_config_file("vqvq", "smoke")
 with cfg.unlocked():
     cfg.stages.cache_dir = sys.argv[1]
@@ -85,7 +86,7 @@ def case(smoke_cache, tmp_path):
 
 def _reuse(tmp_path, dirs, name, workdir=None):
     d, fp = dirs[name]
-    log = stages.StageLog(str(workdir or tmp_path / "run"))
+    log = stage_log.StageLog(str(workdir or tmp_path / "run"))
     return stages.cached_stage(name, fp, str(tmp_path / "cache"), _no_build, log)
 
 
@@ -105,7 +106,7 @@ def test_finished_stages_record_a_manifest_and_reuse_verifies_it(case):
         assert info["fingerprint"] == fp and "seconds" in info  # the existing keys are kept
         out, got = _reuse(tmp_path, dirs, name)
         assert out == d and "manifest" not in got and "digest" not in got
-    log = stages.read_stage_log(str(tmp_path / "run"))
+    log = stage_log.read_stage_log(str(tmp_path / "run"))
     reused = [r for r in log if r["reused"]]
     assert reused and all(r["verified"] and r["content"] for r in reused)
     ds = dirs["dataset"][0]
@@ -135,9 +136,9 @@ def test_a_damaged_stage_file_is_refused_with_the_file_named(case, stage, patter
     assert f"found {found}" in msg
     assert e.value.directory == d and e.value.problems[0][0] == rel
     # the same check guards the paths consumers look up after training (evaluate, generate)
-    stages.StageLog(str(tmp_path / "eval")).write(stage=stage, fingerprint=dirs[stage][1], reused=True, path=d)
+    stage_log.StageLog(str(tmp_path / "eval")).write(stage=stage, fingerprint=dirs[stage][1], reused=True, path=d)
     with pytest.raises(StageCacheDamaged):
-        stages.stage_dir(str(tmp_path / "eval"), stage)
+        stage_log.stage_dir(str(tmp_path / "eval"), stage)
 
 
 @pytest.mark.parametrize("kind", FAULTS)
@@ -181,10 +182,10 @@ def test_stage_finished_before_manifests_is_reused_unverified_with_one_line(case
         json.dump(old, f)
     said = []
     out, got = stages.cached_stage("tokenizer", fp, str(tmp_path / "cache"), _no_build,
-                                   stages.StageLog(str(tmp_path / "new")), progress=said.append)
+                                   stage_log.StageLog(str(tmp_path / "new")), progress=said.append)
     assert out == d and got == old
     assert sum("UNVERIFIED" in m for m in said) == 1
-    rec = stages.read_stage_log(str(tmp_path / "new"))[-1]
+    rec = stage_log.read_stage_log(str(tmp_path / "new"))[-1]
     assert rec["reused"] and rec["verified"] is False
 
 
@@ -202,7 +203,7 @@ def test_moved_aside_stage_is_rebuilt_and_accepted_only_when_bit_identical(case)
     os.rename(d, d + ".damaged")
     good = _prepare(tmp_path / "cache", tmp_path / "run")
     assert good.returncode == 0, good.stderr[-3000:]
-    log = stages.read_stage_log(str(tmp_path / "run"))[-3:]
+    log = stage_log.read_stage_log(str(tmp_path / "run"))[-3:]
     assert [(r["stage"], r["reused"]) for r in log] == [("tokenizer", False), ("vq", True), ("dataset", True)]
     assert log[0]["content"] == itg.load_done(d + ".damaged")["content"]
     itg.verify_stage(d, itg.load_done(d), full=True)
@@ -220,7 +221,7 @@ def _tiny(payload):
 
 
 def test_a_rebuild_that_differs_is_not_used(tmp_path):
-    cache, log = str(tmp_path / "cache"), stages.StageLog(str(tmp_path / "run"))
+    cache, log = str(tmp_path / "cache"), stage_log.StageLog(str(tmp_path / "run"))
     out, info = stages.cached_stage("tiny", "abc", cache, _tiny(b"a" * 100), log)
     assert info == {"n": 100, "fingerprint": "abc", "seconds": info["seconds"]}
     os.rename(out, out + ".damaged")
@@ -236,12 +237,12 @@ def test_a_run_never_continues_on_a_stage_whose_content_changed(tmp_path):
     """Deleted (not moved aside) and rebuilt differently: the work dir that used the original refuses it;
     a new work dir uses the rebuild."""
     cache = str(tmp_path / "cache")
-    out, _ = stages.cached_stage("tiny", "abc", cache, _tiny(b"a" * 100), stages.StageLog(str(tmp_path / "run")))
+    out, _ = stages.cached_stage("tiny", "abc", cache, _tiny(b"a" * 100), stage_log.StageLog(str(tmp_path / "run")))
     shutil.rmtree(out)
     with pytest.raises(StageCacheDamaged, match="not the one this run used before"):
-        stages.cached_stage("tiny", "abc", cache, _tiny(b"c" * 100), stages.StageLog(str(tmp_path / "run")))
+        stages.cached_stage("tiny", "abc", cache, _tiny(b"c" * 100), stage_log.StageLog(str(tmp_path / "run")))
     shutil.rmtree(out + ".partial")
-    out2, info = stages.cached_stage("tiny", "abc", cache, _tiny(b"c" * 100), stages.StageLog(str(tmp_path / "new")))
+    out2, info = stages.cached_stage("tiny", "abc", cache, _tiny(b"c" * 100), stage_log.StageLog(str(tmp_path / "new")))
     assert info["n"] == 100
 
 
@@ -270,7 +271,7 @@ def test_a_damaged_local_mirror_of_a_gs_stage_is_fetched_again_and_a_damaged_buc
     """gs:// stages: the bucket is a local folder here (storage_paths' listing and download patched); the
     mirror is verified as a local stage is."""
     bucket = _fake_bucket(tmp_path, monkeypatch)
-    log = stages.StageLog(str(tmp_path / "run"))
+    log = stage_log.StageLog(str(tmp_path / "run"))
     mirror, _ = stages.cached_stage("tiny", "abc", "gs://b/cache", _tiny(b"a" * 64), log)
     assert os.path.exists(bucket / "cache" / "tiny-abc" / "DONE.json")
     fault(os.path.join(mirror, "sub", "weights.bin"), "flip")
@@ -347,9 +348,9 @@ def test_a_damaged_chunk_marker_of_a_partial_build_redoes_its_chunk(tmp_path, ca
     from test_pretokenise import _enc
     from llava_fixture import write_llava
     from uvjax import pretokenise as pt
-    from uvjax.data import formats
+    from uvjax.data.importers.convert import convert
     src = write_llava(str(tmp_path / "src"), n_images=4)
-    formats.convert(src["json"], str(tmp_path / "conv"), format="llava", image_dir=src["images"])
+    convert(src["json"], str(tmp_path / "conv"), format="llava", image_dir=src["images"])
     shards = sorted(glob.glob(str(tmp_path / "conv" / "*.array_record")))
     out = str(tmp_path / "pt")
     ref = pt.pretokenise_shards(shards, _enc(), out, chunk=4)
@@ -430,16 +431,16 @@ def test_damaged_stage_log_lines_are_left_out_with_a_warning(case, kind, caplog)
     tmp_path, dirs = case
     run = str(tmp_path / "run")
     path = os.path.join(run, "stages.jsonl")
-    ref = stages.read_stage_log(run)
+    ref = stage_log.read_stage_log(run)
     assert len(ref) >= 3
     fault(path, kind)
-    got = stages.read_stage_log(run)
+    got = stage_log.read_stage_log(run)
     if kind == "delete":
         # stages are found by fingerprint, not through the log: the next run reuses them (verified) and
         # writes the log again
         assert got == []
         _reuse(tmp_path, dirs, "vq")
-        assert [r["stage"] for r in stages.read_stage_log(run)] == ["vq"]
+        assert [r["stage"] for r in stage_log.read_stage_log(run)] == ["vq"]
         return
     assert len(got) == len(ref) - 1 if kind == "flip" else len(got) < len(ref)
     assert all(r in ref for r in got)  # nothing altered is returned
@@ -488,21 +489,21 @@ def test_a_stage_built_from_an_input_stage_that_changed_is_refused(tmp_path):
     user = tmp_path / "user-tower"
     user.mkdir()
     (user / "tower.bin").write_bytes(b"given")
-    log1 = stages.StageLog(str(tmp_path / "run1"))
+    log1 = stage_log.StageLog(str(tmp_path / "run1"))
     vq, _ = stages.cached_stage("vq", "v1", cache, _tiny(b"a" * 100), log1)
     ds, info = stages.cached_stage("dataset", "d1", cache, _from(vq, b"x"), log1,
                                    inputs={"vq": vq, "siglip": None, "tower": str(user)})
     assert info == {"from": 100, "fingerprint": "d1", "seconds": info["seconds"]}  # callers see no integrity keys
     vq_content = itg.load_done(vq)["content"]
     assert itg.load_done(ds)["inputs"] == {"vq": vq_content}
-    assert stages.read_stage_log(str(tmp_path / "run1"))[-1]["inputs"]["vq"]["content"] == vq_content
+    assert stage_log.read_stage_log(str(tmp_path / "run1"))[-1]["inputs"]["vq"]["content"] == vq_content
     lengths, _ = stages.cached_stage("lengths", "l1", cache, _from(ds, b"l", "derived.bin"), log1,
                                      inputs={"dataset": ds})
     # unchanged inputs: reused, verified
     assert stages.cached_stage("dataset", "d1", cache, _no_build, log1, inputs={"vq": vq})[0] == ds
     # the VQ deleted and rebuilt differently, in a fresh work dir (the old one refuses the VQ itself)
     shutil.rmtree(vq)
-    log2 = stages.StageLog(str(tmp_path / "run2"))
+    log2 = stage_log.StageLog(str(tmp_path / "run2"))
     stages.cached_stage("vq", "v1", cache, _tiny(b"b" * 100), log2)
     new_content = itg.load_done(vq)["content"]
     with pytest.raises(StageCacheDamaged) as e:
@@ -534,15 +535,15 @@ def test_a_stage_built_from_an_input_stage_that_changed_is_refused(tmp_path):
 
 def test_a_gs_stage_built_from_an_input_that_changed_is_refused_not_downloaded_again(tmp_path, monkeypatch):
     bucket = _fake_bucket(tmp_path, monkeypatch)
-    log = stages.StageLog(str(tmp_path / "run"))
+    log = stage_log.StageLog(str(tmp_path / "run"))
     vq, _ = stages.cached_stage("vq", "v1", "gs://b/cache", _tiny(b"a" * 10), log)
     ds, _ = stages.cached_stage("dataset", "d1", "gs://b/cache", _from(vq, b"x"), log, inputs={"vq": vq})
     assert itg.load_done(ds)["inputs"] == {"vq": itg.load_done(vq)["content"]}
     shutil.rmtree(vq)
     shutil.rmtree(bucket / "cache" / "vq-v1")
-    vq2, _ = stages.cached_stage("vq", "v1", "gs://b/cache", _tiny(b"b" * 10), stages.StageLog(str(tmp_path / "new")))
+    vq2, _ = stages.cached_stage("vq", "v1", "gs://b/cache", _tiny(b"b" * 10), stage_log.StageLog(str(tmp_path / "new")))
     with pytest.raises(stages.StageInputsChanged) as e:
-        stages.cached_stage("dataset", "d1", "gs://b/cache", _no_build, stages.StageLog(str(tmp_path / "new")),
+        stages.cached_stage("dataset", "d1", "gs://b/cache", _no_build, stage_log.StageLog(str(tmp_path / "new")),
                             inputs={"vq": vq2})
     assert "gcloud storage mv gs://b/cache/dataset-d1 gs://b/cache/dataset-d1.stale" in str(e.value)
     assert not glob.glob(ds + ".damaged-*")  # the sound local copy is not moved aside
@@ -550,7 +551,7 @@ def test_a_gs_stage_built_from_an_input_that_changed_is_refused_not_downloaded_a
 
 def test_a_killed_build_is_resumed_only_from_the_same_inputs(tmp_path):
     cache = str(tmp_path / "cache")
-    log = stages.StageLog(str(tmp_path / "run"))
+    log = stage_log.StageLog(str(tmp_path / "run"))
     vq, _ = stages.cached_stage("vq", "v1", cache, _tiny(b"a" * 10), log)
     seen = []
 
@@ -572,7 +573,7 @@ def test_a_killed_build_is_resumed_only_from_the_same_inputs(tmp_path):
     os.makedirs(partial)
     stages._start_partial("dataset", partial, stages._input_contents({"vq": vq}), None)  # as a killed build left it
     open(os.path.join(partial, "chunk0.bin"), "w").write("made from this vq")
-    stages.cached_stage("dataset", "d1", cache, build, stages.StageLog(str(tmp_path / "new")), inputs={"vq": vq})
+    stages.cached_stage("dataset", "d1", cache, build, stage_log.StageLog(str(tmp_path / "new")), inputs={"vq": vq})
     assert seen[-1] == sorted(["chunk0.bin", stages.INPUTS_FILE])
     # the record truncated, flipped or deleted: started over, with a line saying so
     for kind in FAULTS:
@@ -582,7 +583,7 @@ def test_a_killed_build_is_resumed_only_from_the_same_inputs(tmp_path):
         open(os.path.join(partial, "chunk0.bin"), "w").write("made from an unknown vq")
         fault(os.path.join(partial, stages.INPUTS_FILE), kind)
         said.clear()
-        stages.cached_stage("dataset", "d1", cache, build, stages.StageLog(str(tmp_path / kind)), progress=said.append,
+        stages.cached_stage("dataset", "d1", cache, build, stage_log.StageLog(str(tmp_path / kind)), progress=said.append,
                             inputs={"vq": vq})
         assert seen[-1] == [stages.INPUTS_FILE] and any("starting it over" in m for m in said), kind
 
@@ -653,41 +654,41 @@ def test_a_flipped_judge_accuracy_that_still_parses_is_caught_by_its_digest(tmp_
 
 
 def test_damaged_budget_json_is_measured_again_with_a_warning(tmp_path, capsys):
-    from uvjax.experiments import common
+    from uvjax.experiments.budget import read_budget, write_budget
     path = str(tmp_path / "budget.json")
     budget = {"single": {"key": "k", "examples_per_step": 12.5, "shares": {"generation": 1.0}}}
-    common._write_budget(path, budget)
-    assert common._read_budget(path) == budget
+    write_budget(path, budget)
+    assert read_budget(path) == budget
     text = open(path).read()
     open(path, "w").write(text.replace("12.5", "12.7"))  # still valid JSON: the digest catches it
-    assert common._read_budget(path) == {} and os.path.exists(path + ".damaged")
+    assert read_budget(path) == {} and os.path.exists(path + ".damaged")
     assert f"{path}: damaged budget cache: its content does not match its digest" in capsys.readouterr().out
     open(path, "w").write(text)
     fault(path, "truncate")
-    assert common._read_budget(path) == {}
+    assert read_budget(path) == {}
     assert f"{path}: damaged budget cache: not valid JSON" in capsys.readouterr().out
 
 
 def test_a_damaged_experiment_done_json_is_refused_naming_it(tmp_path):
-    from uvjax.experiments import common
+    from uvjax.experiments import runs
     p = tmp_path / "DONE.json"
     p.write_text(json.dumps({"key": "k", "metrics": {"vqa": 0.5}}))  # written before digests: read as before
-    assert common.load_done(str(tmp_path)) == {"key": "k", "metrics": {"vqa": 0.5}}
+    assert runs.load_done(str(tmp_path)) == {"key": "k", "metrics": {"vqa": 0.5}}
     p.write_text(json.dumps(itg.seal({"key": "k", "metrics": {"vqa": 0.5}})))
-    assert common.load_done(str(tmp_path)) == {"key": "k", "metrics": {"vqa": 0.5}}
+    assert runs.load_done(str(tmp_path)) == {"key": "k", "metrics": {"vqa": 0.5}}
     p.write_text(p.read_text().replace("0.5", "0.7"))  # still valid JSON: the digest catches it
     with pytest.raises(itg.DamagedFile, match="does not match its digest"):
-        common.load_done(str(tmp_path))
+        runs.load_done(str(tmp_path))
     fault(str(p), "truncate")
     with pytest.raises(itg.DamagedFile) as e:
-        common.load_done(str(tmp_path))
+        runs.load_done(str(tmp_path))
     assert f"{p}: damaged record of a finished experiment run: not valid JSON" in str(e.value)
     assert f"mv {p} {p}.damaged" in str(e.value)
 
 
 def test_a_damaged_vq_config_json_is_named_by_evaluate_and_generate(tmp_path):
     import ml_collections as mlc
-    from uvjax import evaluate
+    from uvjax.evaluation import run as evaluate
     p = tmp_path / "vq_config.json"
     p.write_text(json.dumps({"data": {"image_size": 48}, "model": {"codebook_size": 64}}))
     vq = str(tmp_path / "vq.safetensors")

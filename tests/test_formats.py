@@ -15,8 +15,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from uvjax.data import formats as F
-from uvjax.data import storage
+from uvjax.data import formats, storage
+from uvjax.data.importers.captions import (ACKNOWLEDGEMENTS, REQUEST_PHRASINGS, explicit_task,
+                                           iter_caption_generation, skip_paths)
+from uvjax.data.importers.common import ImportStats, Limits, summary_line
+from uvjax.data.importers.convert import convert
+from uvjax.data.importers.llava import iter_llava, llava_record
+from uvjax.data.importers.manifest import read_manifest
+from uvjax.data.importers.parquet_layout import describe, read_layout
+from uvjax.data.importers.paths import ImageOptions
+from uvjax.data.importers.unifiedvisual import iter_unifiedvisual
+from uvjax.data.tasks import stream_of
 from uvjax.data.records import Record
 
 
@@ -93,17 +102,17 @@ STREAMS = ["understanding", "understanding", "generation", "understanding", "int
 @pytest.mark.parametrize("jsonl", [False, True])
 def test_llava_records_have_expected_segments(tmp_path, images, jsonl):
     path = write_json(tmp_path / ("d.jsonl" if jsonl else "d.json"), LLAVA_ITEMS, jsonl)
-    stats = F.ImportStats()
-    recs = list(F.iter_llava(path, images["dir"], stats=stats))
+    stats = ImportStats()
+    recs = list(iter_llava(path, images["dir"], stats=stats))
     assert [(r.id, r.task, [seg_tuple(s) for s in r.segments]) for r in recs] == LLAVA_EXPECTED
-    assert [F.stream_for(r) for r in recs] == STREAMS
+    assert [stream_of(r) for r in recs] == STREAMS
     assert recs[0].attributes == {"source": path, "index": 0, "image_dir": images["dir"]}
     assert stats.as_dict()["read"] == 5 and stats.kept == 5 and not stats.skipped
 
 
 def test_llava_is_lazy_and_loads_pixels(tmp_path, images):
     path = write_json(tmp_path / "d.json", LLAVA_ITEMS)
-    it = F.iter_llava(path, images["dir"], load_pixels=True, image_size=8)
+    it = iter_llava(path, images["dir"], load_pixels=True, image_size=8)
     first = next(it)  # a generator: one record decoded at a time
     np.testing.assert_array_equal(first.segments[0].pixels, images["pixels"]["a.png"])
     assert first.segments[0].path is None
@@ -118,12 +127,12 @@ def test_image_paths_escaping_the_folder_are_refused(tmp_path, images, bad):
     item = {"id": "x", "image": rel, "conversations": [turn("human", "<image>\nq"), turn("gpt", "a")]}
     path = write_json(tmp_path / "esc.json", [LLAVA_ITEMS[1], item])
     with pytest.raises(ValueError) as e:
-        list(F.iter_llava(path, images["dir"]))
+        list(iter_llava(path, images["dir"]))
     msg = str(e.value)
     assert f"{path} record 1" in msg and rel in msg and "refused" in msg
     assert e.value.reason == "path_escape"
-    stats = F.ImportStats()
-    assert len(list(F.iter_llava(path, images["dir"], on_error="skip", stats=stats))) == 1
+    stats = ImportStats()
+    assert len(list(iter_llava(path, images["dir"], on_error="skip", stats=stats))) == 1
     assert stats.skipped == {"path_escape": 1}
 
 
@@ -141,7 +150,13 @@ BAD_ITEMS = {
     "schema": ({"id": "x", "conversations": "hello"}, "'conversations' must be a non-empty list"),
     "generation_without_image": ({"id": "g", "task": "generation",
                                   "conversations": [turn("human", "draw"), turn("gpt", "ok")]},
-                                 "expects <image> in a gpt turn"),
+                                 "expects >=1 assistant image, got 0"),
+    # the reasoning tasks follow the same rule as the sequence encoder (uvjax.data.tasks)
+    "gen_reasoning_without_image": ({"id": "g", "task": "gen_reasoning",
+                                     "conversations": [turn("human", "draw"), turn("gpt", "so")]},
+                                    "task 'gen_reasoning' expects >=1 assistant image, got 0"),
+    "edit_without_output_image": ({**GOOD, "task": "edit"},
+                                  "task 'edit' expects >=1 user and >=1 assistant image, got 1 user / 0"),
 }
 
 
@@ -150,7 +165,7 @@ def test_bad_records_name_file_and_index(tmp_path, images, case):
     item, expect = BAD_ITEMS[case]
     path = write_json(tmp_path / "bad.json", [GOOD, GOOD, item])
     with pytest.raises(ValueError) as e:
-        list(F.iter_llava(path, images["dir"]))
+        list(iter_llava(path, images["dir"]))
     assert f"{path} record 2" in str(e.value) and expect in str(e.value)
 
 
@@ -159,10 +174,10 @@ def test_malformed_json_list_names_the_record(tmp_path, images):
     path = tmp_path / "broken.json"
     path.write_text(f"[\n{good},\n{good},\n{{\"id\": \"x\", \"conversations\": [}}\n]")
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} record 2: malformed JSON at line 4"):
-        list(F.iter_llava(str(path), images["dir"]))
+        list(iter_llava(str(path), images["dir"]))
     # a broken list cannot be resynchronised: fatal even when skipping
     with pytest.raises(ValueError, match="record 2: malformed JSON"):
-        list(F.iter_llava(str(path), images["dir"], on_error="skip"))
+        list(iter_llava(str(path), images["dir"], on_error="skip"))
     for text, msg in [("[" + good + "," + good + ",]", "record 2: malformed JSON: trailing comma"),
                       ("[" + good + " " + good + "]", "record 0: malformed JSON: expected ','"),
                       ("{\"not\": \"a list\"}", "record 0: 'conversations' must be a non-empty list"),
@@ -170,24 +185,24 @@ def test_malformed_json_list_names_the_record(tmp_path, images):
                       ("[" + "[" * 5000, "record 0: malformed JSON: nesting too deep")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=re.escape(msg)):
-            list(F.iter_llava(str(path), images["dir"]))
+            list(iter_llava(str(path), images["dir"]))
 
 
 def test_oversized_input_is_refused(tmp_path, images):
     path = write_json(tmp_path / "big.json", [GOOD] * 20)
     size = os.path.getsize(path)
     with pytest.raises(ValueError, match=rf"file of {size} bytes exceeds max_file_bytes=100"):
-        list(F.iter_llava(path, images["dir"], limits=F.Limits(max_file_bytes=100), on_error="skip"))
+        list(iter_llava(path, images["dir"], limits=Limits(max_file_bytes=100), on_error="skip"))
     long = {**GOOD, "conversations": [turn("human", "<image>" + "x" * 500), turn("gpt", "a")]}
     jl = write_json(tmp_path / "big.jsonl", [GOOD, long, GOOD], jsonl=True)
-    lim = F.Limits(max_record_bytes=300)
+    lim = Limits(max_record_bytes=300)
     with pytest.raises(ValueError, match=rf"{re.escape(jl)} record 1: line longer than max_record_bytes=300"):
-        list(F.iter_llava(jl, images["dir"], limits=lim))
-    stats = F.ImportStats()
-    assert len(list(F.iter_llava(jl, images["dir"], limits=lim, on_error="skip", stats=stats))) == 2
+        list(iter_llava(jl, images["dir"], limits=lim))
+    stats = ImportStats()
+    assert len(list(iter_llava(jl, images["dir"], limits=lim, on_error="skip", stats=stats))) == 2
     assert stats.skipped == {"oversized": 1}
     with pytest.raises(ValueError, match="record 1: turn 0: 507 characters exceed max_text_chars=100"):
-        list(F.iter_llava(jl, images["dir"], limits=F.Limits(max_text_chars=100)))
+        list(iter_llava(jl, images["dir"], limits=Limits(max_text_chars=100)))
 
 
 def test_skip_counts_every_bad_kind(tmp_path, images):
@@ -195,9 +210,9 @@ def test_skip_counts_every_bad_kind(tmp_path, images):
              BAD_ITEMS["empty_answer"][0], BAD_ITEMS["missing_image"][0], GOOD]
     path = write_json(tmp_path / "mixed.jsonl", lines, jsonl=True)
     with pytest.raises(ValueError, match=rf"{re.escape(path)} record 1: malformed JSON"):
-        list(F.iter_llava(path, images["dir"]))
-    stats = F.ImportStats()
-    kept = list(F.iter_llava(path, images["dir"], on_error="skip", stats=stats))
+        list(iter_llava(path, images["dir"]))
+    stats = ImportStats()
+    kept = list(iter_llava(path, images["dir"], on_error="skip", stats=stats))
     assert [r.attributes["index"] for r in kept] == [0, 6]
     assert stats.as_dict()["skipped"] == {"malformed_json": 1, "unknown_role": 1, "image_count": 1,
                                           "empty_answer": 1, "missing_image": 1}
@@ -214,23 +229,23 @@ def caption_items(n):
 
 def test_caption_to_generation(tmp_path):
     path = write_json(tmp_path / "caps.json", caption_items(40))
-    run = lambda **kw: list(F.iter_caption_generation(path, str(tmp_path), check_files=False, **kw))
+    run = lambda **kw: list(iter_caption_generation(path, str(tmp_path), check_files=False, **kw))
     recs = run(seed=1)
     assert len(recs) == 40
     r = recs[0]
-    assert r.id == "c0/generation" and r.task == "generation" and F.stream_for(r) == "generation"
+    assert r.id == "c0/generation" and r.task == "generation" and stream_of(r) == "generation"
     q, a = r.attributes["request"], r.attributes["acknowledgement"]
     assert [seg_tuple(s) for s in r.segments] == [
-        ("user", "text", f"{F.REQUEST_PHRASINGS[q]} A photo number 0.\nIt is nice."),
-        ("assistant", "text", F.ACKNOWLEDGEMENTS[a]), ("assistant", "image", "coco/0.jpg")]
+        ("user", "text", f"{REQUEST_PHRASINGS[q]} A photo number 0.\nIt is nice."),
+        ("assistant", "text", ACKNOWLEDGEMENTS[a]), ("assistant", "image", "coco/0.jpg")]
     assert r.attributes["converted_from"] == "c0"
     key = lambda rs: [(x.id, x.segments[0].text, x.segments[1].text) for x in rs]
     assert key(run(seed=1)) == key(recs)                       # deterministic
     assert key(run(seed=2)) != key(recs)                       # seed matters
     used = {(x.attributes["request"], x.attributes["acknowledgement"]) for x in recs}
     assert {u[0] for u in used} == {0, 1, 2} and {u[1] for u in used} == {0, 1, 2}
-    stats = F.ImportStats()
-    kept = run(seed=1, skip=F.skip_paths("sam"), stats=stats)
+    stats = ImportStats()
+    kept = run(seed=1, skip=skip_paths("sam"), stats=stats)
     assert all("sam/" not in x.segments[2].path for x in kept) and len(kept) == 32
     assert stats.skipped == {"predicate": 8}
     assert key(kept) == key([x for x in recs if "sam/" not in x.segments[2].path])  # skip keeps draws
@@ -238,9 +253,9 @@ def test_caption_to_generation(tmp_path):
     # a non-caption record: raise, or skip and count
     bad = write_json(tmp_path / "notcap.json", caption_items(2) + [LLAVA_ITEMS[1]])
     with pytest.raises(ValueError, match=rf"{re.escape(bad)} record 2 \(id 't1'\): not a caption record"):
-        list(F.iter_caption_generation(bad, str(tmp_path), check_files=False))
-    stats = F.ImportStats()
-    assert len(list(F.iter_caption_generation(bad, str(tmp_path), check_files=False, on_error="skip",
+        list(iter_caption_generation(bad, str(tmp_path), check_files=False))
+    stats = ImportStats()
+    assert len(list(iter_caption_generation(bad, str(tmp_path), check_files=False, on_error="skip",
                                               stats=stats))) == 2
     assert stats.skipped == {"not_caption": 1} and stats.read == 3
 
@@ -248,8 +263,8 @@ def test_caption_to_generation(tmp_path):
 def test_convert_writes_shards_per_stream(tmp_path, images):
     path = write_json(tmp_path / "d.json", LLAVA_ITEMS + [BAD_ITEMS["empty_answer"][0]])
     with pytest.raises(ValueError, match="record 5"):
-        F.convert(path, str(tmp_path / "out0"), format="llava", image_dir=images["dir"])
-    res = F.convert(path, str(tmp_path / "out"), format="llava", image_dir=images["dir"], prefix="llava",
+        convert(path, str(tmp_path / "out0"), format="llava", image_dir=images["dir"])
+    res = convert(path, str(tmp_path / "out"), format="llava", image_dir=images["dir"], prefix="llava",
                     on_error="skip", records_per_shard=2)
     assert res["counts"]["kept"] == 5 and res["counts"]["skipped"] == {"empty_answer": 1}
     names = {s: [os.path.basename(p) for p in ps] for s, ps in res["paths"].items()}
@@ -261,7 +276,7 @@ def test_convert_writes_shards_per_stream(tmp_path, images):
     assert got == {"understanding": ["u1", "t1", "7"], "generation": ["g1"], "interleaved": ["i1"]}
     back = list(storage.RecordReader(res["paths"]["understanding"]))
     assert [seg_tuple(s) for s in back[0].segments] == LLAVA_EXPECTED[0][2]
-    one = F.convert(write_json(tmp_path / "caps.json", caption_items(6)), str(tmp_path / "out2"),
+    one = convert(write_json(tmp_path / "caps.json", caption_items(6)), str(tmp_path / "out2"),
                     format="caption_generation", image_dir=str(tmp_path), stream="generation",
                     check_files=False, seed=0, limit=4)
     assert len(storage.RecordReader(one["paths"]["generation"])) == 4 and one["counts"]["kept"] == 4
@@ -287,8 +302,8 @@ def test_parquet_turns_layout_with_paths(tmp_path, images):
         "extra": [1, 2]})
     path = str(tmp_path / "uv_turns.parquet")
     pq.write_table(t, path)
-    assert F.read_layout(path).name == "turns"
-    recs = list(F.iter_unifiedvisual(path, images["dir"], batch_size=1))
+    assert read_layout(path).name == "turns"
+    recs = list(iter_unifiedvisual(path, images["dir"], batch_size=1))
     assert [(r.id, r.task, [seg_tuple(s) for s in r.segments]) for r in recs] == [
         ("r0", "interleaved", [("user", "text", "Which option is a cat? A or B"),
                                ("assistant", "text", "Option A looks like this:"),
@@ -299,8 +314,8 @@ def test_parquet_turns_layout_with_paths(tmp_path, images):
         ("r1", "interleaved", [("user", "image", "sub/d.png"), ("user", "text", "Fix the watch."),
                                ("assistant", "text", "The battery is wrong."), ("assistant", "image", "a.png")])]
     assert recs[0].attributes["layout"] == "turns"
-    assert all(F.stream_for(r) == "interleaved" for r in recs)
-    assert [r.task for r in F.iter_unifiedvisual(path, images["dir"], task="image_editing")] == \
+    assert all(stream_of(r) == "interleaved" for r in recs)
+    assert [r.task for r in iter_unifiedvisual(path, images["dir"], task="image_editing")] == \
         ["image_editing"] * 2
 
 
@@ -314,8 +329,8 @@ def test_parquet_typed_turns_layout_with_bytes(tmp_path):
         "task": ["mm_internet", "cot"]})
     path = str(tmp_path / "uv_typed.parquet")
     pq.write_table(t, path)
-    assert F.read_layout(path).name == "typed_turns"
-    recs = list(F.iter_unifiedvisual(path))
+    assert read_layout(path).name == "typed_turns"
+    recs = list(iter_unifiedvisual(path))
     assert [(r.id, r.task, [seg_tuple(s) for s in r.segments]) for r in recs] == [
         ("uv_typed.parquet#0", "mm_internet", [("user", "text", "Draw two watches."),
                                                ("assistant", "text", "First:"), ("assistant", "image", "<pixels>"),
@@ -323,7 +338,7 @@ def test_parquet_typed_turns_layout_with_bytes(tmp_path):
         ("uv_typed.parquet#1", "cot", [("user", "text", "Just talk."), ("assistant", "text", "Sure.")])]
     np.testing.assert_array_equal(recs[0].segments[2].pixels, np.full((6, 6, 3), 40, np.uint8))
     np.testing.assert_array_equal(recs[0].segments[4].pixels, np.full((6, 6, 3), 50, np.uint8))
-    assert F.stream_for(recs[1]) == "understanding"
+    assert stream_of(recs[1]) == "understanding"
 
 
 def test_parquet_prompt_response_layout_with_hf_image_structs(tmp_path, images):
@@ -336,10 +351,10 @@ def test_parquet_prompt_response_layout_with_hf_image_structs(tmp_path, images):
                                   pa.list_(img_t))})
     path = str(tmp_path / "uv_pr.parquet")
     pq.write_table(t, path)
-    lay = F.read_layout(path)
+    lay = read_layout(path)
     assert (lay.name, lay.prompt, lay.response, lay.input_images, lay.output_images) == \
         ("prompt_response", "question", "answer", "input_images", "output_images")
-    recs = list(F.iter_unifiedvisual(path, images["dir"]))
+    recs = list(iter_unifiedvisual(path, images["dir"]))
     assert [[seg_tuple(s) for s in r.segments] for r in recs] == [
         [("user", "image", "<pixels>"), ("user", "text", "Make it rain."), ("assistant", "text", "It now rains:"),
          ("assistant", "image", "b.png")],
@@ -351,13 +366,13 @@ def test_parquet_unknown_layout_lists_columns_and_bad_rows(tmp_path, images):
     path = str(tmp_path / "weird.parquet")
     pq.write_table(pa.table({"foo": [1], "bar": ["x"], "pics": [["a.png"]]}), path)
     with pytest.raises(ValueError) as e:
-        list(F.iter_unifiedvisual(path, on_error="skip"))
+        list(iter_unifiedvisual(path, on_error="skip"))
     msg = str(e.value)
     assert path in msg and "foo: int64" in msg and "bar: string" in msg and "pics: list<element: string>" in msg
-    text = F.describe(path, out=io.StringIO())
+    text = describe(path, out=io.StringIO())
     assert "layout: none" in text and "row 0:" in text
     # column_map names the columns of an otherwise unknown layout
-    lay = F.read_layout(path, {"prompt": "bar", "response": "bar", "images": "pics"})
+    lay = read_layout(path, {"prompt": "bar", "response": "bar", "images": "pics"})
     assert lay.name == "prompt_response" and lay.images == "pics"
     # row-level errors name the row; skip counts them
     t = pa.table({"conversations": [[{"from": "human", "value": "<image> q"}, {"from": "gpt", "value": "a"}],
@@ -367,11 +382,11 @@ def test_parquet_unknown_layout_lists_columns_and_bad_rows(tmp_path, images):
     p2 = str(tmp_path / "rows.parquet")
     pq.write_table(t, p2)
     with pytest.raises(ValueError, match=rf"{re.escape(p2)} row 1: 0 <image> placeholder"):
-        list(F.iter_unifiedvisual(p2, images["dir"]))
-    stats = F.ImportStats()
-    assert len(list(F.iter_unifiedvisual(p2, images["dir"], on_error="skip", stats=stats))) == 1
+        list(iter_unifiedvisual(p2, images["dir"]))
+    stats = ImportStats()
+    assert len(list(iter_unifiedvisual(p2, images["dir"], on_error="skip", stats=stats))) == 1
     assert stats.skipped == {"image_count": 1, "unknown_role": 1}
-    shown = F.describe(p2, rows=2, out=io.StringIO())
+    shown = describe(p2, rows=2, out=io.StringIO())
     assert "layout: Layout(name='turns'" in shown and "row 1:" in shown and "row 2:" not in shown
 
 
@@ -380,7 +395,7 @@ def test_parquet_corrupt_embedded_image(tmp_path):
     path = str(tmp_path / "corrupt.parquet")
     pq.write_table(t, path)
     with pytest.raises(ValueError, match=r"row 0 image 0: embedded image bytes are corrupt"):
-        list(F.iter_unifiedvisual(path))
+        list(iter_unifiedvisual(path))
 
 
 # ------------------------------------------------------------------------------------- fuzz
@@ -437,7 +452,7 @@ def fuzz_dir(tmp_path_factory):
 @given(data=wellformed())
 def test_fuzz_wellformed_llava_items(fuzz_dir, data):
     item, expected = data
-    rec = F.llava_record(item, where="f.json record 3", images=F.ImageOptions(fuzz_dir))
+    rec = llava_record(item, where="f.json record 3", images=ImageOptions(fuzz_dir))
     got = [seg_tuple(s) for s in rec.segments]
     assert merged(got) == merged(expected)
     assert len(rec.images()) == sum(1 for e in expected if e[1] == "image")
@@ -495,14 +510,14 @@ def test_fuzz_malformed_llava_items_raise_value_error(fuzz_dir, data, mutation, 
     elif mutation == "system_late":
         convs.append(turn("system", "late"))
     with pytest.raises(ValueError):
-        F.llava_record(item, where="f.json record 0", images=F.ImageOptions(fuzz_dir))
+        llava_record(item, where="f.json record 0", images=ImageOptions(fuzz_dir))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(item=JSON)
 def test_fuzz_arbitrary_json_is_record_or_value_error(fuzz_dir, item):
     try:
-        rec = F.llava_record(item, where="f.json record 0", images=F.ImageOptions(fuzz_dir))
+        rec = llava_record(item, where="f.json record 0", images=ImageOptions(fuzz_dir))
     except ValueError:
         return
     assert isinstance(rec, Record)
@@ -520,7 +535,7 @@ def test_fuzz_raw_files_only_raise_value_error(fuzz_dir, raw, jsonl):
         f.write(raw)
     for on_error in ("raise", "skip"):
         try:
-            for rec in F.iter_llava(path, fuzz_dir, on_error=on_error):
+            for rec in iter_llava(path, fuzz_dir, on_error=on_error):
                 assert isinstance(rec, Record)
         except ValueError:
             pass
@@ -553,16 +568,16 @@ def test_caption_generation_converts_only_captions(tmp_path, images):
     ]
     path = write_json(tmp_path / "mixed.json", items)
     with pytest.raises(ValueError) as e:
-        list(F.iter_caption_generation(path, images["dir"]))
+        list(iter_caption_generation(path, images["dir"]))
     msg = str(e.value)
     assert f"{path} record 2 (id 'v1')" in msg and "not a caption record" in msg and "'vqa'" in msg
     assert e.value.reason == "not_caption"
-    stats = F.ImportStats()
-    recs = list(F.iter_caption_generation(path, images["dir"], on_error="skip", stats=stats))
+    stats = ImportStats()
+    recs = list(iter_caption_generation(path, images["dir"], on_error="skip", stats=stats))
     assert [r.attributes["converted_from"] for r in recs] == ["s0", "c1", "s1"]
     assert [r.task for r in recs] == ["generation"] * 3
     assert [r.segments[0].text for r in recs] == [
-        f"{F.REQUEST_PHRASINGS[r.attributes['request']]} {c}" for r, c in
+        f"{REQUEST_PHRASINGS[r.attributes['request']]} {c}" for r, c in
         zip(recs, ["A round watch with a blue face.", "A square watch, sunny icon.",
                    "Another watch, seen from above."])]
     assert not any("62%" in s.text for r in recs for s in r.segments if s.kind == "text")
@@ -580,13 +595,13 @@ def test_caption_generation_converts_only_captions(tmp_path, images):
     # the multi-turn one is rejected even though no task is given (shape), and named as such
     with pytest.raises(ValueError, match=r"record 0 \(id 'm1'\): not a caption record: task "
                                          r"'conversation', inferred: a multi-turn conversation"):
-        list(F.iter_caption_generation(write_json(tmp_path / "m.json", [multi]), images["dir"]))
+        list(iter_caption_generation(write_json(tmp_path / "m.json", [multi]), images["dir"]))
     # explicit vs inferred task is told apart on the imported record
-    raw = list(F.iter_llava(path, images["dir"]))
-    assert [F.explicit_task(r) for r in raw] == [None, "caption", "vqa", "conversation", None, "caption",
+    raw = list(iter_llava(path, images["dir"]))
+    assert [explicit_task(r) for r in raw] == [None, "caption", "vqa", "conversation", None, "caption",
                                                   None]
     # through convert: same rule, counted in the manifest
-    res = F.convert(path, str(tmp_path / "out"), format="caption_generation", image_dir=images["dir"],
+    res = convert(path, str(tmp_path / "out"), format="caption_generation", image_dir=images["dir"],
                     on_error="skip")
     assert res["counts"]["skipped"] == {"not_caption": 4} and res["counts"]["kept"] == 3
     back = storage.RecordReader(res["paths"]["generation"])
@@ -609,9 +624,9 @@ def test_ambiguous_hour_answers_are_counted_and_warned(tmp_path, images, caplog)
     p1 = write_json(tmp_path / "watch_a.json", items)
     p2 = write_json(tmp_path / "watch_b.jsonl", [items[0], items[3]], jsonl=True)
     p3 = write_json(tmp_path / "watch_c.json", [items[3]])
-    stats = F.ImportStats()
-    with caplog.at_level("WARNING", logger="uvjax.data.formats"):
-        recs = [r for p in (p1, p2, p3) for r in F.iter_llava(p, images["dir"], stats=stats)]
+    stats = ImportStats()
+    with caplog.at_level("WARNING", logger="uvjax.data.importers"):
+        recs = [r for p in (p1, p2, p3) for r in iter_llava(p, images["dir"], stats=stats)]
     assert stats.warnings == {"hour_00_12_ambiguous": 5}
     assert stats.as_dict()["warnings"] == {"hour_00_12_ambiguous": 5}
     assert stats.kept == 11 and not stats.skipped
@@ -626,12 +641,12 @@ def test_ambiguous_hour_answers_are_counted_and_warned(tmp_path, images, caplog)
     assert "ambiguous" in m1 and "same hands" in m1 and "equal" in m1
     assert all(r.levelname == "WARNING" for r in warned)
     # a file without such answers counts nothing
-    clean = F.ImportStats()
-    list(F.iter_llava(p3, images["dir"], stats=clean))
+    clean = ImportStats()
+    list(iter_llava(p3, images["dir"], stats=clean))
     assert clean.as_dict()["warnings"] == {}
     # and the count reaches the manifest
-    res = F.convert([p1, p2], str(tmp_path / "out"), format="llava", image_dir=images["dir"])
-    assert F.read_manifest(str(tmp_path / "out"))["counts"]["warnings"] == {"hour_00_12_ambiguous": 5}
+    res = convert([p1, p2], str(tmp_path / "out"), format="llava", image_dir=images["dir"])
+    assert read_manifest(str(tmp_path / "out"))["counts"]["warnings"] == {"hour_00_12_ambiguous": 5}
     assert res["counts"]["warnings"] == {"hour_00_12_ambiguous": 5}
 
 
@@ -646,14 +661,14 @@ def test_convert_writes_import_manifest_readable_from_any_cwd(tmp_path, images, 
              llava_item("bad", "  ")]
     write_json(work / "data" / "d.json", items)
     monkeypatch.chdir(work)
-    res = F.convert("data/d.json", "shards", format="llava", image_dir="imgs_link", on_error="skip",
+    res = convert("data/d.json", "shards", format="llava", image_dir="imgs_link", on_error="skip",
                     prefix="llava")
     manifest_path = os.path.join("shards", "import_manifest.json")
     assert res["manifest"] == manifest_path and os.path.isfile(work / manifest_path)
     with open(work / manifest_path) as f:
         on_disk = json.load(f)
     monkeypatch.chdir(tmp_path)                                 # a later stage elsewhere
-    m = F.read_manifest(str(work / "shards"))
+    m = read_manifest(str(work / "shards"))
     assert m == on_disk
     assert set(m) == {"format", "sources", "image_dir", "counts", "paths", "created"}
     assert m["format"] == "llava"
@@ -674,28 +689,28 @@ def test_convert_writes_import_manifest_readable_from_any_cwd(tmp_path, images, 
     shard = m["paths"]["generation"][0]
     for spec in (str(shards / "*.array_record"), shard, str(shards / "import_manifest.json"),
                  [shard, m["paths"]["understanding"][0]]):
-        assert F.read_manifest(spec) == m
+        assert read_manifest(spec) == m
     # missing manifests name where they looked
     (tmp_path / "bare").mkdir()
     with pytest.raises(FileNotFoundError) as e:
-        F.read_manifest(str(tmp_path / "bare"))
+        read_manifest(str(tmp_path / "bare"))
     assert str(tmp_path / "bare" / "import_manifest.json") in str(e.value)
     with pytest.raises(FileNotFoundError, match="no import manifest"):
-        F.read_manifest(str(tmp_path / "nowhere" / "*" / "*.array_record"))
+        read_manifest(str(tmp_path / "nowhere" / "*" / "*.array_record"))
     (tmp_path / "bare" / "import_manifest.json").write_text('{"format": "llava"}')
     with pytest.raises(ValueError, match="not an import manifest"):
-        F.read_manifest(str(tmp_path / "bare"))
+        read_manifest(str(tmp_path / "bare"))
     # caption_generation without image_dir: "" recorded; another image folder into the same dir refused
     caps = write_json(tmp_path / "caps.json", [llava_item("c0", "A watch.")])
-    other = F.convert(caps, str(tmp_path / "o2"), format="caption_generation", check_files=False)
-    assert F.read_manifest(str(tmp_path / "o2"))["image_dir"] == "" and other["counts"]["kept"] == 1
+    other = convert(caps, str(tmp_path / "o2"), format="caption_generation", check_files=False)
+    assert read_manifest(str(tmp_path / "o2"))["image_dir"] == "" and other["counts"]["kept"] == 1
     with pytest.raises(ValueError, match="cannot name both"):
-        F.convert(caps, str(work / "shards"), format="caption_generation", image_dir=str(tmp_path),
+        convert(caps, str(work / "shards"), format="caption_generation", image_dir=str(tmp_path),
                   prefix="capgen")
-    assert F.read_manifest(str(work / "shards")) == m          # untouched by the refused import
-    again = F.convert(caps, str(work / "shards"), format="caption_generation", image_dir=images["dir"],
+    assert read_manifest(str(work / "shards")) == m          # untouched by the refused import
+    again = convert(caps, str(work / "shards"), format="caption_generation", image_dir=images["dir"],
                       prefix="capgen")                          # same folder: allowed
-    assert F.read_manifest(str(work / "shards"))["paths"] == {
+    assert read_manifest(str(work / "shards"))["paths"] == {
         "generation": [str(work / "shards" / "capgen-generation-00000.array_record")]}
     assert again["counts"]["kept"] == 1
 
@@ -706,7 +721,7 @@ def test_convert_cli_prints_manifest_and_summary(tmp_path, images, capsys):
              {"id": "x", "conversations": [{"from": "bot", "value": "?"}]}]
     path = write_json(tmp_path / "d.json", items)
     out = str(tmp_path / "out")
-    assert F.main(["convert", path, "--format", "llava", "--out_dir", out, "--image_dir", images["dir"],
+    assert formats.main(["convert", path, "--format", "llava", "--out_dir", out, "--image_dir", images["dir"],
                    "--on_error", "skip"]) == 0
     text = capsys.readouterr().out
     body, manifest_line, summary = text.rstrip("\n").rsplit("\n", 2)
@@ -715,6 +730,6 @@ def test_convert_cli_prints_manifest_and_summary(tmp_path, images, capsys):
     assert manifest_line == f"manifest: {res['manifest']}"
     assert summary == ("import summary: read 4, kept 2, skipped 2 (empty_answer 1, unknown_role 1); "
                        "warnings: hour_00_12_ambiguous 1")
-    assert F.read_manifest(out)["counts"] == res["counts"]
-    assert F.summary_line({"read": 1, "kept": 1, "skipped": {}, "warnings": {}}) == \
+    assert read_manifest(out)["counts"] == res["counts"]
+    assert summary_line({"read": 1, "kept": 1, "skipped": {}, "warnings": {}}) == \
         "read 1, kept 1, skipped 0; warnings: none"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tokenizers import models, pre_tokenizers
 
 from uvjax.data import arrays
-from uvjax.data import formats as F
+from uvjax.data.importers import paths as F
 from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT, PAD, TEXT
 from uvjax.data.records import Record, Segment, record_from_bytes, record_to_bytes
 from uvjax.data.sequence import DROPPED, OK, TRUNCATED, SequenceConfig, encode_record

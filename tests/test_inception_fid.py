@@ -216,7 +216,8 @@ def test_fid_matches_scipy_sqrtm_and_pytorch_fid(ref, n, m, d):
 
 def test_fid_report_and_the_evaluation_report(ref):
     from uvjax.config import base_config
-    from uvjax.evaluate import FID_OFF, flat_metrics, format_table, inception_extractor
+    from uvjax.evaluation.run import FID_OFF, inception_extractor
+    from uvjax.evaluation.report import flat_metrics, format_table
     ex = ref["extractor"]
     real = np.concatenate([ref["images"], ref["images"][:, ::-1]])  # 4 images: two halves of 2
     gen = ref["images"][:, :, ::-1]

@@ -188,7 +188,7 @@ def test_write_task_errors_name_the_problem(tmp_path):
 
 FAKE_RUN_SCRIPT = r'''
 import json
-from uvjax.integrations.lmms_eval import make_torchvision_importable
+from uvjax.integrations.torch_compat import make_torchvision_importable
 make_torchvision_importable()
 # no register(): the class comes through the lmms_eval.models entry point alone
 from lmms_eval.api.model import lmms

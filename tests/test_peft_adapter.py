@@ -18,8 +18,10 @@ from uvjax.data.tokenizer import train_bpe  # noqa: E402
 from uvjax.models.lora import PROJECTIONS, merge_lora  # noqa: E402
 from uvjax.models.unified import UnifiedModel  # noqa: E402
 from uvjax.training.step import dummy_batch  # noqa: E402
+from uvjax import export as uvjax_export  # noqa: E402
 from uvjax.weights import peft_adapter as pa  # noqa: E402
-from uvjax.weights.pretrained import load_base_into_variables, pretrained_preset  # noqa: E402
+from uvjax.weights.pretrained import load_base_into_variables  # noqa: E402
+from uvjax.config import pretrained_preset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -208,7 +210,7 @@ def test_cli_on_a_run(tmp_path, monkeypatch, capsys, tiny):
         cfg=c, model=model, variables=v, tokenizer=train_bpe(["a tiny run", "the weather"] * 20, vocab_size=280),
         step=7, workdir=workdir))
     out = tmp_path / "out"
-    pa.main(["--workdir", str(tmp_path / "run"), "--out", str(out), "--dtype", "bfloat16"])
+    uvjax_export.main(["--format=peft", "--workdir", str(tmp_path / "run"), "--out", str(out), "--dtype", "bfloat16"])
     s = json.loads(capsys.readouterr().out)
     assert s["step"] == 7 and s["base_model_name_or_path"] == "base" and s["base"]["dtype"] == "bfloat16"
     with open(out / "uvjax_config.json") as f:
@@ -221,7 +223,7 @@ def test_cli_on_a_run(tmp_path, monkeypatch, capsys, tiny):
             got = got[k.key]
         np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(FileExistsError, match="not empty"):
-        pa.main(["--workdir", str(tmp_path / "run"), "--out", str(out)])
+        uvjax_export.main(["--format=peft", "--workdir", str(tmp_path / "run"), "--out", str(out)])
 
 
 # =========================================================================================== import
@@ -336,8 +338,8 @@ def test_training_run_starts_from_the_adapter(tmp_path, monkeypatch):
 def test_the_adapter_key_enters_the_lm_fingerprint_only_when_set():
     """Runs from before the key existed keep their LM fingerprint (no retraining); a set adapter changes it."""
     import ml_collections as mlc
-    from uvjax.train import lm_fingerprint
-    from uvjax.weights.pretrained import pretrained_preset
+    from uvjax.training.workdir import lm_fingerprint
+    from uvjax.config import pretrained_preset
     from helpers import tiny_config
     c = tiny_config()
     pretrained_preset(c, "gguf", "smollm2")
@@ -350,11 +352,11 @@ def test_the_adapter_key_enters_the_lm_fingerprint_only_when_set():
 
 
 def test_the_export_command_has_a_peft_format(monkeypatch, tmp_path):
-    """``python -m uvjax.weights.export --format=peft`` is the PEFT exporter with the same arguments; --base is
+    """``python -m uvjax.export --format=peft`` is the PEFT exporter with the same arguments; --base is
     refused for the other formats."""
-    from uvjax.weights import export, peft_adapter
+    from uvjax import export
     seen = {}
-    monkeypatch.setattr(peft_adapter, "export_peft_run", lambda wd, out, **kw: seen.update(wd=wd, out=out, **kw) or {})
+    monkeypatch.setattr(export, "export_peft_run", lambda wd, out, **kw: seen.update(wd=wd, out=out, **kw) or {})
     export.main(["--workdir", "RUN", "--out", str(tmp_path / "o"), "--format=peft", "--base", "HF", "--step", "7"])
     assert seen == {"wd": "RUN", "out": str(tmp_path / "o"), "step": 7, "base": "HF", "dtype": None, "overwrite": False}
     with pytest.raises(SystemExit):

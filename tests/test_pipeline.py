@@ -102,6 +102,50 @@ def test_packed_rows_never_mix_segments(data):
     assert it.counts["records"] >= n_segs and it.counts["batches"] == 6
 
 
+def hand_row(examples):
+    """One row written out by hand: the examples' token/modality/target arrays one after another,
+    segment ids 1..k, positions restarting at 0 in each segment, zeros after the last."""
+    row = {k: np.zeros(SEQ, np.int32) for k in arrays.INT_KEYS}
+    at = 0
+    for seg, ex in enumerate(examples, 1):
+        n = len(ex["tokens"])
+        for k in ("tokens", "modality", "text_target", "image_target"):
+            row[k][at:at + n] = ex[k]
+        row["segment_ids"][at:at + n] = seg
+        row["positions"][at:at + n] = np.arange(n)
+        at += n
+    return row
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_equal_hand_built_rows(data, packing):
+    """Shuffle off, one stream, a fixed seed: every batch row equals the row built by hand from the
+    records in stored order: one record per row, or (one packing bin) the next records that fit."""
+    tmpl = get_template("vicuna_v1", system="")
+    und = [r for r in data["records"] if r.task != "generation"]  # the shards' order
+    enc = [encode_record(r, data["tok"], tmpl, SequenceConfig(seq_len=SEQ), pad=False).arrays for r in und]
+    if packing:
+        groups, used = [[]], 0
+        for ex in enc:
+            if used + len(ex["tokens"]) > SEQ:
+                groups, used = groups + [[]], 0
+            groups[-1].append(ex)
+            used += len(ex["tokens"])
+    else:
+        groups = [[ex] for ex in enc]
+    want = [hand_row(g) for g in groups]
+    cfg = config(data, packing=packing, pack_bins=1, shuffle=False, num_epochs=1, gen_weight=0.0)
+    rows = []
+    for b in pipeline.make_train_iterator(cfg, data["tok"], seq_len=SEQ, local_batch_size=2, seed=3):
+        assert set(b) == set(arrays.INT_KEYS)
+        rows += [{k: v[r] for k, v in b.items()} for r in range(2)]
+    assert len(rows) == len(want) - len(want) % 2 and len(rows) > 10  # the last odd row is dropped
+    assert packing == (len(want) < len(enc))
+    for i, (got, exp) in enumerate(zip(rows, want)):
+        for k in exp:
+            np.testing.assert_array_equal(got[k], exp[k], err_msg=f"row {i} {k}")
+
+
 def test_exact_resume_through_orbax_checkpoint_manager(data, tmp_path):
     import grain
     import orbax.checkpoint as ocp
@@ -237,7 +281,7 @@ def test_read_threads_change_cost_not_batches(data, tmp_path):
     import grain
     import orbax.checkpoint as ocp
     from uvjax import config as uc
-    from uvjax.train import lm_fingerprint
+    from uvjax.training.workdir import lm_fingerprint
     main, threaded = config(data), config(data, read_threads=3)
     assert main.read_threads == 0
     a = pipeline.make_train_iterator(main, data["tok"], seq_len=SEQ, local_batch_size=3, seed=2)

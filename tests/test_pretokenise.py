@@ -14,7 +14,9 @@ from PIL import Image
 
 from llava_fixture import COLORS, write_llava
 from uvjax import pretokenise as pt
-from uvjax.data import formats
+from uvjax.data import images as image_io
+from uvjax.towers import encoders
+from uvjax.data.importers import common as importer_common, convert as importer_convert
 from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT, PAD, TEXT
 from uvjax.data.storage import RecordReader
 
@@ -39,7 +41,7 @@ class ColourTower:
 
 
 def _enc(tower=None, size=32, resize="center_crop"):
-    e = pt.Encoder(tower or ColourTower(), "codes", size, resize)
+    e = encoders.Encoder(tower or ColourTower(), "codes", size, resize)
     return {"user": e, "assistant": e}
 
 
@@ -49,7 +51,7 @@ def llava(tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path)  # import with relative paths from one directory ...
     try:
-        res = formats.convert("src/data.json", "shards", format="llava", image_dir="src/images")
+        res = importer_convert.convert("src/data.json", "shards", format="llava", image_dir="src/images")
     finally:
         os.chdir(cwd)
     return {**data, "shards": str(tmp_path / "shards"), "res": res}
@@ -162,11 +164,11 @@ def test_bad_images_are_named_or_skipped_and_counted(tmp_path):
     os.makedirs(os.path.join(root, "images"))
     _bad_images(root)
     # the importer keeps path records (files are checked for existence only): missing.png is its to report
-    res = formats.convert(os.path.join(root, "bad.json"), str(tmp_path / "shards"), format="llava",
+    res = importer_convert.convert(os.path.join(root, "bad.json"), str(tmp_path / "shards"), format="llava",
                           image_dir=os.path.join(root, "images"), on_error="skip")
     assert res["counts"]["skipped"] == {"missing_image": 1}
-    policy = pt.ImagePolicy(max_pixels=100_000)
-    with pytest.raises(formats.FormatError) as e:
+    policy = image_io.ImagePolicy(max_pixels=100_000)
+    with pytest.raises(importer_common.FormatError) as e:
         pt.pretokenise_shards(str(tmp_path / "shards"), _enc(), str(tmp_path / "raise"), policy=policy)
     msg = str(e.value)
     assert "record 1" in msg and "id 'r1'" in msg and "truncated.png" in msg and e.value.reason == "corrupt_image"
@@ -184,30 +186,32 @@ def test_bad_images_are_named_or_skipped_and_counted(tmp_path):
 def test_mode_conversions_are_exact():
     """Alpha composites over white, 16-bit grey scales (not clips) to 8 bits, CMYK converts as PIL does."""
     la = Image.new("LA", (8, 8), (100, 0))
-    assert (pt._to_rgb(la)[0] == 255).all()  # fully transparent -> white
+    assert (image_io._to_rgb(la)[0] == 255).all()  # fully transparent -> white
     half = Image.new("RGBA", (8, 8), (0, 0, 0, 128))
-    assert (pt._to_rgb(half)[0] == 127).all()  # 255 * (1 - 128/255) = 127
+    assert (image_io._to_rgb(half)[0] == 127).all()  # 255 * (1 - 128/255) = 127
     g16 = Image.fromarray(np.full((8, 8), 32896, np.uint16))  # 32896 / 65535 * 255 = 128.0
-    assert (pt._to_rgb(g16)[0] == 128).all()
+    assert (image_io._to_rgb(g16)[0] == 128).all()
 
 
 def test_preprocess_matches_llamagen_and_llava_rules():
     img = np.zeros((100, 200, 3), np.uint8)
     img[:, 50:150] = 255  # a white square in the middle of a 2:1 image
-    c = pt.preprocess(img, 50)  # short side -> 50, centre crop: the white square fills it
+    c = image_io.preprocess(img, 50)  # short side -> 50, centre crop: the white square fills it
     assert c.shape == (50, 50, 3) and c[5:-5, 5:-5].min() == 255
-    p = pt.preprocess(img, 50, "pad")  # padded to 200x200 with the CLIP mean, then resized
-    assert p.shape == (50, 50, 3) and tuple(p[2, 25]) == pt.CLIP_MEAN_RGB and p[25, 25].min() == 255
+    p = image_io.preprocess(img, 50, "pad")  # padded to 200x200 with the CLIP mean, then resized
+    assert p.shape == (50, 50, 3) and tuple(p[2, 25]) == image_io.CLIP_MEAN_RGB and p[25, 25].min() == 255
 
 
 def _readme_recipe() -> list[str]:
-    text = open(os.path.join(REPO, "README.md")).read()
+    """The first code block under docs/USAGE.md's '## Train on your own data' (the README links to it), one
+    command per entry."""
+    text = open(os.path.join(REPO, "docs", "USAGE.md")).read()
     block = text.split("## Train on your own data", 1)[1].split("```", 2)[1]
     return [c.strip() for c in block.replace("\\\n", " ").strip().splitlines() if c.strip()]
 
 
 def test_readme_recipe_trains_and_evaluates_on_llava_json(tmp_path):
-    """The README's 'Train on your own data' block, verbatim but for the smoke preset and 6 steps: LLaVA JSON
+    """The 'Train on your own data' block of docs/USAGE.md, verbatim but for the smoke preset and 6 steps: LLaVA JSON
     + images written by another program -> import -> tokenizer -> VQ -> pre-tokenise -> train -> held-out
     evaluation -> generate, run from an unrelated directory; a rerun reuses every stage; user stream paths
     with build=True are refused."""
@@ -299,7 +303,7 @@ def test_hf_datasets_parquet_export_pretokenises(tmp_path):
                               for c in colors]}
     pq.write_table(pa.table(rows, schema=pa.schema([("id", pa.string()), ("image", img_t),
                                                     ("conversations", turn_t)])), tmp_path / "train.parquet")
-    formats.convert(str(tmp_path / "train.parquet"), str(tmp_path / "shards"), format="unifiedvisual")
+    importer_convert.convert(str(tmp_path / "train.parquet"), str(tmp_path / "shards"), format="unifiedvisual")
     tower = ColourTower()
     rep = pt.pretokenise_shards(str(tmp_path / "shards"), _enc(tower), str(tmp_path / "pre"))
     assert rep["records_written"] == {"understanding": 4} and tower.images == 3  # red twice: encoded once
@@ -315,7 +319,7 @@ def test_unifiedvisual_parquet_through_the_stage_graph(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from uvjax.config import load_config_file
-    from uvjax.stages import prepare
+    from uvjax.stages.prepare import prepare
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     from llava_fixture import draw
@@ -350,7 +354,7 @@ def test_unifiedvisual_parquet_through_the_stage_graph(tmp_path):
 
 
 def test_llava_plus_caption_mix_in_one_folder(tmp_path):
-    """The paper's mix as the README builds it: LLaVA conversations and captions turned into generation
+    """The paper's mix as docs/USAGE.md builds it: LLaVA conversations and captions turned into generation
     records, imported into one folder with two prefixes, pre-tokenised together (format=shards)."""
     data = write_llava(str(tmp_path / "src"), n_images=4)
     caps = [it for it in data["items"] if it["id"].startswith("cap-")]
@@ -370,7 +374,7 @@ def test_llava_plus_caption_mix_in_one_folder(tmp_path):
     assert len(gens) == 4 and all(r.images("assistant") and not r.images("user") for r in gens)
     # the graph on format=shards takes exactly the shards named (here: the LLaVA part of the folder)
     from uvjax.config import load_config_file
-    from uvjax.stages import prepare
+    from uvjax.stages.prepare import prepare
     c = load_config_file("own_data", "smoke")
     with c.unlocked():
         c.stages.source.format, c.stages.source.train = "shards", os.path.join(mix, "llava-*.array_record")

@@ -222,7 +222,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(dataset, reference, tmp
 
 def _data_iterator(ds):
     from configs.vqvq import get_config
-    from uvjax.train import build_data_iterator
+    from uvjax.training.data_feed import build_data_iterator
     cfg = get_config("smoke")
     cfg.data.tokenizer = ds["tokenizer"]
     cfg.data.streams.understanding.paths = (ds["paths"]["understanding"],)
@@ -533,11 +533,11 @@ def test_lock_refuses_live_holder_and_takes_over_dead_one(tmp_path, monkeypatch)
     import errno
     import fcntl
     import socket
-    from uvjax.training import lock as L
+    from uvjax import locks as L
     wd = str(tmp_path / "wd")
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1])\n"
-        "from uvjax.training.lock import WorkdirLock\n"
+        "from uvjax.locks import WorkdirLock\n"
         "l = WorkdirLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(60)"), REPO, wd],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -24,6 +24,7 @@ import warnings
 
 import pytest
 
+from uvjax import remote_lock as rl
 from uvjax import storage_paths as sp
 
 BUCKET = "uvjax-test"
@@ -300,33 +301,33 @@ def jax_tree_scale(tree, k):
 # ----------------------------------------------------------------------------------------------- lock
 def test_lock_refuses_second_writer_and_reacquires_after_release(prefix):
     url = f"{prefix}/train.lock"
-    a = sp.ObjectStoreLock(url, ttl_s=60)
+    a = rl.ObjectStoreLock(url, ttl_s=60)
     with a:
         assert a.held and a.holder()["pid"] == os.getpid()
-        with sp.ObjectStoreLock(url):  # re-entrant within the process, like WorkdirLock
+        with rl.ObjectStoreLock(url):  # re-entrant within the process, like WorkdirLock
             pass
         assert a.held
         # a second writer (a fresh lease object, bypassing the in-process re-entrancy) is refused
-        with pytest.raises(sp.ObjectStoreLockedError, match="held by another run"):
-            sp.ObjectStoreLock(url, ttl_s=60)._lock()
+        with pytest.raises(rl.ObjectStoreLockedError, match="held by another run"):
+            rl.ObjectStoreLock(url, ttl_s=60)._lock()
         # and so is another process: WorkdirLockedError, as for a local work dir
-        code = ("import sys; from uvjax import storage_paths as sp\n"
-                "from uvjax.training.lock import WorkdirLockedError\n"
-                "try:\n    sp.lock_for_workdir(sys.argv[1]).acquire()\nexcept WorkdirLockedError as e:\n"
+        code = ("import sys; from uvjax import remote_lock as rl\n"
+                "from uvjax.locks import WorkdirLockedError\n"
+                "try:\n    rl.lock_for_workdir(sys.argv[1]).acquire()\nexcept WorkdirLockedError as e:\n"
                 "    print('REFUSED', e); sys.exit(0)\nprint('ACQUIRED'); sys.exit(1)\n")
         r = subprocess.run([sys.executable, "-c", code, prefix], capture_output=True, text=True, timeout=120,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert r.returncode == 0 and "REFUSED" in r.stdout, (r.stdout, r.stderr[-2000:])
         assert f"pid {os.getpid()}" in r.stdout
     assert not a.held and "released" in a.holder()
-    b = sp.ObjectStoreLock(url, ttl_s=60)
+    b = rl.ObjectStoreLock(url, ttl_s=60)
     with b:  # a released lease is simply taken, not reported as stale
         assert b.held and b.replaced is None
 
 
 def test_lock_one_winner_among_concurrent_writers(prefix):
     url = f"{prefix}/train.lock"
-    leases = [sp.ObjectStoreLock(url, ttl_s=60) for _ in range(4)]
+    leases = [rl.ObjectStoreLock(url, ttl_s=60) for _ in range(4)]
     barrier = threading.Barrier(len(leases))
     outcome = [None] * len(leases)
 
@@ -335,7 +336,7 @@ def test_lock_one_winner_among_concurrent_writers(prefix):
         try:
             leases[i]._lock()
             outcome[i] = "won"
-        except sp.ObjectStoreLockedError:
+        except rl.ObjectStoreLockedError:
             outcome[i] = "refused"
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(leases))]
@@ -357,18 +358,18 @@ def test_lock_takes_over_stale_and_dead_holders(prefix):
              "ttl_s": 1.0}
     blob.upload_from_string(json.dumps(stale))
     time.sleep(1.2)  # the server's `updated` time is older than the ttl too
-    with sp.ObjectStoreLock(url, ttl_s=60) as a:
+    with rl.ObjectStoreLock(url, ttl_s=60) as a:
         assert a.replaced["hostname"] == "elsewhere"
     # a live-looking holder on another host is trusted
     blob.upload_from_string(json.dumps(dict(stale, heartbeat=time.time(), ttl_s=60)))
-    with pytest.raises(sp.ObjectStoreLockedError, match="elsewhere"):
-        sp.ObjectStoreLock(url, ttl_s=60).acquire()
+    with pytest.raises(rl.ObjectStoreLockedError, match="elsewhere"):
+        rl.ObjectStoreLock(url, ttl_s=60).acquire()
     # a holder on this host whose pid is gone is taken over at once
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     blob.upload_from_string(json.dumps(dict(stale, hostname=socket.gethostname(), pid=dead.pid,
                                             heartbeat=time.time(), ttl_s=60)))
-    with sp.ObjectStoreLock(url, ttl_s=60) as b:
+    with rl.ObjectStoreLock(url, ttl_s=60) as b:
         assert b.replaced["pid"] == dead.pid
 
 
@@ -379,7 +380,7 @@ def test_lock_heartbeat_and_loss_detection(prefix):
         lost.append(rec)
         a.release()
 
-    a = sp.ObjectStoreLock(url, ttl_s=1.0, heartbeat_s=0.1, on_lost=on_lost)
+    a = rl.ObjectStoreLock(url, ttl_s=1.0, heartbeat_s=0.1, on_lost=on_lost)
     a.acquire()
     g0 = a.generation
     time.sleep(0.5)
@@ -389,14 +390,14 @@ def test_lock_heartbeat_and_loss_detection(prefix):
     a._stop.set()
     a._thread.join(5)
     time.sleep(1.2)
-    b = sp.ObjectStoreLock(url, ttl_s=60)
+    b = rl.ObjectStoreLock(url, ttl_s=60)
     b._lock()
     assert b.replaced["pid"] == os.getpid()
     # the stalled holder finds out at its next heartbeat, or from verify()
-    with pytest.raises(sp.ObjectStoreLockedError, match="no longer holds"):
+    with pytest.raises(rl.ObjectStoreLockedError, match="no longer holds"):
         a.verify()
     assert a._renew() is False and lost and not a.held
-    with pytest.raises(sp.ObjectStoreLockedError, match="lost the lock"):
+    with pytest.raises(rl.ObjectStoreLockedError, match="lost the lock"):
         a.check()
     a.release()  # (again) must not clobber b's record
     assert "released" not in b.holder() and b.holder()["started"] == b.record["started"]
@@ -406,13 +407,13 @@ def test_lock_heartbeat_and_loss_detection(prefix):
 
 
 def test_lock_for_workdir_picks_the_mechanism(tmp_path, gcs):
-    from uvjax.training.lock import WorkdirLock
-    assert isinstance(sp.lock_for_workdir(str(tmp_path)), WorkdirLock)
-    lk = sp.lock_for_workdir(f"gs://{BUCKET}/wd/")
-    assert isinstance(lk, sp.ObjectStoreLock) and lk.url == f"gs://{BUCKET}/wd/train.lock"
+    from uvjax.locks import WorkdirLock
+    assert isinstance(rl.lock_for_workdir(str(tmp_path)), WorkdirLock)
+    lk = rl.lock_for_workdir(f"gs://{BUCKET}/wd/")
+    assert isinstance(lk, rl.ObjectStoreLock) and lk.url == f"gs://{BUCKET}/wd/train.lock"
     with pytest.raises(NotImplementedError):
-        sp.lock_for_workdir("s3://b/wd")
-    assert sp.lock_for_workdir(f"gs://{BUCKET}/wd", enabled=False).__class__.__name__ == "nullcontext"
+        rl.lock_for_workdir("s3://b/wd")
+    assert rl.lock_for_workdir(f"gs://{BUCKET}/wd", enabled=False).__class__.__name__ == "nullcontext"
 
 
 # ------------------------------------------------------------------------------ uvjax on gs:// (issue #28)
@@ -441,6 +442,7 @@ def test_shards_tokenizer_and_images_read_from_gcs(gcs_codes, tmp_path, monkeypa
     import numpy as np
     from PIL import Image
     from uvjax import pretokenise as pt
+    from uvjax.data import images as image_io
     from uvjax.data import storage
     from uvjax.data.tokenizer import TextTokenizer
     monkeypatch.setenv("UVJAX_CACHE", str(tmp_path / "cache"))
@@ -458,7 +460,7 @@ def test_shards_tokenizer_and_images_read_from_gcs(gcs_codes, tmp_path, monkeypa
     assert [r2.read_bytes(i) for i in (0, 59, len(r) - 1)] == [ref.read_bytes(i) for i in (0, 59, len(r) - 1)]
     assert len(os.listdir(tmp_path / "cache" / "remote")) == len(urls)  # one local copy per shard
     # the tokenizer directory: a mirror in the cache, once per version of its files
-    from uvjax.train import load_text_tokenizer
+    from uvjax.training.workdir import load_text_tokenizer
     from ml_collections import ConfigDict
     cfg = ConfigDict({"data": {"tokenizer": gcs_codes["tokenizer"]}, "model": {"vocab_size": 10 ** 6}})
     tok = load_text_tokenizer(cfg, "unused")
@@ -470,17 +472,17 @@ def test_shards_tokenizer_and_images_read_from_gcs(gcs_codes, tmp_path, monkeypa
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     root = sp.upload(str(tmp_path / "a.png"), f"{gcs_codes['remote']}/images/a.png").rsplit("/", 1)[0]
     sp.upload(str(tmp_path / "bad.png"), f"{root}/bad.png")
-    arr, mode = pt.read_image_file(f"{root}/a.png", pt.ImagePolicy())
+    arr, mode = image_io.read_image_file(f"{root}/a.png", image_io.ImagePolicy())
     assert arr.shape == (16, 12, 3) and mode is None and int(arr[0, 0, 0]) == 7
-    for name, policy, reason in (("none.png", pt.ImagePolicy(), "missing_image"),
-                                 ("a.png", pt.ImagePolicy(max_bytes=10), "oversized"),
-                                 ("bad.png", pt.ImagePolicy(), "corrupt_image")):
-        with pytest.raises(pt.ImageError) as e:
-            pt.read_image_file(f"{root}/{name}", policy)
+    for name, policy, reason in (("none.png", image_io.ImagePolicy(), "missing_image"),
+                                 ("a.png", image_io.ImagePolicy(max_bytes=10), "oversized"),
+                                 ("bad.png", image_io.ImagePolicy(), "corrupt_image")):
+        with pytest.raises(image_io.ImageError) as e:
+            image_io.read_image_file(f"{root}/{name}", policy)
         assert e.value.reason == reason and f"{root}/{name}" in str(e.value)
     pt._check_inside(root, "sub/../a.png")
     for bad in ("../x.png", "sub/../../x.png", "/etc/passwd", "gs://other/x.png"):
-        with pytest.raises(pt.ImageError) as e:
+        with pytest.raises(image_io.ImageError) as e:
             pt._check_inside(root, bad)
         assert e.value.reason == "path_escape"
 
@@ -624,7 +626,8 @@ def test_stage_cache_on_gcs_is_built_once_and_mirrored(prefix, tmp_path, monkeyp
     import shutil
     from llava_fixture import write_llava  # tests/llava_fixture.py
     from uvjax.config import load_config_file
-    from uvjax.stages import prepare, read_stage_log
+    from uvjax.stages.prepare import prepare
+    from uvjax.stage_log import read_stage_log
     monkeypatch.setenv("UVJAX_CACHE", str(tmp_path / "local-cache"))
     d = write_llava(str(tmp_path / "src"), n_images=10)
     c = load_config_file("own_data", "smoke")
@@ -660,7 +663,7 @@ def test_stage_cache_on_gcs_is_built_once_and_mirrored(prefix, tmp_path, monkeyp
 
 
 def test_readme_recipe_on_a_gcs_bucket(prefix, tmp_path):
-    """README 'Train on your own data', verbatim but for the smoke preset and 4 steps, with everything in the
+    """docs/USAGE.md 'Train on your own data', verbatim but for the smoke preset and 4 steps, with everything in the
     bucket: the LLaVA JSON, its images, the run directory and (by default, beside it) the stage cache. The
     run trains, evaluates on the held-out split and generates into gs://; nothing lands in the cwd."""
     from llava_fixture import write_llava  # tests/llava_fixture.py: written from the format, not by uvjax

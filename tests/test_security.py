@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uvjax.data import formats as F
+from uvjax.data.importers import common as importer_common, llava as importer_llava, paths as importer_paths
 from uvjax.data import records, storage
 from uvjax.data.records import Record, Segment, record_to_bytes
 
@@ -175,7 +175,7 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, w, h):
     with pytest.raises(ValueError, match=r"bomb"):
         storage.load_image("bomb.png", str(tmp_path), where="d.json record 0")
     with pytest.raises(ValueError, match="exceeds max_image_pixels|bomb"):
-        F.decode_image_bytes(_png_header_only(w, h), "u.parquet row 3")
+        importer_paths.decode_image_bytes(_png_header_only(w, h), "u.parquet row 3")
     # through the importer: one bad record, skipped and counted, the rest imported
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "ok.png")
     item = lambda img: {"id": img, "image": img, "conversations": [{"from": "human", "value": "<image>\nq"},
@@ -183,8 +183,8 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, w, h):
     import json
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(item(x)) for x in ("ok.png", "bomb.png", "ok.png")))
-    stats = F.ImportStats()
-    recs = list(F.iter_llava(str(path), str(tmp_path), load_pixels=True, on_error="skip", stats=stats))
+    stats = importer_common.ImportStats()
+    recs = list(importer_llava.iter_llava(str(path), str(tmp_path), load_pixels=True, on_error="skip", stats=stats))
     assert len(recs) == 2 and stats.skipped == {"bad_image": 1}
 
 

@@ -159,3 +159,129 @@ def test_bad_records_raise_naming_where(tok, case):
                       SequenceConfig(seq_len=64, image_tokens=4 if case == "code_count" else 0,
                                      codebook_size=16), where="shard-7.array_record record 3")
     assert msg in str(e.value) and "shard-7.array_record record 3" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- decode prompts
+# (prompt record, answer segments, template, feature_dim, hand-written prompt tokens, modality)
+FEAT = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
+PROMPTS = {
+    "text": ([txt("user", "hi there")], [txt("assistant", "hello")], "vicuna_v1", 0,
+             [1, 10, 11, 12, 13], [1] * 5),
+    "image_codes": ([img("user", [5, 6]), txt("user", "what weather")], [txt("assistant", "sunny")],
+                    "vicuna_v1", 0, [1, 10, 3, 5, 6, 4, 15, 16, 13], [1, 1, 1, 2, 2, 1, 1, 1, 1]),
+    "features": ([Segment("user", "image", features=FEAT), txt("user", "what")], [txt("assistant", "sunny")],
+                 "vicuna_v1", 3, [1, 10, 3, 0, 0, 4, 15, 13], [1, 1, 1, 2, 2, 1, 1, 1]),
+    # an earlier assistant image is IMAGE_OUT in the prompt, as in training
+    "earlier_answer_image_chatml": (
+        [txt("user", "draw watch"), txt("assistant", "ok"), img("assistant", [7, 8, 9]), txt("user", "what")],
+        [txt("assistant", "sunny")], "chatml", 0,
+        [5, 20, 22, 23, 6, 5, 21, 24, 3, 7, 8, 9, 4, 6, 5, 20, 15, 6, 5, 21],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROMPTS))
+def test_decode_prompt_is_the_start_of_the_training_sequence(tok, case):
+    """``inference.decode.encode_prompt`` (the data layer's ``sequence.encode_prompt``) gives the prompt
+    written out by hand, and that is exactly the first positions of ``encode_record`` of the same
+    conversation with its answer: training and decoding lay records out the same way."""
+    from uvjax.inference.decode import encode_prompt
+    prompt, answer, name, fdim, tokens, modality = PROMPTS[case]
+    tmpl = get_template(name, system="")
+    p = encode_prompt(Record("p", "interleaved", prompt), tok, tmpl, feature_dim=fdim)
+    assert set(p) == ({"tokens", "modality", "features"} if fdim else {"tokens", "modality"})
+    np.testing.assert_array_equal(p["tokens"], np.asarray(tokens, np.int32))
+    np.testing.assert_array_equal(p["modality"], np.asarray(modality, np.int32))
+    assert p["tokens"].dtype == p["modality"].dtype == np.int32
+    full = encode_record(Record("f", "interleaved", prompt + answer), tok, tmpl,
+                         SequenceConfig(seq_len=32, feature_dim=fdim), pad=False).arrays
+    n = len(tokens)
+    assert len(full["tokens"]) > n
+    for k in p:
+        np.testing.assert_array_equal(full[k][:n], p[k], err_msg=k)
+    if fdim:
+        expect = np.zeros((n, fdim), np.float32)
+        expect[3:5] = FEAT
+        np.testing.assert_array_equal(p["features"], expect)
+
+
+def test_decode_prompt_prefix_and_open_image(tok):
+    from uvjax.inference.decode import encode_prompt
+    rec = Record("p", "vqa", [img("user", [5, 6]), txt("user", "what weather")])
+    tmpl = get_template("vicuna_v1", system="")
+    p = encode_prompt(rec, tok, tmpl, assistant_prefix="hello", open_image=True)
+    np.testing.assert_array_equal(p["tokens"], [1, 10, 3, 5, 6, 4, 15, 16, 13, 14, 3])
+    np.testing.assert_array_equal(p["modality"], [1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1])
+    # the answer is not there yet: no task checks (a vqa prompt has no answer, a generation prompt no image)
+    encode_prompt(Record("g", "generation", [txt("user", "draw watch")]), tok, tmpl)
+    with pytest.raises(ValueError, match="prompt images must be VQ codes or features"):
+        encode_prompt(Record("x", "vqa", [Segment("user", "image", path="a.png")]), tok, tmpl)
+    with pytest.raises(ValueError, match="feature_dim is 0"):
+        encode_prompt(Record("x", "vqa", [Segment("user", "image", features=FEAT)]), tok, tmpl)
+
+
+# ------------------------------------------------------------------------------------- task taxonomy
+def _codes(role):
+    return img(role, [1, 2])
+
+
+# Written out by hand (not uvjax.data.tasks' constants): task -> (stream, a record shape keeping the
+# task's image promise, a shape breaking it or None when the tag promises nothing).
+U, A = "user", "assistant"
+TASKS = {
+    "vqa": ("understanding", [_codes(U), txt(U, "what"), txt(A, "sunny")], [txt(U, "what"), txt(A, "sunny")]),
+    "caption": ("understanding", [_codes(U), txt(A, "hello")],
+                [_codes(U), txt(A, "hello"), _codes(A)]),
+    "generation": ("generation", [txt(U, "draw"), txt(A, "ok"), _codes(A)], [txt(U, "draw"), txt(A, "ok")]),
+    "gen_reasoning": ("interleaved", [txt(U, "draw"), txt(A, "so"), _codes(A)], [txt(U, "draw"), txt(A, "so")]),
+    "edit": ("interleaved", [_codes(U), txt(U, "move"), txt(A, "ok"), _codes(A)],
+             [_codes(U), txt(U, "move"), txt(A, "ok")]),
+    "correct": ("interleaved", [_codes(U), txt(U, "fix"), txt(A, "ok"), _codes(A)],
+                [txt(U, "fix"), txt(A, "ok"), _codes(A)]),
+    "mm_reasoning": ("interleaved", [_codes(U), txt(U, "later"), _codes(A), txt(A, "03:15")],
+                     [_codes(U), txt(U, "later"), txt(A, "03:15")]),
+    "text": ("understanding", [txt(U, "hi"), txt(A, "hello")], None),
+    "conversation": ("understanding", [_codes(U), txt(U, "hi"), txt(A, "hello")], None),
+    "interleaved": ("interleaved", [_codes(U), txt(A, "first"), _codes(A)], None),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_importers_and_encoder_share_the_task_taxonomy(tok, task):
+    """Every task the sequence encoder knows is known to the importers' check_task and to the stream
+    split, with the same verdict: a record keeping the task's image promise passes both, one breaking it
+    fails both with the same reason."""
+    from uvjax.data import tasks
+    from uvjax.data.importers.common import FormatError
+    from uvjax.data.importers.segments import check_task
+    from uvjax.data.sequence import validate_record
+    stream, good, bad = TASKS[task]
+    cfg = SequenceConfig(seq_len=64)
+    assert task in tasks.KNOWN_TASKS
+    rec = Record("r", task, good)
+    validate_record(rec, tok, cfg, "w")
+    check_task(task, rec.segments, "w")
+    assert tasks.stream_of(rec) == stream
+    if bad is None:
+        return
+    with pytest.raises(ValueError) as enc_err:
+        validate_record(Record("r", task, bad), tok, cfg, "w")
+    with pytest.raises(FormatError) as imp_err:
+        check_task(task, bad, "w")
+    assert imp_err.value.reason == "image_count"
+    problem = str(enc_err.value).removeprefix("w: ")
+    assert problem.startswith(f"task {task!r} expects") and problem in str(imp_err.value)
+
+
+def test_the_taxonomy_knows_exactly_the_hand_written_tasks_and_the_generators_use_them():
+    from uvjax.data import reasoning, smartwatch, tasks
+    assert set(tasks.KNOWN_TASKS) == set(TASKS)
+    recs = list(smartwatch.generate(smartwatch.SmartWatchSpec(num_images=3, image_size=16)))
+    recs += list(reasoning.generate(reasoning.ReasoningSpec(num_scenes=1, image_size=16)))
+    assert {r.task for r in recs} == {"vqa", "caption", "generation", "gen_reasoning", "edit", "correct",
+                                      "mm_reasoning"}
+    for r in recs:
+        assert tasks.stream_of(r) == smartwatch.stream_of(r) == TASKS[r.task][0]
+    assert {reasoning.stream_of(r) for r in recs if r.task in reasoning.TASKS} == {"interleaved"}
+    # a tag outside the taxonomy is carried unchecked
+    assert tasks.image_problem("my_subset", 0, 0) is None

@@ -167,7 +167,7 @@ def test_feature_pretokenisation_resumes_and_routes_roles(tmp_path):
     from uvjax.data import smartwatch as sw
     from uvjax.data.records import record_from_bytes
     from uvjax.data.storage import RecordReader, expand_paths
-    from uvjax.stages_features import pretokenise_split_features
+    from uvjax.stages.features import pretokenise_split_features
     spec = sw.SmartWatchSpec(name="train", seed=3, num_images=12, image_size=16)
     full, part = tmp_path / "full", tmp_path / "part"
     full.mkdir(), part.mkdir()

@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from uvjax import pretokenise as pt  # noqa: E402
+from uvjax.data import images as image_io
+from uvjax.towers import encoders
 from uvjax.models import siglip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -50,13 +52,13 @@ def siglip_tower(tmp_path_factory):
         patch_size=8)).eval()
     d = tmp_path_factory.mktemp("siglip_hf")
     m.save_pretrained(str(d))
-    return m, pt.tower_encoder(str(d), kind="siglip")
+    return m, encoders.tower_encoder(str(d), kind="siglip")
 
 
 def _uvjax_pixels(enc, img):
     """What the feature encoder feeds its tower: the pretokenise resize (the tower's mode), then the
     tower's own normalisation."""
-    return siglip.preprocess(pt.preprocess(img, enc.image_size, enc.resize)[None], enc.tower.cfg)[0].astype(np.float64)
+    return siglip.preprocess(image_io.preprocess(img, enc.image_size, enc.resize)[None], enc.tower.cfg)[0].astype(np.float64)
 
 
 def test_siglip_encoder_uses_squash_and_half_normalisation(siglip_tower):
@@ -88,7 +90,7 @@ def test_siglip_features_match_hf_model_on_hf_pixels(siglip_tower):
     m, enc = siglip_tower
     proc = _pil_processor("siglip", size={"height": SIZE, "width": SIZE})
     imgs = _images(2)[:3]
-    ours = np.stack([enc.encode(pt.preprocess(img, enc.image_size, enc.resize)[None])[0] for img in imgs])
+    ours = np.stack([enc.encode(image_io.preprocess(img, enc.image_size, enc.resize)[None])[0] for img in imgs])
     with torch.no_grad():
         pix = torch.stack([proc(images=img, return_tensors="pt")["pixel_values"][0] for img in imgs])
         ref = m(pixel_values=pix, output_hidden_states=True).hidden_states[-2].numpy()
@@ -104,7 +106,7 @@ def clip_tower(tmp_path_factory):
         patch_size=7)).eval()
     d = tmp_path_factory.mktemp("clip_hf")
     m.save_pretrained(str(d))
-    return pt.tower_encoder(str(d), kind="clip")
+    return encoders.tower_encoder(str(d), kind="clip")
 
 
 @pytest.mark.parametrize("shape", SHAPES)  # (33, 29): the long side floor(size·long/short), not round (a fixed bug)

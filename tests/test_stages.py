@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from uvjax.stages import pretokenise_split, read_stage_log
+from uvjax.stages.smartwatch import pretokenise_split
+from uvjax.stage_log import read_stage_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -95,7 +95,7 @@ def wandb_run(tmp_path_factory):
     and the W&B sink on, offline."""
     from configs.vqvq import get_config
     from datasets import make_code_dataset
-    import uvjax.evaluate as ev
+    import uvjax.evaluation.run as ev
     from uvjax.train import run
     root = tmp_path_factory.mktemp("tbsinks")
     ds = make_code_dataset(str(root / "data"), num_images=24, image_tokens=16, num_codes=64)
@@ -127,7 +127,7 @@ def _test_images(cfg, n):
     """The first n test images (pixels) and the first n generation prompts' attributes, as the evaluation
     picks them: the run's test split, records in order."""
     from uvjax.data import smartwatch as sw
-    from uvjax.evaluate import test_spec
+    from uvjax.evaluation.run import test_spec
     records = list(sw.generate(test_spec(cfg, n, SIZE)))
     pixels = []
     for r in records:
@@ -259,7 +259,7 @@ def test_wandb_offline_run_holds_the_scalars_images_and_config(wandb_run):
 def test_evaluate_run_with_a_writer_logs_what_it_writes_to_disk(wandb_run, tmp_path):
     """evaluate_run(write=True, writer=...): the TensorBoard images are the PNGs on disk, pixel for pixel,
     the text is table.txt, the scalars are report.json's."""
-    from uvjax.evaluate import evaluate_run
+    from uvjax.evaluation.run import evaluate_run
     from uvjax.training.metrics import MetricWriter, read_metrics
     _, workdir = wandb_run
     logdir, out = str(tmp_path / "log"), str(tmp_path / "eval")
@@ -360,7 +360,7 @@ def test_bad_wandb_mode_and_bad_image_are_named(tmp_path):
 
 def test_wandb_keys_leave_the_lm_fingerprint_unchanged():
     """Runs saved before the keys existed keep their fingerprint, and toggling the sink keeps the run."""
-    from uvjax.train import config_changes, lm_fingerprint
+    from uvjax.training.workdir import config_changes, lm_fingerprint
     new = tiny_config()
     old = tiny_config()
     with old.unlocked():

@@ -18,7 +18,8 @@ from uvjax.data.tokenizer import get_template, load_tokenizer  # noqa: E402
 from uvjax.models.unified import UnifiedModel  # noqa: E402
 from uvjax.training.step import dummy_batch  # noqa: E402
 from uvjax.weights.gguf import permute_qk, smollm2_path, unpermute_qk  # noqa: E402
-from uvjax.weights.pretrained import load_base_into_variables, smollm2_preset  # noqa: E402
+from uvjax.weights.pretrained import load_base_into_variables  # noqa: E402
+from uvjax.config import smollm2_preset
 
 try:
     GGUF = smollm2_path()

@@ -19,7 +19,8 @@ from uvjax.models.unified import UnifiedModel  # noqa: E402
 from uvjax.training.step import dummy_batch  # noqa: E402
 from uvjax.weights import export as ex  # noqa: E402
 from uvjax.weights.hf_llama import load_hf_llama, model_dict_from_hf, read_hf_config  # noqa: E402
-from uvjax.weights.pretrained import load_base_into_variables, pretrained_preset  # noqa: E402
+from uvjax.weights.pretrained import load_base_into_variables  # noqa: E402
+from uvjax.config import pretrained_preset
 
 VOCAB = 300  # >= the byte-level BPE's 256-symbol alphabet + specials, for the export test's tokenizer
 ROPE = {
@@ -204,7 +205,7 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_pretrained_path_absent_and_shape_mismatch(tmp_path):
-    from uvjax.weights.pretrained import vicuna7b_preset
+    from uvjax.config import vicuna7b_preset
     c = base_config()
     vicuna7b_preset(c, str(tmp_path / "vicuna-7b-v1.5"))
     model_config(c).validate()

@@ -22,6 +22,17 @@ from typing import Sequence
 
 import numpy as np
 
+from uvjax import pretokenise as pt
+from uvjax.data import images as image_io
+from uvjax.data.records import Record, Segment
+from uvjax.data.tokenizer import get_template
+from uvjax.evaluation.run import _image_size
+from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, encode_prompt, find_vq, null_prompt
+from uvjax.inference.loading import is_export_dir, load_trained
+from uvjax.stages.features import TowerEncoder, evaluation_kwargs
+from uvjax.towers import encoders
+from uvjax.towers.vq_codec import VQCodec
+
 # text-to-image: the evaluation's settings (uvjax/evaluate.py), so run.generate draws what the judge scored
 T2I_TEXT_BUDGET = 32
 T2I_FORCE_WITHIN = 24
@@ -40,8 +51,6 @@ class Model:
     """A loaded uvjax model (see the module docstring). Build with :func:`load`."""
 
     def __init__(self, loaded, vq_path: str | None, encode_features=None):
-        from uvjax.data.tokenizer import get_template
-        from uvjax.inference.decode import Generator, SpecialIds, VQCodec
         self.loaded = loaded
         self.cfg, self.tokenizer, self.step, self.path = loaded.cfg, loaded.tokenizer, loaded.step, loaded.workdir
         mc = loaded.model.cfg
@@ -70,14 +79,13 @@ class Model:
         """A path, PIL image or uint8 array → uint8 [S, S, 3] resized as the run's training images were."""
         from PIL import Image
 
-        from uvjax import pretokenise as pt
         if isinstance(image, (str, os.PathLike)):
             try:
-                arr, _ = pt.read_image_file(os.fspath(image), pt.ImagePolicy(min_side=1))
-            except pt.ImageError as e:
+                arr, _ = image_io.read_image_file(os.fspath(image), image_io.ImagePolicy(min_side=1))
+            except image_io.ImageError as e:
                 raise ValueError(f"image {os.fspath(image)!r}: {e}") from None
         elif isinstance(image, Image.Image):
-            arr, _ = pt._to_rgb(image)
+            arr, _ = image_io._to_rgb(image)
         else:
             arr = np.asarray(image)
             if arr.ndim == 2:
@@ -86,13 +94,12 @@ class Model:
                 raise ValueError(f"image array: expected uint8 [H, W, 3] (or [H, W, 4], [H, W]); got "
                                  f"{arr.dtype} {list(arr.shape)}")
             if arr.shape[-1] == 4:
-                arr, _ = pt._to_rgb(Image.fromarray(arr, "RGBA"))
+                arr, _ = image_io._to_rgb(Image.fromarray(arr, "RGBA"))
         # imported data records its resize rule in stages.source.resize; the Smart Watch chain leaves it empty
         resize = str(((self.cfg.get("stages") or {}).get("source") or {}).get("resize") or "center_crop")
-        return pt.preprocess(np.ascontiguousarray(arr), self.image_size, resize)
+        return image_io.preprocess(np.ascontiguousarray(arr), self.image_size, resize)
 
     def _image_segment(self, image):
-        from uvjax.data.records import Segment
         if self.input_kind == "features":
             if self._encode_features is None:
                 raise ValueError(f"{self.path}: this model reads images as vision-tower features and no tower was "
@@ -104,7 +111,6 @@ class Model:
         return Segment("user", "image", codes=self.codec.encode(self._pixels(image)[None])[0])
 
     def _prompt(self, record):
-        from uvjax.inference.decode import encode_prompt, null_prompt
         fd = self._p.feature_dim
         return (encode_prompt(record, self.tokenizer, self._p.template, feature_dim=fd),
                 encode_prompt(null_prompt(record), self.tokenizer, self._p.template, feature_dim=fd))
@@ -134,8 +140,6 @@ class Model:
     def answer_batch(self, images: Sequence, questions: Sequence[str], *, max_new_tokens: int = 64,
                      temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
         """Answers many questions, ``batch_size`` rows per decoding call (the i-th batch uses ``seed + i``)."""
-        from uvjax.data.records import Record, Segment
-        from uvjax.inference.decode import DecodeSettings
         if len(images) != len(questions):
             raise ValueError(f"answer_batch: {len(images)} images but {len(questions)} questions")
         records = [Record(f"q{i}", "vqa", [self._image_segment(im), Segment("user", "text", text=str(q))])
@@ -155,8 +159,6 @@ class Model:
         """``n`` images (PIL, ``image_size`` square) drawn for a text prompt. ``cfg_scale`` s guides the image
         logits: ``cond + s (cond - uncond)`` (0 = off). A row that ends without a complete image gives none, so
         fewer than ``n`` images come back only if the model refused to draw (said in the returned list's length)."""
-        from uvjax.data.records import Record, Segment
-        from uvjax.inference.decode import DecodeSettings
         if not self.can_generate:
             raise ValueError(f"{self.path}: this model cannot draw images here: "
                              + ("its outputs are continuous features (no pixel decoder)" if self.output_kind != "codes"
@@ -182,8 +184,6 @@ class Model:
     def chat(self, prompt: str, image=None, *, max_new_tokens: int = 256, max_images: int = 1,
              temperature: float = 0.0, image_temperature: float = 1.0, cfg_scale: float = 0.0, seed: int = 0) -> list:
         """An interleaved answer: its text parts (``str``) and images (PIL) in the order the model wrote them."""
-        from uvjax.data.records import Record, Segment
-        from uvjax.inference.decode import DecodeSettings
         segs = ([self._image_segment(image)] if image is not None else []) + [Segment("user", "text", text=str(prompt))]
         N = self.image_tokens if self.can_generate else 0
         settings = DecodeSettings(max_new_tokens=int(max_new_tokens) + ((N + 2) * int(max_images) if N else 0),
@@ -204,15 +204,12 @@ class Model:
 
 def image_size_of(workdir: str, cfg, vq_path: str | None) -> int:
     """The pixel size the run's images had in training (the stages' data, else the VQ's own config)."""
-    from uvjax.evaluate import _image_size
     return int(_image_size(workdir, cfg, vq_path))
 
 
 def load(path: str, *, step: int | None = None) -> Model:
     """Loads a run directory (``config.json`` + ``checkpoints/``; ``step`` default: the latest) or an export
     directory (``python -m uvjax.weights.export``), local or ``gs://``, for inference on one device."""
-    from uvjax.inference.decode import find_vq
-    from uvjax.inference.loading import load_trained
     loaded = load_trained(path, step)
     vq_path, _ = find_vq(loaded.workdir, loaded.cfg)
     encode_features = None
@@ -224,10 +221,8 @@ def load(path: str, *, step: int | None = None) -> Model:
 def _tower_encoder(loaded):
     """The vision tower that turns a feature run's input images into features: the export's ``tower/`` or the
     run's siglip stage. None when there is none (said when an image is asked about)."""
-    from uvjax.inference.loading import is_export_dir
     if not is_export_dir(loaded.workdir):
         try:
-            from uvjax.stages_features import evaluation_kwargs
             return evaluation_kwargs(loaded.workdir, loaded.cfg)["encode_images"]
         except (FileNotFoundError, KeyError):
             return None
@@ -236,9 +231,7 @@ def _tower_encoder(loaded):
         return None
     path = os.path.join(loaded.workdir, str(info["path"]))
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):  # an HF vision directory
-        from uvjax import pretokenise as pt
-        return pt.tower_encoder(path, kind=str(info.get("kind", "siglip"))).tower.encode
-    from uvjax.stages_features import TowerEncoder
+        return encoders.tower_encoder(path, kind=str(info.get("kind", "siglip"))).tower.encode
     return TowerEncoder(path).encode
 
 

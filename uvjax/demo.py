@@ -28,11 +28,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from absl import app, flags  # noqa: E402
 
+from uvjax.api import load
+
 if TYPE_CHECKING:
     import gradio as gr
 
-# The demo's own flag set: uvjax.train defines --workdir on absl's global FLAGS when it is imported (and loading a
-# run imports it), so defining ours there would clash. Parsed by `parse_flags` below; absl's own flags
+# The demo's own flag set: the other commands define --workdir on absl's global FLAGS (uvjax/cli.py), and a test
+# process imports several of them, so the demo keeps its flags apart. Parsed by `parse_flags` below; absl's own flags
 # (--verbosity, ...) still go to the global set.
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "run directory or export directory to serve", flag_values=FLAGS)
@@ -224,7 +226,6 @@ def serve(workdir: str, *, step: int | None = None, host: str = "127.0.0.1", por
           share: bool = False, block: bool = True):
     """Loads the run once and serves its page: what ``python -m uvjax.demo`` does. With ``block=False`` it
     returns ``(run, app, url)`` at once (stop the server with ``app.close()``)."""
-    from uvjax.api import load
     run = load(workdir, step=step)
     print(f"loaded {run!r}", flush=True)
     app_ = build_app(run)

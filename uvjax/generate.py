@@ -21,9 +21,15 @@ import os
 import numpy as np
 from absl import app, flags
 
-import uvjax.train  # noqa: F401  (load_trained imports it; it owns the --workdir flag we share)
+from uvjax import cli
+from uvjax import storage_paths as sp
+from uvjax.api import load
+from uvjax.data.records import Record, Segment
+from uvjax.evaluation.images import write_png
+from uvjax.inference.decode import DecodeSettings, find_vq
 
 F = flags.FLAGS
+cli.define_workdir_flag()
 flags.DEFINE_string("prompt", None, "text-to-image prompt")
 flags.DEFINE_string("image", None, "input PNG (with --question)")
 flags.DEFINE_string("question", None, "question about --image")
@@ -70,10 +76,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not F.workdir or not F.out:
         raise app.UsageError("--workdir and --out are required")
-    from uvjax.api import load
-    from uvjax.data.records import Record, Segment
-    from uvjax.evaluate import write_png
-    from uvjax.inference.decode import DecodeSettings, find_vq
 
     reqs = read_requests(F.prompt, F.image, F.question, F.batch)
     model = load(F.workdir)  # a run directory or an export directory (uvjax/api.py)
@@ -106,7 +108,6 @@ def main(argv):
     t2i = dataclasses.replace(base, force_image_within=32 if (F.force_image and n_codes) else 0)
     ids = model._p.ids
 
-    from uvjax import storage_paths as sp
     out_path = sp.resolve(F.out)  # a local path or a gs:// URL (written through etils.epath)
     single = out_path.lower().endswith(".png")
     out_dir = os.path.dirname(out_path) if single else out_path

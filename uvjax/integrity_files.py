@@ -40,6 +40,9 @@ import sys
 import zlib
 from typing import Any
 
+from uvjax import storage_paths as sp
+from uvjax.storage_paths import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
@@ -158,7 +161,6 @@ def read_json(path: str, what: str = "JSON file", todo: str = "") -> Any:
 
 def write_marker(path: str, obj: dict) -> None:
     """A chunk marker: ``obj`` sealed with a digest, written atomically (temp + rename)."""
-    from uvjax.storage_paths import atomic_write_text
     atomic_write_text(path, json.dumps(seal(obj)))
 
 
@@ -315,7 +317,6 @@ def input_digests(paths: dict[str, str]) -> dict[str, dict]:
     """``{name: {"path", "sha256"}}`` of the files a trained LM is bound to (its tokenizer, its VQ): recorded in
     every checkpoint's metadata, so a resume or an evaluation that would read other files is refused. A file
     that does not exist has ``sha256: None``."""
-    from uvjax import storage_paths as sp
     out = {}
     for name, p in paths.items():
         if not p or not sp.exists(p):

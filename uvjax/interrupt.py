@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+from absl import logging
+
 _requested: list[int] = []
 
 
@@ -45,3 +47,30 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
         for s, h in old.items():
             signal.signal(s, h)
         _requested.clear()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self):
+        """Installs the handlers (main thread only) and remembers the ones they replace (``restore``)."""
+        def handler(signum, frame):
+            self.signal = signum
+            logging.warning("received signal %d: will checkpoint and stop after this step", signum)
+        self.previous = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.getsignal(s)
+            signal.signal(s, handler)
+
+    def restore(self):
+        """Puts back the handlers ``install`` replaced: after ``train.run`` returns, Ctrl-C (a notebook's
+        "interrupt kernel") works as before."""
+        for s, h in getattr(self, "previous", {}).items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def __bool__(self):
+        return self.signal is not None

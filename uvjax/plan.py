@@ -13,6 +13,9 @@ With libtpu installed (``pip install -e ".[tpu-aot]"``) TPU topologies compile f
 through deviceless topology descriptions. Otherwise the program is compiled for N CPU devices, which
 gives the same sharding but *approximate* memory (the CPU backend upcasts bf16 and schedules
 differently); the report says so.
+
+Over ~400 lines on purpose: one command (targets, AOT compile, batch search, report) whose parts are only
+used together.
 """
 from __future__ import annotations
 
@@ -27,7 +30,15 @@ import time
 from typing import Any
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from uvjax import cli
+from uvjax.config import model_config, validate
+from uvjax.data.arrays import INT_KEYS
+from uvjax.data.tokenizer import TextTokenizer, image_code_ids, with_image_tokens
+from uvjax.models.unified import UnifiedModel
+from uvjax.training.flops import train_flops_per_step
+from uvjax.training.sharding import check_batch_divisibility, make_mesh
+from uvjax.training.step import make_train_step, plan_trainer
 
 # chip: (HBM GiB per chip, peak dense bf16 TFLOP/s per chip, devices per chip seen by JAX)
 CHIPS = {
@@ -40,8 +51,8 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-    """Only when run as a command: importing uvjax.plan next to uvjax.train must not define --config twice."""
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/vqvq.py:tiny", lock_config=True)
+    """Only when run as a command (the tests import uvjax.plan as a library)."""
+    cli.define_config_flag()
     flags.DEFINE_string("topology", "cpu-8", "chip-count, e.g. v5e-16, v4-32, v5p-8, h100-8, cpu-8")
     flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time estimate")
     flags.DEFINE_string("backend", "auto", "auto | tpu | cpu (cpu: approximate memory)")
@@ -89,7 +100,6 @@ def _image_vocabulary_for_plan(cfg) -> bool:
     im = cfg.model.image
     if im.get("layout", "two_heads") != "shared_vocab" or tuple(im.code_token_ids):
         return False
-    from uvjax.data.tokenizer import TextTokenizer, image_code_ids, with_image_tokens
     n, v = int(im.num_codes), int(cfg.model.vocab_size)
     path = cfg.data.get("tokenizer", "") or ""
     if path and os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -142,10 +152,6 @@ def make_target(cfg, topology: str, backend: str = "auto") -> Target:
                                f"run via `python -m uvjax.plan` (it sets them) or set jax_num_cpu_devices")
         devices = jax.devices("cpu")[:n]
 
-    from uvjax.config import model_config, validate
-    from uvjax.models.unified import UnifiedModel
-    from uvjax.training.sharding import make_mesh
-    from uvjax.training.step import plan_trainer
 
     validate(cfg)
     mesh = make_mesh(cfg.mesh.shape, devices)
@@ -162,8 +168,6 @@ def compile_step(t: Target, batch_size: int, grad_accum: int) -> dict:
     (``compiler_out_of_memory``, with the temporaries it said it needed), not an exception."""
     import jax
     import numpy as np
-    from uvjax.training.sharding import check_batch_divisibility
-    from uvjax.training.step import make_train_step
 
     check_batch_divisibility(batch_size, grad_accum, t.mesh, 1)
     cfg = t.cfg
@@ -173,8 +177,7 @@ def compile_step(t: Target, batch_size: int, grad_accum: int) -> dict:
             cfg.train.batch_size, cfg.train.grad_accum = batch_size, grad_accum
     trainer = dataclasses.replace(t.trainer, cfg=cfg)
     B, T = batch_size, int(cfg.train.seq_len)
-    batch = {k: jax.ShapeDtypeStruct((B, T), np.int32) for k in
-             ("tokens", "modality", "text_target", "image_target", "segment_ids", "positions")}
+    batch = {k: jax.ShapeDtypeStruct((B, T), np.int32) for k in INT_KEYS}
     if "features" in (cfg.model.image.input_kind, cfg.model.image.output_kind):
         batch["features"] = jax.ShapeDtypeStruct((B, T, int(cfg.model.image.feature_dim)), np.float32)
     step = make_train_step(trainer, batch)
@@ -300,7 +303,6 @@ def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto", search:
     the chip's memory (0: CHIPS' value)."""
     import jax
     import numpy as np
-    from uvjax.training.flops import train_flops_per_step
 
     t = make_target(cfg, topology, backend)
     B, T, A = int(cfg.train.batch_size), int(cfg.train.seq_len), int(cfg.train.grad_accum)

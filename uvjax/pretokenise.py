@@ -16,7 +16,7 @@ absolute in ``import_manifest.json``) or ``pixels`` segments. The train step nev
   resumes at the first unfinished chunk; with ``process_count > 1`` chunk ``c`` belongs to process
   ``c % process_count`` (the same command on every host, disjoint shares);
 - a bad image (missing file, corrupt or truncated bytes, decompression bomb, smaller than
-  ``min_side``) raises a :class:`~uvjax.data.formats.FormatError` naming the shard, record and file,
+  ``min_side``) raises a :class:`~uvjax.data.importers.common.FormatError` naming the shard, record and file,
   or with ``on_error="skip"`` drops that record and counts it per reason in ``report.json``. Images
   that are *converted* (CMYK, LA/RGBA/P with alpha, 16-bit, greyscale -> RGB) are kept and counted
   per source mode; nothing else is dropped or changed.
@@ -25,7 +25,6 @@ Command: ``python -m uvjax.pretokenise --shards=DIR --vq=VQ_DIR --out=DIR [--ima
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -38,186 +37,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from uvjax import integrity_files as itg
+from uvjax import interrupt
+from uvjax import storage_paths as sp
 from uvjax.data import storage
-from uvjax.data.formats import FormatError, stream_for
+from uvjax.data.images import RESIZE_MODES, ImageError, ImagePolicy, decode_image, preprocess, read_image_file
+from uvjax.data.importers.common import FormatError
 from uvjax.data.records import Record, Segment
-
-# CLIP's image mean (LLaVA pads with it), as uint8 RGB
-CLIP_MEAN_RGB = (122, 116, 104)
-# center_crop: LlamaGen/ADM (box halvings, bicubic short side, centre crop); resize_crop: CLIP's processor
-# (bicubic short side, centre crop); squash: SigLIP's (bicubic to S x S, aspect not kept); pad: LLaVA's
-# expand2square with the CLIP mean, then bicubic
-RESIZE_MODES = ("center_crop", "resize_crop", "squash", "pad")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagePolicy:
-    """How images are read and checked. ``min_side``: smaller images (e.g. 1x1 placeholders) are
-    refused; ``max_pixels``: larger ones are refused from the header, before decoding (bombs)."""
-    min_side: int = 8
-    max_pixels: int = storage.MAX_IMAGE_PIXELS
-    max_bytes: int = 64 << 20
-
-
-class ImageError(Exception):
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def _to_rgb(im) -> tuple[np.ndarray, str | None]:
-    """A PIL image -> uint8 RGB and the source mode when it was converted (None for RGB)."""
-    from PIL import Image
-    mode = im.mode
-    if mode == "RGB":
-        return np.asarray(im, np.uint8), None
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey: scale to 8 bits, not clip
-        a = np.asarray(im).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
-        g = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=-1), mode
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")  # alpha: composite over white, as a viewer shows it
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"), np.uint8), mode
-    return np.asarray(im.convert("RGB"), np.uint8), mode  # L, P, CMYK, YCbCr, 1, F ...
-
-
-def read_image_file(full: str, policy: ImagePolicy) -> tuple[np.ndarray, str | None]:
-    """Decodes one image file; raises :class:`ImageError` with a reason key. ``full`` may be a ``gs://`` URL
-    (an image root in a bucket): its bytes are read through ``etils.epath``, with the same checks."""
-    from uvjax import storage_paths as sp
-    if sp.is_remote(full):
-        try:
-            size, _ = sp.remote_fingerprint(full)
-        except (FileNotFoundError, IsADirectoryError):
-            raise ImageError(f"image file {full!r} not found", "missing_image") from None
-        if size > policy.max_bytes:
-            raise ImageError(f"image file {full!r} is {size} bytes, more than {policy.max_bytes}", "oversized")
-        try:
-            data = sp.as_path(full).read_bytes()
-        except FileNotFoundError:  # deleted in between
-            raise ImageError(f"image file {full!r} not found", "missing_image") from None
-        return decode_image(data, full, policy)
-    if not os.path.isfile(full):
-        raise ImageError(f"image file {full!r} not found", "missing_image")
-    size = os.path.getsize(full)
-    if size > policy.max_bytes:
-        raise ImageError(f"image file {full!r} is {size} bytes, more than {policy.max_bytes}", "oversized")
-    with open(full, "rb") as f:
-        data = f.read()
-    return decode_image(data, full, policy)
-
-
-def decode_image(data: bytes, name: str, policy: ImagePolicy) -> tuple[np.ndarray, str | None]:
-    import io
-    import warnings
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > policy.max_pixels:
-                    raise ImageError(f"image {name!r} is {w}x{h} pixels, more than the {policy.max_pixels} "
-                                     "allowed (decompression bomb?); refused", "oversized")
-                if min(w, h) < policy.min_side:
-                    raise ImageError(f"image {name!r} is {w}x{h} pixels, smaller than min_side="
-                                     f"{policy.min_side}", "too_small")
-                im.load()
-                return _to_rgb(im)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image {name!r}: {e}", "oversized") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"image {name!r} is corrupt, truncated or not an image ({type(e).__name__}: {e})",
-                         "corrupt_image") from e
-
-
-def preprocess(img: np.ndarray, size: int, mode: str = "center_crop", fill=CLIP_MEAN_RGB) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]. ``center_crop``: box-downsample while the short side is
-    at least twice ``size``, bicubic-resize the short side to ``size``, crop the centre (LlamaGen's
-    preprocessing, from ADM). ``resize_crop``: the same without the box steps (CLIP's processor).
-    ``squash``: bicubic to ``size`` x ``size`` (SigLIP's). ``pad``: pad to a square with ``fill`` (LLaVA's
-    ``expand2square``), then bicubic-resize."""
-    from PIL import Image
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode {mode!r}; expected one of {RESIZE_MODES}")
-    im = Image.fromarray(img)
-    if mode == "squash":
-        return np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC), np.uint8)
-    if mode == "pad":
-        w, h = im.size
-        if w != h:
-            s = max(w, h)
-            sq = Image.new("RGB", (s, s), tuple(int(v) for v in fill))
-            sq.paste(im, ((s - w) // 2, (s - h) // 2))
-            im = sq
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, np.uint8)
-    while mode == "center_crop" and min(im.size) >= 2 * size:
-        im = im.resize(tuple(x // 2 for x in im.size), Image.BOX)
-    short = min(im.size)
-    if mode == "resize_crop":  # CLIP's processor: the long side is floor(size * long / short), as HF computes it
-        new_size = tuple(size if x == short else int(size * x / short) for x in im.size)
-    else:  # ADM / LlamaGen round
-        new_size = tuple(round(x * size / short) for x in im.size)
-    im = im.resize(new_size, Image.BICUBIC)
-    a = np.asarray(im, np.uint8)
-    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-    return np.ascontiguousarray(a[top:top + size, left:left + size])
-
-
-class Encoder:
-    """A frozen tower with its input size and preprocessing: ``kind`` "codes" | "features"."""
-
-    def __init__(self, tower, kind: str, image_size: int, resize: str = "center_crop"):
-        if kind not in ("codes", "features"):
-            raise ValueError(f"encoder kind {kind!r}; expected 'codes' or 'features'")
-        self.tower, self.kind, self.image_size, self.resize = tower, kind, int(image_size), resize
-
-    def encode(self, images_u8: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.tower.encode(images_u8))
-        return out.astype(np.int32) if self.kind == "codes" else out
-
-
-def vq_encoder(vq_path: str, image_size: int, resize: str = "center_crop") -> Encoder:
-    from uvjax import storage_paths as sp
-    from uvjax.inference.decode import VQCodec
-    if sp.is_remote(vq_path):  # safetensors are read from a local copy
-        vq_path = sp.local_tree(vq_path, sp.remote_cache_dir("trees")) if sp.isdir(vq_path) else \
-            sp.local_copy(vq_path, sp.remote_cache_dir())
-    return Encoder(VQCodec(vq_path), "codes", image_size, resize or "center_crop")
-
-
-class _ViTFeatures:
-    def __init__(self, cfg, params):
-        from uvjax.models.siglip import FeatureExtractor
-        self.cfg, self._fx = cfg, FeatureExtractor(cfg, params)
-
-    def encode(self, images_u8: np.ndarray) -> np.ndarray:
-        return self._fx(images_u8)
-
-
-def tower_encoder(path: str, *, kind: str = "siglip", resize: str = "", **overrides) -> Encoder:
-    """A SigLIP/CLIP vision tower as a features encoder: a uvjax tower file (``save_vit``: the SigLIP
-    stage's ``siglip.safetensors``) or an HF ``SiglipVisionModel``/``CLIPVisionModel`` directory (config.json
-    + safetensors, converted on load). Preprocessing is the tower's own unless ``resize`` says otherwise:
-    SigLIP squashes to S x S, CLIP resizes the short side and centre-crops; normalisation is the tower's."""
-    from uvjax import storage_paths as sp
-    from uvjax.weights.hf_siglip import load_hf_vision, load_vit
-    if sp.is_remote(path):  # read from a local copy
-        path = sp.local_tree(path, sp.remote_cache_dir("trees")) if sp.isdir(path) else \
-            sp.local_copy(path, sp.remote_cache_dir())
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        cfg, params = load_hf_vision(path, **overrides)
-    else:
-        f = os.path.join(path, "siglip.safetensors") if os.path.isdir(path) else path
-        cfg, params = load_vit(f)
-    mode = resize or ("resize_crop" if kind == "clip" else "squash")
-    return Encoder(_ViTFeatures(cfg, params), "features", int(cfg.image_size), mode)
+from uvjax.data.tasks import stream_of
+from uvjax.towers.encoders import Encoder, tower_encoder, vq_encoder
 
 
 # ----------------------------------------------------------------------------------------- the pass
@@ -227,7 +54,6 @@ def shard_paths(spec: str | Sequence[str]) -> list[str]:
 
 def image_root_of(shards: Sequence[str]) -> str:
     """The absolute image folder recorded by ``formats.convert`` next to the shards ("" if none)."""
-    from uvjax import storage_paths as sp
     for d in dict.fromkeys(sp.parent(p) if sp.is_remote(p) else os.path.dirname(os.path.abspath(p))
                            for p in shards):
         m = sp.join(d, "import_manifest.json")
@@ -301,7 +127,6 @@ def pretokenise_shards(shards: str | Sequence[str], encoders: Mapping[str, Encod
     report = _Report()
     t0 = time.time()
     memo: dict = {}  # (encoder, image key) -> output, across chunks: an image shared by chunks is encoded once
-    from uvjax import interrupt
     for c in range(n_chunks):
         if c % process_count != process_index:
             continue
@@ -345,7 +170,6 @@ MEMO_ENTRIES = 200_000
 
 
 def _pretokenise_chunk(reader, indices, encoders, root, *, batch, on_error, feature_dtype, policy, memo=None):
-    from uvjax.stages_features import _store_features as store_features  # float16 with a finiteness check
     rep = _Report()
     loaded: dict[str, tuple[np.ndarray, str | None]] = {}  # image key -> (rgb, converted-from mode)
     failed: dict[str, ImageError] = {}
@@ -444,7 +268,7 @@ def _pretokenise_chunk(reader, indices, encoders, root, *, batch, on_error, feat
                 segs.append(Segment(s.role, "image", features=store_features(v, feature_dtype,
                                                                               _where(reader, i, rec))))
         out = Record(rec.id, rec.task, segs, rec.attributes)
-        stream = stream_for(out)
+        stream = stream_of(out)
         streams[stream].append(out)
         rep.records_written[stream] += 1
     return streams, rep
@@ -454,7 +278,6 @@ def _check_inside(root: str, rel: str) -> None:
     """Paths in shards were checked at import; a shard from elsewhere is checked again here."""
     if not root:
         return
-    from uvjax import storage_paths as sp
     if sp.is_remote(root):  # no symlinks in a bucket: the relative path alone decides
         import posixpath
         norm = posixpath.normpath(rel)
@@ -465,6 +288,14 @@ def _check_inside(root: str, rel: str) -> None:
     full = os.path.realpath(os.path.join(root, rel))
     if os.path.isabs(rel) or os.path.commonpath([r, full]) != r:
         raise ImageError(f"image path {rel!r} leaves the image folder {root!r}; refused", "path_escape")
+
+
+def store_features(f: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    out = np.asarray(f, np.float32).astype(dtype)
+    if not np.isfinite(out).all():
+        raise ValueError(f"{where}: non-finite features after casting to {dtype} (max |x| = "
+                         f"{np.abs(f).max():.3g}); set stages.features.dtype='float32'")
+    return out
 
 
 def merge_reports(out_dir: str, split: str) -> dict:
@@ -532,7 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for role, k in roles.items():
         if k not in made:
             ap.error(f"--{role}={k} needs --{'vq' if k == 'vq' else 'tower'}")
-    from uvjax import storage_paths as sp
     out = a.out
     if sp.is_remote(out):  # resumable locally (chunk markers), uploaded when complete
         import hashlib

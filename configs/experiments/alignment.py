@@ -12,7 +12,7 @@ Presets:
   stays at chance (docs/RESULTS.md §2, §3).
 - ``quick``: the ``smoke`` chain, s ∈ {0, 0.3}, 3 steps, one seed (tests).
 """
-from uvjax.experiments.common import add_overrides, experiment_config
+from uvjax.experiments.arms import add_overrides, experiment_config
 
 
 def get_config(arg: str | None = None):

@@ -12,7 +12,7 @@ Presets:
   image quality (Fréchet) more than prompt following.
 - ``quick``: the ``smoke`` chain, fractions 0 and 100 %, 3 steps, one seed (tests).
 """
-from uvjax.experiments.common import experiment_config
+from uvjax.experiments.arms import experiment_config
 
 
 def get_config(arg: str | None = None):

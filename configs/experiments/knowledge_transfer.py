@@ -14,7 +14,7 @@ Presets:
 """
 import ml_collections as mlc
 
-from uvjax.experiments.common import experiment_config
+from uvjax.experiments.arms import experiment_config
 
 
 def get_config(arg: str | None = None):

@@ -8,7 +8,7 @@ Presets:
   (VQ ≈ 2–6 min). Results: docs/RESULTS.md §7.
 - ``quick``: the ``smoke`` chain, 3 steps, 3 test images, one seed (tests).
 """
-from uvjax.experiments.common import experiment_config
+from uvjax.experiments.arms import experiment_config
 
 
 def get_config(arg: str | None = None):

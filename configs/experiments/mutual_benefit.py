@@ -20,7 +20,7 @@ Presets:
   step control, 3 seeds, 200 test images. Measured on one H100: 85–105k tokens/s, ≈ 9 min per seed
   (unified 2.5–3.5 min, understanding-only 1.6, generation-only 0.9, control 2.3, evaluation included).
 """
-from uvjax.experiments.common import add_overrides, experiment_config
+from uvjax.experiments.arms import add_overrides, experiment_config
 
 
 def get_config(arg: str | None = None):

@@ -10,7 +10,7 @@ Presets:
   preset's 350 steps (sized at ≈ 1 step/s) leave VQA at chance (docs/RESULTS.md §2).
 - ``quick``: the ``smoke`` chain, ratios 0/50/100 %, 3 steps, one seed (tests).
 """
-from uvjax.experiments.common import add_overrides, experiment_config
+from uvjax.experiments.arms import add_overrides, experiment_config
 
 
 def get_config(arg: str | None = None):

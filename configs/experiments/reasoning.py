@@ -12,7 +12,7 @@ Presets:
   reasoning examples (32.1 per step: 1,481 steps); 2 seeds; 200 test images + 100 indirect prompts.
 - ``quick``: the ``smoke`` chain, 24 scenes, 3 steps, 3 indirect prompts, one seed (tests).
 """
-from uvjax.experiments.common import add_overrides, experiment_config
+from uvjax.experiments.arms import add_overrides, experiment_config
 
 
 def get_config(arg: str | None = None):

@@ -34,7 +34,12 @@ IMAGE_OUT = 3
 
 MODALITY_NAMES = {PAD: "pad", TEXT: "text", IMAGE_IN: "image_in", IMAGE_OUT: "image_out"}
 
+# The batch keys, defined once (training batches, plans, decoding): every int32 array of an example /
+# a training batch; of those, the targets only training reads, and the inputs the model reads (a decoding
+# batch has only these). ``features`` [.., F] float32 joins them for continuous-image variants.
 INT_KEYS = ("tokens", "modality", "text_target", "image_target", "segment_ids", "positions")
+TARGET_KEYS = ("text_target", "image_target")
+INPUT_KEYS = tuple(k for k in INT_KEYS if k not in TARGET_KEYS)  # tokens, modality, segment_ids, positions
 FEATURE_KEY = "features"
 
 

@@ -19,6 +19,7 @@ packer) and are part of the checkpointed state.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any
@@ -26,17 +27,23 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from ml_collections import config_dict
 
 from uvjax.data.arrays import FEATURE_KEY, INT_KEYS
-from uvjax.data.sequence import DROPPED, TRUNCATED, SequenceConfig, encode_record, pad_example
+from uvjax.data.records import null_prompt_record, record_from_bytes
+from uvjax.data.sequence import (DROPPED, TRUNCATED, SequenceConfig, encode_record, pad_example,
+                                 validate_record)
 from uvjax.data.storage import RecordReader, expand_paths, host_range
+from uvjax.data.tasks import STREAMS
 from uvjax.data.tokenizer import ChatTemplate, TextTokenizer, get_template
 
-STREAMS = ("understanding", "generation", "interleaved")
 STATS_KEY = "stats"
 _STAT_FIELDS = ("records", "skipped", "dropped", "truncated")
-_PACKED_KEYS = tuple(k for k in INT_KEYS if k not in ("segment_ids", "positions"))
+# What the packer concatenates: every array of an example except ``segment_ids`` (which segment of
+# the row an example is: only the packer knows, ``_FinishPacked``). ``positions`` restart at 0 in every
+# example, so concatenated they are already the row's positions. (The packer reads only these keys.)
+_PACKED_KEYS = tuple(k for k in INT_KEYS if k != "segment_ids")
 log = logging.getLogger(__name__)
 
 
@@ -68,10 +75,15 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def sequence_config(data_cfg: Any, seq_len: int) -> SequenceConfig:
+def sequence_config(data_cfg: Any, seq_len: int, model_images: dict | None = None) -> SequenceConfig:
+    """``model_images``: what the model reads (``codebook_size``, ``feature_dim``), given by the trainer from
+    the model config (``models.unified.sequence_image_facts``) so the data config is not edited at run time;
+    without it (the pipeline on its own) ``data.codebook_size`` / ``data.feature_dim`` are used."""
+    m = model_images or {}
     return SequenceConfig(seq_len=seq_len, overflow=data_cfg.overflow,
-                          image_tokens=int(data_cfg.image_tokens), feature_dim=int(data_cfg.feature_dim),
-                          codebook_size=int(data_cfg.codebook_size),
+                          image_tokens=int(data_cfg.image_tokens),
+                          feature_dim=int(m.get("feature_dim", data_cfg.feature_dim)),
+                          codebook_size=int(m.get("codebook_size", data_cfg.codebook_size)),
                           check_tasks=bool(data_cfg.check_tasks))
 
 
@@ -108,13 +120,9 @@ class ReadEncode:
             raise  # already names the shard and the record (RecordReader.read_bytes)
         except Exception as e:  # a damaged shard chunk: report it as data, like a bad record
             raise ValueError(f"{where}: unreadable record ({type(e).__name__}: {e})") from e
-        from uvjax.data.records import record_from_bytes
         rec = record_from_bytes(data, where)
         cfg, where = self.cfg, f"{where} (id {rec.id!r})"
         if self.cfg_dropout > 0 and np.random.default_rng([self.seed, 4099, index]).random() < self.cfg_dropout:
-            import dataclasses
-            from uvjax.data.records import null_prompt_record
-            from uvjax.data.sequence import validate_record
             validate_record(rec, self.tokenizer, cfg, where)  # the record as stored must be valid
             rec = null_prompt_record(rec)  # classifier-free guidance: learn the unconditional image too
             # its user images are gone by design (an edit's or correction's input image too): the task's
@@ -134,7 +142,7 @@ class ReadEncode:
             return {"_skip": 1}
         if enc.status == DROPPED:
             return {"_skip": 0}
-        ex = {k: v for k, v in enc.arrays.items() if k not in ("segment_ids", "positions")}
+        ex = dict(enc.arrays)  # one segment: segment_ids 1, positions 0..n-1 (encode_record)
         ex["_truncated"] = int(enc.status == TRUNCATED)
         return ex
 
@@ -188,23 +196,23 @@ class _AttachStatsIterator(grain.DatasetIterator):
 
 
 class _FinishPacked:
-    """Packer output -> the arrays.py contract: the packer's per-row segment ids (1..n, 0 = pad)
-    and per-segment positions of ``tokens`` become ``segment_ids`` / ``positions``."""
+    """Packer output -> the arrays.py contract: the examples' own arrays concatenated (``positions``
+    included: each restarts at 0), and the packer's per-row segment numbering (1..n, 0 = pad) of
+    ``tokens`` as ``segment_ids``."""
 
     def __call__(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: ex[k] for k in ex if not k.endswith(("_segment_ids", "_positions"))}
         out["segment_ids"] = ex["tokens_segment_ids"].astype(np.int32)
-        out["positions"] = ex["tokens_positions"].astype(np.int32)
         return out
 
 
 class _PadOne:
+    """One example per row: the example (segment 1, positions 0..n-1) padded to the row length."""
+
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
 
     def __call__(self, ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(ex["tokens"])
-        ex = dict(ex, segment_ids=np.ones((n,), np.int32), positions=np.arange(n, dtype=np.int32))
         return pad_example(ex, self.seq_len)
 
 
@@ -290,11 +298,11 @@ def stream_dataset(paths: list[str], tokenizer: TextTokenizer, template: ChatTem
 
 def make_train_dataset(data_cfg: Any, tokenizer: TextTokenizer, *, seq_len: int,
                        local_batch_size: int, process_index: int = 0, process_count: int = 1,
-                       seed: int = 0) -> grain.IterDataset:
+                       seed: int = 0, model_images: dict | None = None) -> grain.IterDataset:
     """The pipeline as a grain ``IterDataset`` (iterate it for a :class:`DataIterator`)."""
     _validate(data_cfg, seq_len, local_batch_size)
     template = get_template(data_cfg.template, data_cfg.system_prompt)
-    seq_cfg = sequence_config(data_cfg, seq_len)
+    seq_cfg = sequence_config(data_cfg, seq_len, model_images)
     parts, weights = [], []
     for i, name in enumerate(STREAMS):
         if name not in data_cfg.streams:
@@ -315,7 +323,7 @@ def make_train_dataset(data_cfg: Any, tokenizer: TextTokenizer, *, seq_len: int,
         raise ValueError("no data: every stream in data.streams has weight 0 or no shard files")
     ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
     if data_cfg.packing:
-        keys = _PACKED_KEYS + (STATS_KEY,) + ((FEATURE_KEY,) if data_cfg.feature_dim else ())
+        keys = _PACKED_KEYS + (STATS_KEY,) + ((FEATURE_KEY,) if seq_cfg.feature_dim else ())
         ds = grain.experimental.FirstFitPackIterDataset(
             ds, length_struct={k: seq_len for k in keys},
             num_packing_bins=int(data_cfg.pack_bins) or local_batch_size,
@@ -327,8 +335,7 @@ def make_train_dataset(data_cfg: Any, tokenizer: TextTokenizer, *, seq_len: int,
         ds = ds.map(_PadOne(seq_len))
     ds = ds.batch(local_batch_size, drop_remainder=True)
     if data_cfg.workers:
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(data_cfg.workers), per_worker_buffer_size=int(data_cfg.worker_buffer_size)))
@@ -337,11 +344,11 @@ def make_train_dataset(data_cfg: Any, tokenizer: TextTokenizer, *, seq_len: int,
 
 def make_train_iterator(data_cfg: Any, tokenizer: TextTokenizer, *, seq_len: int,
                         local_batch_size: int, process_index: int = 0, process_count: int = 1,
-                        seed: int = 0) -> DataIterator:
+                        seed: int = 0, model_images: dict | None = None) -> DataIterator:
     """Batches ``{tokens, modality, text_target, image_target, segment_ids, positions[, features]}``
     of shape [local_batch_size, seq_len] for this host (pass ``jax.process_index()`` /
     ``jax.process_count()``). Checkpoint with ``grain.checkpoint.CheckpointSave(it)``; read the
     counters from ``it.counts``; call ``it.close()`` when done (worker processes)."""
     return iter(make_train_dataset(data_cfg, tokenizer, seq_len=seq_len,
                                    local_batch_size=local_batch_size, process_index=process_index,
-                                   process_count=process_count, seed=seed))
+                                   process_count=process_count, seed=seed, model_images=model_images))

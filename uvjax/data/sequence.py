@@ -14,6 +14,10 @@ Rules (PRODUCT.md decisions 2-3):
   before that image's ``<boi>``), or dropped (``overflow="drop"``); a sample left without targets is
   dropped. The status (``ok`` | ``truncated`` | ``dropped``) is returned so callers count it.
 
+Decoding prompts (:func:`encode_prompt`, called by ``inference.decode.encode_prompt``) are laid out
+by the same code as training sequences (``_lay_out``), so a prompt is the start of the training
+sequence of the same conversation. The task rules checked here are ``data/tasks.py``'s.
+
 Bad input raises ``ValueError`` with ``where`` (file and record index when the caller knows them).
 """
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 
 from uvjax.data.arrays import FEATURE_KEY, IMAGE_IN, IMAGE_OUT, INT_KEYS, TEXT
 from uvjax.data.records import Record
-from uvjax.data.tokenizer import IMAGE_PLACEHOLDER, ChatTemplate, TextTokenizer
+from uvjax.data.tasks import image_problem
+from uvjax.data.tokenizer import IMAGE_PLACEHOLDER, ChatTemplate, Piece, TextTokenizer
 
 OK, TRUNCATED, DROPPED = "ok", "truncated", "dropped"
 
@@ -56,12 +61,8 @@ class Encoded(NamedTuple):
     length: int                           # untruncated length in tokens
 
 
-_IMAGE_TASKS_USER = ("vqa", "caption")
-_IMAGE_TASKS_ASSISTANT = ("generation", "gen_reasoning")
-_IMAGE_TASKS_BOTH = ("edit", "correct", "mm_reasoning")  # reasoning subsets: an input and an output image
-
-
-def _image_values(seg, where: str, cfg: SequenceConfig) -> tuple[np.ndarray, np.ndarray | None]:
+def _image_values(seg, where: str, *, feature_dim: int, image_tokens: int = 0,
+                  codebook_size: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """(tokens [N] int32, features [N, F] or None) of a pre-tokenised image segment."""
     if seg.pixels is not None or seg.path is not None:
         kind = "pixels" if seg.pixels is not None else f"path {seg.path!r}"
@@ -74,25 +75,25 @@ def _image_values(seg, where: str, cfg: SequenceConfig) -> tuple[np.ndarray, np.
             raise ValueError(f"{where}: image codes must be an int array [N] or [h, w], got "
                              f"{codes.dtype} {list(codes.shape)}")
         codes = codes.reshape(-1).astype(np.int64)  # raster order
-        if cfg.codebook_size and (codes.min(initial=0) < 0 or codes.max(initial=0) >= cfg.codebook_size):
-            raise ValueError(f"{where}: image codes outside [0, {cfg.codebook_size})")
+        if codebook_size and (codes.min(initial=0) < 0 or codes.max(initial=0) >= codebook_size):
+            raise ValueError(f"{where}: image codes outside [0, {codebook_size})")
         n, feats = codes.size, None
         toks = codes.astype(np.int32)
     else:
         feats = np.asarray(seg.features, np.float32)
         if feats.ndim != 2:
             raise ValueError(f"{where}: image features must be [N, F], got {list(feats.shape)}")
-        if feats.shape[1] != cfg.feature_dim:
+        if feats.shape[1] != feature_dim:
             raise ValueError(f"{where}: image features have F={feats.shape[1]}, expected "
-                             f"feature_dim={cfg.feature_dim}")
+                             f"feature_dim={feature_dim}")
         if not np.isfinite(feats).all():  # would make the loss NaN (bad data, not a bad step)
             raise ValueError(f"{where}: image features contain NaN or Inf")
         n = feats.shape[0]
         toks = np.zeros((n,), np.int32)
     if n == 0:
         raise ValueError(f"{where}: image with no codes/features")
-    if cfg.image_tokens and n != cfg.image_tokens:
-        raise ValueError(f"{where}: image has {n} tokens, expected {cfg.image_tokens}")
+    if image_tokens and n != image_tokens:
+        raise ValueError(f"{where}: image has {n} tokens, expected {image_tokens}")
     return toks, feats
 
 
@@ -125,72 +126,96 @@ def validate_record(record: Record, tokenizer: TextTokenizer, cfg: SequenceConfi
     if not seen_assistant:
         raise ValueError(f"{where}: no assistant turn, so nothing to learn; expected at least one")
     if cfg.check_tasks:
-        n_user, n_asst = len(record.images("user")), len(record.images("assistant"))
-        if record.task in _IMAGE_TASKS_USER and (n_user < 1 or n_asst):
-            raise ValueError(f"{where}: task {record.task!r} expects >=1 user image and no assistant "
-                             f"image, got {n_user} user / {n_asst} assistant images")
-        if record.task in _IMAGE_TASKS_ASSISTANT and n_asst < 1:
-            raise ValueError(f"{where}: task {record.task!r} expects >=1 assistant image, got {n_asst}")
-        if record.task in _IMAGE_TASKS_BOTH and (n_user < 1 or n_asst < 1):
-            raise ValueError(f"{where}: task {record.task!r} expects >=1 user and >=1 assistant image, got "
-                             f"{n_user} user / {n_asst} assistant images")
+        problem = image_problem(record.task, len(record.images("user")), len(record.images("assistant")))
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
 
 
-def encode_record(record: Record, tokenizer: TextTokenizer, template: ChatTemplate,
-                  cfg: SequenceConfig, *, pad: bool = True, where: str | None = None) -> Encoded:
-    """Record -> sequence arrays (padded to ``cfg.seq_len`` unless ``pad=False``, for packing)."""
-    where = where or f"record {record.id!r}"
-    validate_record(record, tokenizer, cfg, where)
-    tokens: list[np.ndarray] = []
-    modality: list[np.ndarray] = []
-    ttarget: list[np.ndarray] = []
-    itarget: list[np.ndarray] = []
-    feats: list[tuple[int, np.ndarray]] = []
-    spans: list[tuple[int, int]] = []  # [boi position, eoi position + 1)
-    n = 0
-    image_index = {id(s): i for i, s in enumerate(record.images())}
+class _Layout:
+    """The per-position arrays of one sequence, built piece by piece (a chat template's pieces: special
+    tokens, text, and images wrapped in ``<boi>`` ... ``<eoi>``)."""
 
-    def put(ids, mod, tt, it):
-        nonlocal n
+    def __init__(self):
+        self.tokens: list[np.ndarray] = []
+        self.modality: list[np.ndarray] = []
+        self.text_target: list[np.ndarray] = []
+        self.image_target: list[np.ndarray] = []
+        self.feats: list[tuple[int, np.ndarray]] = []  # (first position, [N, F]) of continuous images
+        self.spans: list[tuple[int, int]] = []         # [boi position, eoi position + 1) of every image
+        self.n = 0
+
+    def put(self, ids, mod: int, tt, it) -> None:
         ids = np.asarray(ids, np.int32)
         k = ids.size
-        tokens.append(ids)
-        modality.append(np.full(k, mod, np.int32))
-        ttarget.append(np.full(k, int(tt), np.int32))
-        itarget.append(np.full(k, int(it), np.int32))
-        n += k
+        self.tokens.append(ids)
+        self.modality.append(np.full(k, mod, np.int32))
+        self.text_target.append(np.full(k, int(tt), np.int32))
+        self.image_target.append(np.full(k, int(it), np.int32))
+        self.n += k
 
-    for p in template.pieces(record):
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"tokens": np.concatenate(self.tokens), "modality": np.concatenate(self.modality),
+                "text_target": np.concatenate(self.text_target),
+                "image_target": np.concatenate(self.image_target)}
+
+    def features(self, n: int, feature_dim: int) -> np.ndarray:
+        """[n, feature_dim]: the continuous images' features at their positions (< n), zeros elsewhere."""
+        fa = np.zeros((n, feature_dim), np.float32)
+        for pos, f in self.feats:
+            if pos + len(f) <= n:
+                fa[pos:pos + len(f)] = f
+        return fa
+
+
+def _lay_out(record: Record, pieces: list[Piece], tokenizer: TextTokenizer, where: str, *,
+             feature_dim: int, image_tokens: int = 0, codebook_size: int = 0) -> _Layout:
+    """Template pieces -> arrays, the one place a record's text and images become positions (training
+    sequences and decoding prompts both): assistant text is a text target; a user image is IMAGE_IN, an
+    assistant image IMAGE_OUT with image targets and its ``<boi>``/``<eoi>`` as text targets."""
+    lay = _Layout()
+    image_index = {id(s): i for i, s in enumerate(record.images())}
+    for p in pieces:
         if p.kind == "special":
-            put([tokenizer.special_id(p.text)], TEXT, p.target, 0)
+            lay.put([tokenizer.special_id(p.text)], TEXT, p.target, 0)
         elif p.kind == "text":
             if p.text:
                 try:
                     ids = tokenizer.encode(p.text, allow_special=p.trusted)
                 except ValueError as e:
                     raise ValueError(f"{where} ({p.role} text): {e}") from e
-                put(ids, TEXT, p.target, 0)
+                lay.put(ids, TEXT, p.target, 0)
         else:
             idx = image_index.get(id(p.segment), -1)
-            toks, f = _image_values(p.segment, f"{where} image {idx} ({p.role})", cfg)
-            start = n
+            toks, f = _image_values(p.segment, f"{where} image {idx} ({p.role})", feature_dim=feature_dim,
+                                    image_tokens=image_tokens, codebook_size=codebook_size)
+            start = lay.n
             out = p.role == "assistant"
-            put([tokenizer.boi_id], TEXT, out, 0)
+            lay.put([tokenizer.boi_id], TEXT, out, 0)
             if f is not None:
-                feats.append((n, f))
-            put(toks, IMAGE_OUT if out else IMAGE_IN, 0, out)
-            put([tokenizer.eoi_id], TEXT, out, 0)
-            spans.append((start, n))
+                lay.feats.append((lay.n, f))
+            lay.put(toks, IMAGE_OUT if out else IMAGE_IN, 0, out)
+            lay.put([tokenizer.eoi_id], TEXT, out, 0)
+            lay.spans.append((start, lay.n))
+    return lay
 
-    arrays = {"tokens": np.concatenate(tokens), "modality": np.concatenate(modality),
-              "text_target": np.concatenate(ttarget), "image_target": np.concatenate(itarget)}
-    length = n
+
+def encode_record(record: Record, tokenizer: TextTokenizer, template: ChatTemplate,
+                  cfg: SequenceConfig, *, pad: bool = True, where: str | None = None) -> Encoded:
+    """Record -> sequence arrays (padded to ``cfg.seq_len`` unless ``pad=False``, for packing). The
+    example is one segment: ``segment_ids`` 1 and ``positions`` 0..n-1 (packing renumbers the segment
+    ids of a row and keeps the positions)."""
+    where = where or f"record {record.id!r}"
+    validate_record(record, tokenizer, cfg, where)
+    lay = _lay_out(record, template.pieces(record), tokenizer, where, feature_dim=cfg.feature_dim,
+                   image_tokens=cfg.image_tokens, codebook_size=cfg.codebook_size)
+    arrays = lay.arrays()
+    n = length = lay.n
     status = OK
     if n > cfg.seq_len:
         if cfg.overflow == "drop":
             return Encoded(None, DROPPED, length)
         cut = cfg.seq_len
-        for s, e in spans:
+        for s, e in lay.spans:
             if s < cut < e:
                 cut = s
                 break
@@ -199,18 +224,45 @@ def encode_record(record: Record, tokenizer: TextTokenizer, template: ChatTempla
         if not (arrays["text_target"].any() or arrays["image_target"].any()):
             return Encoded(None, DROPPED, length)
     if cfg.feature_dim:
-        fa = np.zeros((n, cfg.feature_dim), np.float32)
-        for pos, f in feats:
-            if pos + len(f) <= n:
-                fa[pos:pos + len(f)] = f
-        arrays[FEATURE_KEY] = fa
-    elif feats:
+        arrays[FEATURE_KEY] = lay.features(n, cfg.feature_dim)
+    elif lay.feats:
         raise ValueError(f"{where}: continuous image features given but feature_dim is 0")
     arrays["segment_ids"] = np.ones((n,), np.int32)
     arrays["positions"] = np.arange(n, dtype=np.int32)
     if pad:
         arrays = pad_example(arrays, cfg.seq_len)
     return Encoded(arrays, status, length)
+
+
+def encode_prompt(record: Record, tokenizer: TextTokenizer, template: ChatTemplate, *,
+                  assistant_prefix: str = "", open_image: bool = False, feature_dim: int = 0,
+                  where: str | None = None) -> dict[str, np.ndarray]:
+    """A conversation ending in a user turn -> decoding prompt arrays (``tokens``, ``modality`` and, with
+    ``feature_dim``, ``features``) ending with the assistant's opening. Laid out by the same code as
+    :func:`encode_record` (the prompt is exactly the start of the training sequence of the record
+    answered, when neither ``assistant_prefix`` nor ``open_image`` is given); no targets, no task
+    checks (the answer is not there yet), no length limit.
+    ``assistant_prefix`` starts the answer with given text; ``open_image`` ends the prompt with
+    ``<boi>`` (the decoder starts that row in image mode). Images must be VQ codes (IMAGE_IN for user
+    images, IMAGE_OUT for earlier assistant images) or features."""
+    where = where or f"record {record.id!r}"
+    if any(s.codes is None and s.features is None for s in record.images()):
+        raise ValueError(f"record {record.id!r}: prompt images must be VQ codes or features; "
+                         "encode pixels with the run's VQ tokenizer first")
+    if not feature_dim and any(s.features is not None for s in record.images()):
+        raise ValueError("prompt has continuous image features but feature_dim is 0")
+    lay = _lay_out(record, template.pieces(record, add_generation_prompt=True), tokenizer, where,
+                   feature_dim=feature_dim)
+    if assistant_prefix:
+        lead = " " if template.name == "vicuna_v1" else ""  # vicuna answers start with a space (ChatTemplate)
+        lay.put(tokenizer.encode(lead + assistant_prefix), TEXT, 0, 0)
+    if open_image:
+        lay.put([tokenizer.boi_id], TEXT, 0, 0)
+    arrays = lay.arrays()
+    out = {"tokens": arrays["tokens"], "modality": arrays["modality"]}
+    if feature_dim:
+        out[FEATURE_KEY] = lay.features(lay.n, feature_dim)
+    return out
 
 
 def pad_example(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -222,5 +274,5 @@ def pad_example(ex: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray
     return out
 
 
-__all__ = ["SequenceConfig", "Encoded", "encode_record", "validate_record", "pad_example",
+__all__ = ["SequenceConfig", "Encoded", "encode_record", "encode_prompt", "validate_record", "pad_example",
            "OK", "TRUNCATED", "DROPPED", "INT_KEYS"]

@@ -16,6 +16,7 @@ probabilities and template counts); phrasings are our own. Fixes of the referenc
 Answers are plain strings re-derivable from ``Record.attributes`` (see :func:`answer`): weather
 ``sunny|cloudy|raining``; time ``HH:MM`` (``HH:MM:SS`` with ``time_seconds=True``; hours ``01``..``12``);
 battery ``NN%`` (no zero padding, ``0%``..``100%``); corners ``top-left|top-right|bottom-left|bottom-right``.
+The phrasings live in ``smartwatch_phrasings.py``; task tags and streams in ``tasks.py``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from uvjax.data import storage
 from uvjax.data.records import Record, Segment
+from uvjax.data.smartwatch_phrasings import (CAPTION_PREFIXES, CAPTION_QUESTIONS, FRAGMENTS,
+                                             GENERATION_ANSWERS, GENERATION_PREFIXES, QUESTIONS)
+from uvjax.data.tasks import SMARTWATCH_TASKS, STREAMS, stream_of
 
 CANVAS = 224
 WEATHERS = ("sunny", "cloudy", "raining")
@@ -37,96 +42,6 @@ VQA_ATTRIBUTES = ("weather", "time", "battery", "weather_pos", "battery_pos")
 FRAGMENT_ORDER = ("time", "weather", "battery", "weather_pos", "battery_pos")
 FRAGMENT_PROB = {"time": 1.0, "weather": 0.5, "battery": 0.5, "weather_pos": 0.5, "battery_pos": 0.5}
 EXTRA_TURN_TRIALS, EXTRA_TURN_PROB = 3, 0.4  # turns per VQA record = 1 + Binomial(3, 0.4)
-
-QUESTIONS: dict[str, tuple[str, ...]] = {
-    "weather": (
-        "What weather does the watch show?",
-        "Which weather condition is displayed on this watch face?",
-        "What does the weather icon on the watch indicate?",
-        "Tell me the weather shown on the smartwatch.",
-        "According to the watch, what is the weather like?",
-        "Which forecast symbol appears on the screen?",
-        "What kind of weather is indicated on the display?",
-        "Identify the weather the watch is reporting.",
-        "Is the display showing sunny, cloudy or raining weather?",
-    ),
-    "time": (
-        "What time is it on the watch?",
-        "What time does the watch face show?",
-        "Read the time from the clock hands.",
-        "Which time is displayed on this smartwatch?",
-        "Tell me the time shown on the watch.",
-        "What time do the hands point to?",
-        "According to the watch, what is the current time?",
-        "Give the time indicated by the watch.",
-        "What is the time on the display?",
-        "Read the clock on this watch.",
-    ),
-    "battery": (
-        "How much battery is left?",
-        "What battery level does the watch show?",
-        "What is the charge percentage on the watch?",
-        "How charged is the smartwatch?",
-        "Tell me the remaining battery percentage.",
-        "What percentage does the battery indicator read?",
-        "How full is the battery of the watch?",
-        "Read the battery level from the screen.",
-        "What does the power indicator say?",
-        "How much charge remains according to the display?",
-    ),
-    "battery_pos": (
-        "In which corner is the battery indicator?",
-        "Where on the screen is the battery shown?",
-        "Which corner holds the battery level?",
-        "Where is the battery icon located?",
-        "Tell me the corner where the charge indicator sits.",
-        "In what corner of the display is the power level?",
-        "Where does the watch place its battery bar?",
-        "Locate the battery indicator: which corner is it in?",
-        "Which part of the screen shows the battery?",
-        "Where can I find the battery percentage on the watch?",
-    ),
-    "weather_pos": (
-        "In which corner is the weather icon?",
-        "Where on the screen is the weather shown?",
-        "Which corner holds the weather symbol?",
-        "Where is the weather indicator located?",
-        "Tell me the corner where the forecast icon sits.",
-        "In what corner of the display is the weather?",
-        "Where does the watch place its weather symbol?",
-        "Locate the weather icon: which corner is it in?",
-        "Which part of the screen shows the weather?",
-        "Where can I find the weather on the watch?",
-    ),
-}
-FRAGMENTS: dict[str, tuple[str, ...]] = {
-    "time": (", the time reads {v}", ", showing {v} on its dial", ", with its hands at {v}",
-             ", displaying the time {v}"),
-    "weather": (", the weather is {v}", ", with a {v} weather icon", ", forecasting {v} weather"),
-    "battery": (", battery at {v}", ", with {v} charge left", ", the power level reads {v}"),
-    "weather_pos": (", the weather icon sits in the {v} corner", ", weather shown at the {v}",
-                    ", with the forecast symbol placed {v}"),
-    "battery_pos": (", the battery is in the {v} corner", ", battery indicator at the {v}",
-                    ", with the charge level placed {v}"),
-}
-CAPTION_PREFIXES = ("This image shows a smartwatch", "Pictured is a smart watch",
-                    "The picture contains a smartwatch face")
-GENERATION_PREFIXES = ("Generate an image of a smart watch", "Draw a smartwatch",
-                       "Show me a picture of a smart watch")
-CAPTION_QUESTIONS = (
-    "Describe the watch in this image.",
-    "What are the main elements of this smartwatch display?",
-    "Give a short description of the watch face and its layout.",
-    "Explain what the smartwatch screen shows.",
-    "Summarise the information visible on this watch.",
-    "What can you see on this watch face?",
-    "Describe the layout and readings of the smartwatch.",
-    "Write a caption for this smartwatch picture.",
-    "List what the watch display contains.",
-    "Provide a description of this watch, including where things are.",
-)
-GENERATION_ANSWERS = ("Here is the image.", "Sure, here is the watch.",
-                      "This is the smart watch you asked for.")
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -151,7 +66,7 @@ class SmartWatchSpec:
     understanding_fraction: float = 1.0
     generation_fraction: float = 1.0
     understanding_keep: tuple[tuple[str, float], ...] = ()
-    tasks: tuple[str, ...] = ("vqa", "caption", "generation")
+    tasks: tuple[str, ...] = SMARTWATCH_TASKS
 
     def __post_init__(self):
         for k, r in self.understanding_keep:
@@ -159,7 +74,7 @@ class SmartWatchSpec:
                 raise ValueError(f"understanding_keep entry ({k!r}, {r}) must name one of "
                                  f"{VQA_ATTRIBUTES} with a rate in [0, 1]")
         for t in self.tasks:
-            if t not in ("vqa", "caption", "generation"):
+            if t not in SMARTWATCH_TASKS:
                 raise ValueError(f"unknown Smart Watch task {t!r}")
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"image_size {self.image_size} outside 16..1024")
@@ -399,27 +314,11 @@ def corpus_texts(spec: SmartWatchSpec, num_images: int = 2000) -> Iterator[str]:
                 yield s.text  # type: ignore[misc]
 
 
-UNDERSTANDING_TASKS = ("vqa", "caption")
-GENERATION_TASKS = ("generation",)
-
-
-def stream_of(record: Record) -> str:
-    """Which mixing stream a record belongs to: plain generation → generation; an assistant image in
-    any other task (reasoning, editing, correction, interleaved) → interleaved; else understanding."""
-    if record.task in GENERATION_TASKS:
-        return "generation"
-    if record.images("assistant"):
-        return "interleaved"
-    return "understanding"
-
-
 def write_split(spec: SmartWatchSpec, out_dir: str, records_per_shard: int = 2000,
                 records: Iterable[Record] | None = None) -> dict[str, list[str]]:
-    """Writes the split as ArrayRecord shards, one file set per stream:
+    """Writes the split as ArrayRecord shards, one file set per stream (``tasks.stream_of``):
     ``{out_dir}/{spec.name}-understanding-00000.array_record`` and ``...-generation-...``."""
-    from uvjax.data import storage
-    writers = {s: storage.ShardWriter(out_dir, f"{spec.name}-{s}", records_per_shard)
-               for s in ("understanding", "generation", "interleaved")}
+    writers = {s: storage.ShardWriter(out_dir, f"{spec.name}-{s}", records_per_shard) for s in STREAMS}
     try:
         for rec in (generate(spec) if records is None else records):
             writers[stream_of(rec)].write(rec)

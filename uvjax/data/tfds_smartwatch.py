@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from uvjax.data import smartwatch as sw
 from uvjax.data.records import Record, record_from_bytes, record_to_bytes
+from uvjax.data.tasks import stream_of
 
 
 @dataclasses.dataclass
@@ -72,7 +73,7 @@ class SmartWatch(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, spec: sw.SmartWatchSpec):
         for rec in sw.generate(spec):
-            yield rec.id, {"id": rec.id, "task": rec.task, "stream": sw.stream_of(rec),
+            yield rec.id, {"id": rec.id, "task": rec.task, "stream": stream_of(rec),
                            "record": record_to_bytes(rec)}
 
 

@@ -28,6 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from uvjax.data.records import Record, Segment
+from uvjax.integrity_files import DamagedFile, read_json
 
 SPECIAL_NAMES = ("pad", "bos", "eos", "boi", "eoi", "im_start", "im_end")
 DEFAULT_SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "boi": "<boi>", "eoi": "<eoi>",
@@ -104,7 +105,6 @@ class TextTokenizer:
     @classmethod
     def load(cls, directory: str) -> "TextTokenizer":
         """Loads what :meth:`save` wrote (or, without our meta file, an HF directory)."""
-        from uvjax.integrity_files import DamagedFile, read_json
         meta = os.path.join(directory, _META_FILE)
         if not os.path.exists(meta):
             return cls.from_hf_dir(directory)
@@ -132,7 +132,6 @@ class TextTokenizer:
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.exists(path):
             raise ValueError(f"{directory!r} has no tokenizer.json (HF fast tokenizer expected)")
-        from uvjax.integrity_files import read_json
         tok = _tokenizer_file(path, "restore it from the model's files")
         cfg: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -167,7 +166,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int =
 
 def _tokenizer_file(path: str, todo: str) -> tokenizers.Tokenizer:
     """``Tokenizer.from_file``, whose errors (a bare "expected value at line 1 column ...") name the file."""
-    from uvjax.integrity_files import DamagedFile
     try:
         return tokenizers.Tokenizer.from_file(path)
     except FileNotFoundError:

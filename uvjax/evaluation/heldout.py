@@ -22,13 +22,26 @@ from typing import Sequence
 
 import numpy as np
 
+from uvjax.data import sequence as sq
 from uvjax.data.records import Record
+from uvjax.data.storage import RecordReader
+from uvjax.data.tokenizer import get_template
+from uvjax.evaluation.images import _grid
+from uvjax.evaluation.metrics import normalize
+from uvjax.evaluation.report import write_report
+from uvjax.evaluation.vqa import Item, run_items
+from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, find_vq
+from uvjax.inference.loading import load_trained
+from uvjax.models.unified import sequence_feature_dim
+from uvjax.stages.features import find_stage_dir
+from uvjax.towers.vq_codec import VQCodec
+from uvjax.training import loss as L
+from uvjax.training.step import make_loss_fn
 
 _MAX_PROMPT_TEXT = 300
 
 
 def answer_scores(prediction: str, truth: str) -> dict[str, float]:
-    from uvjax.evaluation.metrics import normalize  # lower case, whitespace collapsed, trailing .!, dropped
     p, t = normalize(prediction), normalize(truth)
     return {"exact": float(p == t), "tolerant": float(bool(p) and bool(t) and (t in p or p in t))}
 
@@ -47,7 +60,6 @@ def split_first_answer(rec: Record) -> tuple[Record, list] | None:
 
 
 def test_records(test_dir: str, limit: int | None = None) -> list[Record]:
-    from uvjax.data.storage import RecordReader
     shards = sorted(glob.glob(os.path.join(test_dir, "*.array_record")))
     if not shards:
         return []
@@ -62,14 +74,10 @@ def test_records(test_dir: str, limit: int | None = None) -> list[Record]:
 def heldout_loss(run, records: Sequence[Record], batch_size: int = 16) -> dict:
     """Teacher-forced per-modality loss of ``records`` (each its own row, padded to the longest)."""
     import jax
-    from uvjax.data import sequence as sq
-    from uvjax.data.tokenizer import get_template
-    from uvjax.training import loss as L
-    from uvjax.training.step import make_loss_fn
     cfg, tok = run.cfg, run.tokenizer
     template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
     mc = run.model.cfg
-    fdim = int(mc.image.feature_dim) if "features" in (mc.image.input_kind, mc.image.output_kind) else 0
+    fdim = sequence_feature_dim(mc.image)
     seq_len = int(cfg.train.seq_len)
     scfg = sq.SequenceConfig(seq_len=seq_len, feature_dim=fdim, codebook_size=int(mc.image.num_codes))
     rows, status = [], {"ok": 0, "truncated": 0, "dropped": 0}
@@ -98,9 +106,6 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
                      batch_size: int = 16, grid_rows: int = 8, cfg_scale: float = 0.0,
                      image_temperature: float = 1.0, image_top_k: int = 0, seed: int = 0,
                      write: bool = True, progress: bool = False) -> dict:
-    from uvjax.data.tokenizer import get_template
-    from uvjax.evaluation.vqa import Item, run_items
-    from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, VQCodec
     t0 = time.time()
     records = test_records(test_dir, num_records)
     if not records:
@@ -108,7 +113,7 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
     cfg, tok = run.cfg, run.tokenizer
     template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
     mc = run.model.cfg
-    fdim = int(mc.image.feature_dim) if "features" in (mc.image.input_kind, mc.image.output_kind) else 0
+    fdim = sequence_feature_dim(mc.image)
     report: dict = {"workdir": run.workdir, "step": run.step, "split": "heldout", "test_dir": test_dir,
                     "records": len(records)}
     timing: dict = {}
@@ -165,7 +170,6 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
                                              "text": r["text"], "image": i in made}
                                             for i, ((it, _), r) in enumerate(zip(sel, res))]}
         if write and vq_path:
-            from uvjax.evaluate import _grid
             codec = VQCodec(vq_path)
             real = codec.decode(np.stack([c for _, c in sel]))
             gen_imgs = codec.decode(np.stack([res[i]["images"][0] for i in made])) if made else None
@@ -180,7 +184,6 @@ def evaluate_heldout(run, test_dir: str, *, vq_path: str | None, out_dir: str, n
     timing["total_s"] = round(time.time() - t0, 2)
     report["timing"] = timing
     if write:
-        from uvjax.evaluate import write_report
         write_report(report, out_dir, files, format_table)
     return report
 
@@ -214,9 +217,6 @@ def is_imported_run(cfg) -> bool:
 def evaluate_imported_run(workdir: str, *, loaded=None, out_dir: str | None = None, **kw) -> dict:
     """``evaluate_heldout`` of a run built from imported data: its test split is the ``test`` folder of the
     last ``dataset`` stage in ``<workdir>/stages.jsonl``; its VQ the last ``vq`` stage."""
-    from uvjax.inference.decode import find_vq
-    from uvjax.inference.loading import load_trained
-    from uvjax.stages_features import find_stage_dir
     run = loaded if loaded is not None else load_trained(workdir)
     ds = find_stage_dir(run.workdir, "dataset")
     if ds is None or not os.path.isdir(os.path.join(ds, "test")):

@@ -27,6 +27,9 @@ Accepted files: ``.pth``/``.pt`` torch state dicts (the release file, or pytorch
 ``InceptionV3`` wrapper's ``blocks.i.j.`` keys), and ``.safetensors``/``.npz`` holding either this
 module's keys (``Mixed_5b/branch1x1/conv/kernel``, what ``--convert`` writes) or the torch keys.
 Errors name the file and the missing or mis-shaped key.
+
+Over ~400 lines on purpose: pytorch-fid's InceptionV3, layer for layer, and its weight reader; split,
+the layer-by-layer parity with the reference would span files.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uvjax.evaluation.metrics import frechet_distance
 from uvjax.weights.llamagen_vq import unflatten_params
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -480,7 +484,6 @@ def fid_report(extractor: InceptionFID, generated, real) -> dict:
     """``generated_vs_real``: FID between the generated and the real images; ``real_vs_real``: FID
     between the two halves of the real images (a noise floor, at half the sample size per side, so it
     sits above the floor at ``n``); ``n``: generated images."""
-    from uvjax.evaluation.metrics import frechet_distance
     f_gen, f_real = extractor.features(generated), extractor.features(real)
     h = len(f_real) // 2
     return {"generated_vs_real": frechet_distance(f_gen, f_real),

@@ -26,10 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -38,7 +37,10 @@ import numpy as np
 import optax
 from PIL import Image, ImageFilter
 
+from uvjax import integrity_files as itg
 from uvjax.data import smartwatch as sw
+from uvjax.storage_paths import atomic_write_text
+from uvjax.weights.llamagen_vq import load_params, save_params
 
 HEADS = {"weather": 3, "weather_pos": 4, "battery_pos": 4, "battery": 10, "hour": 12, "minute_q": 4,
          "minute_5": 12}
@@ -185,9 +187,6 @@ class Judge:
     def save(self, directory: str) -> str:
         """``judge.safetensors``, then ``judge.json`` (last: it holds the sha256 of the params and its own
         digest, so a save killed in between leaves a cache that :meth:`load` refuses)."""
-        from uvjax import integrity_files as itg
-        from uvjax.storage_paths import atomic_write_text
-        from uvjax.weights.llamagen_vq import save_params
         os.makedirs(directory, exist_ok=True)
         params_path = os.path.join(directory, PARAMS_FILE)
         save_params(jax.device_get(self.params), params_path,
@@ -201,8 +200,6 @@ class Judge:
         """The judge saved in ``directory``, verified: ``judge.json`` parses and matches its digest, and
         ``judge.safetensors`` matches the sha256 recorded there. Raises :class:`JudgeCacheDamaged` naming the
         file. A judge saved before these records (no ``params_sha256``) is loaded unverified, with a warning."""
-        from uvjax import integrity_files as itg
-        from uvjax.weights.llamagen_vq import load_params
         params_path, report_path = os.path.join(directory, PARAMS_FILE), os.path.join(directory, REPORT_FILE)
         todo = (f"The judge is a cache: delete {directory} (or move it aside) and it is trained again "
                 "(`python -m uvjax.evaluate` without --quick does so itself)")
@@ -320,7 +317,6 @@ def load_or_train(directory: str, cfg: JudgeConfig | None = None, progress: bool
 
 def _recorded_config(directory: str) -> JudgeConfig | None:
     """The config in a (possibly damaged) cache's ``judge.json``, when it is still readable and sealed."""
-    from uvjax import integrity_files as itg
     try:
         rec = itg.read_json(os.path.join(directory, REPORT_FILE))
         if isinstance(rec, dict) and "digest" in rec and itg.seal(rec)["digest"] == rec["digest"]:

@@ -16,7 +16,7 @@ import numpy as np
 from uvjax.data import smartwatch as sw
 from uvjax.data.records import Record, Segment
 from uvjax.data.tokenizer import ChatTemplate, TextTokenizer
-from uvjax.inference.decode import (DecodeOutput, DecodeSettings, Generator, encode_prompt, null_prompt)
+from uvjax.inference.decode import DecodeOutput, DecodeSettings, Generator, encode_prompt, null_prompt
 
 
 @dataclasses.dataclass

@@ -14,8 +14,8 @@ knob would change nothing. Plot: VQA accuracy against s, unified vs understandin
 
 ``python -m uvjax.experiments.alignment --config=configs/experiments/alignment.py[:quick]``
 """
-from uvjax.experiments import common
-from uvjax.experiments.common import Arm, Panel
+from uvjax.experiments.arms import VQA_DETAIL, Arm, Experiment, Panel, only
+from uvjax.experiments.common import main
 
 
 def _tag(s: float) -> str:
@@ -28,19 +28,19 @@ def arms(ec) -> list[Arm]:
         ov = (("model.image.align_strength", float(s)),)
         uni = f"unified-{_tag(s)}"
         out += [Arm(uni, ov, group="unified", x=float(s)),
-                Arm(f"understanding-{_tag(s)}", ov + common.only("understanding"), group="understanding only",
+                Arm(f"understanding-{_tag(s)}", ov + only("understanding"), group="understanding only",
                     x=float(s), match=("understanding", uni), eval_tasks=("vqa",))]
     return out
 
 
 def panels(ec) -> list[Panel]:
-    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"), *common.VQA_DETAIL,
+    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"), *VQA_DETAIL,
             Panel("gen/all/accuracy", "generation accuracy (judge, unified arms)"),
             Panel("gen/frechet_judge", "Fréchet distance (judge features, unified arms)")]
 
 
-EXPERIMENT = common.Experiment("alignment", arms, panels, "affine distortion strength s",
-                               description=__doc__.split("\n\n")[0])
+EXPERIMENT = Experiment("alignment", arms, panels, "affine distortion strength s",
+                        description=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
-    common.main(EXPERIMENT)
+    main(EXPERIMENT)

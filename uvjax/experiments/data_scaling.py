@@ -11,33 +11,33 @@ f = 0 is the single-task baseline.
 
 ``python -m uvjax.experiments.data_scaling --config=configs/experiments/data_scaling.py[:quick]``
 """
-from uvjax.experiments import common
-from uvjax.experiments.common import Arm, Panel
+from uvjax.experiments.arms import GEN_DETAIL, NATURAL_WEIGHTS, VQA_DETAIL, Arm, Experiment, Panel, other, pct, subset
+from uvjax.experiments.common import main
 
 METRIC = {"understanding": "vqa/all/strict", "generation": "gen/all/accuracy"}
 TASKS = {"understanding": ("vqa",), "generation": ("generation",)}
 
 
 def group(target: str) -> str:
-    return f"{target} (+ {common.other(target)} data)"
+    return f"{target} (+ {other(target)} data)"
 
 
 def arms(ec) -> list[Arm]:
     out = []
     for t in ec.targets:
-        o = common.other(t)
+        o = other(t)
         base_name = f"{t}-only"
         for f in ec.fractions:
-            name = base_name if f == 0 else f"{t}+{o}{common.pct(f)}"
-            ov = ((("train.steps", int(ec.steps[t])),) + common.subset(o, f, common.NATURAL_WEIGHTS[o]))
-            out.append(Arm(name, ov, group=group(t), x=common.pct(f), match=None if f == 0 else (t, base_name),
+            name = base_name if f == 0 else f"{t}+{o}{pct(f)}"
+            ov = ((("train.steps", int(ec.steps[t])),) + subset(o, f, NATURAL_WEIGHTS[o]))
+            out.append(Arm(name, ov, group=group(t), x=pct(f), match=None if f == 0 else (t, base_name),
                            eval_tasks=TASKS[t]))
         if 0 not in [float(f) for f in ec.fractions]:
             raise ValueError("data_scaling: ec.fractions must include 0 (the single-task baseline)")
     return out
 
 
-DETAIL = {"understanding": common.VQA_DETAIL, "generation": common.GEN_DETAIL}
+DETAIL = {"understanding": VQA_DETAIL, "generation": GEN_DETAIL}
 
 
 def panels(ec) -> list[Panel]:
@@ -48,8 +48,8 @@ def panels(ec) -> list[Panel]:
     return out
 
 
-EXPERIMENT = common.Experiment("data_scaling", arms, panels, "other task's data (% of its records)",
-                               description=__doc__.split("\n\n")[0])
+EXPERIMENT = Experiment("data_scaling", arms, panels, "other task's data (% of its records)",
+                        description=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
-    common.main(EXPERIMENT)
+    main(EXPERIMENT)

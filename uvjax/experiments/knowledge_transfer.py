@@ -21,12 +21,16 @@ present in the input features and inside the LLM, whatever the text head makes o
 """
 from __future__ import annotations
 
-import os
-
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from uvjax.experiments import common
-from uvjax.experiments.common import Arm, Panel
+from uvjax.data import smartwatch as sw
+from uvjax.data.arrays import IMAGE_IN
+from uvjax.experiments.arms import Arm, Experiment, Panel, only
+from uvjax.experiments.common import main
+from uvjax.experiments.runs import load_run_and_vq
+from uvjax.models import alignment
 
 PROBE_FEATURES = ("adapter_in_mean", "adapter_in_flat", "llm_hidden_mean")
 
@@ -34,7 +38,7 @@ PROBE_FEATURES = ("adapter_in_mean", "adapter_in_flat", "llm_hidden_mean")
 def arms(ec) -> list[Arm]:
     biased = (("stages.data.understanding_keep", (("weather", float(ec.weather_keep)),)),)
     return [Arm("unified", biased, group="unified", x="unified"),
-            Arm("understanding", biased + common.only("understanding"), group="understanding only",
+            Arm("understanding", biased + only("understanding"), group="understanding only",
                 x="understanding only", match=("understanding", "unified"), eval_tasks=("vqa",))]
 
 
@@ -50,7 +54,7 @@ def logistic_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: n
                    classes: int, l2: float = 1e-2) -> dict:
     """Multinomial logistic regression (standardised features, L2 penalty, L-BFGS); test accuracy and
     the majority-class baseline."""
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # slow to import (≈ 0.5 s); only the probe fits anything
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
     a = np.concatenate([(x_tr - mu) / sd, np.ones((len(x_tr), 1))], 1).astype(np.float64)
     b = np.concatenate([(x_te - mu) / sd, np.ones((len(x_te), 1))], 1).astype(np.float64)
@@ -77,10 +81,6 @@ def logistic_probe(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: n
 
 def probe_features(run, codes: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
     """The three representations of images given as VQ codes [B, N] (see the module doc)."""
-    import jax
-    import jax.numpy as jnp
-    from uvjax.data.arrays import IMAGE_IN
-    from uvjax.models import alignment
     im = run.model.cfg.image
     if im.input_kind != "codes":
         raise ValueError("the knowledge-transfer probe reads VQ code vectors (model.image.input_kind='codes')")
@@ -108,8 +108,7 @@ def probe_features(run, codes: np.ndarray, batch: int = 64) -> dict[str, np.ndar
 
 
 def probe(ec, arm: Arm, run_dir: str, cfg) -> dict:
-    from uvjax.data import smartwatch as sw
-    run, codec = common.load_run_and_vq(run_dir, "probe")
+    run, codec = load_run_and_vq(run_dir, "probe")
     size = int(cfg.stages.data.image_size)
     seed = int(cfg.stages.data.seed)
 
@@ -132,8 +131,8 @@ def probe(ec, arm: Arm, run_dir: str, cfg) -> dict:
     return out
 
 
-EXPERIMENT = common.Experiment("knowledge_transfer", arms, panels, "training data", extra=probe,
-                               description=__doc__.split("\n\n")[0])
+EXPERIMENT = Experiment("knowledge_transfer", arms, panels, "training data", extra=probe,
+                        description=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
-    common.main(EXPERIMENT)
+    main(EXPERIMENT)

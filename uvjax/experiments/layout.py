@@ -15,8 +15,8 @@ Metrics: VQA accuracy (strict) and judge-read generation accuracy on the held-ou
 """
 from __future__ import annotations
 
-from uvjax.experiments import common
-from uvjax.experiments.common import Arm, Panel
+from uvjax.experiments.arms import GEN_DETAIL, VQA_DETAIL, Arm, Experiment, Panel
+from uvjax.experiments.common import main
 
 
 def arms(ec) -> list[Arm]:
@@ -29,11 +29,11 @@ def arms(ec) -> list[Arm]:
 
 
 def panels(ec) -> list[Panel]:
-    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"), *common.VQA_DETAIL,
-            Panel("gen/all/accuracy", "generation accuracy (judge)"), *common.GEN_DETAIL]
+    return [Panel("vqa/all/strict", "VQA accuracy (all, strict)"), *VQA_DETAIL,
+            Panel("gen/all/accuracy", "generation accuracy (judge)"), *GEN_DETAIL]
 
 
-EXPERIMENT = common.Experiment("layout", arms, panels, "image-token layout", description=__doc__.split("\n\n")[0])
+EXPERIMENT = Experiment("layout", arms, panels, "image-token layout", description=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
-    common.main(EXPERIMENT)
+    main(EXPERIMENT)

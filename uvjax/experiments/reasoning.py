@@ -21,8 +21,17 @@ import dataclasses
 
 import numpy as np
 
-from uvjax.experiments import common
-from uvjax.experiments.common import Arm, Panel
+from uvjax.data import reasoning as rs
+from uvjax.data.records import Record
+from uvjax.data.tokenizer import get_template
+from uvjax.evaluation import judge as judge_mod
+from uvjax.evaluation.metrics import Accumulator
+from uvjax.evaluation.run import default_judge_dir
+from uvjax.evaluation.vqa import Item, run_items
+from uvjax.experiments.arms import Arm, Experiment, Panel
+from uvjax.experiments.common import main
+from uvjax.experiments.runs import load_run_and_vq
+from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds
 
 JUDGE_ATTRS = {"time": ("time_hour", "time_quarter", "time_5min"), "weather": ("weather",),
                "battery": ("battery",), "positions": ("weather_pos", "battery_pos")}
@@ -57,15 +66,7 @@ def judge_scores(pred: dict, labels: dict, mentioned) -> dict[str, float]:
 
 
 def indirect_eval(ec, arm: Arm, run_dir: str, cfg) -> dict:
-    from uvjax.data import reasoning as rs
-    from uvjax.data.records import Record
-    from uvjax.data.tokenizer import get_template
-    from uvjax.evaluate import default_judge_dir
-    from uvjax.evaluation import judge as judge_mod
-    from uvjax.evaluation.metrics import Accumulator
-    from uvjax.evaluation.vqa import Item, run_items
-    from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds
-    run, codec = common.load_run_and_vq(run_dir, "indirect evaluation")
+    run, codec = load_run_and_vq(run_dir, "indirect evaluation")
     size = int(cfg.stages.data.image_size)
     n_codes = int(cfg.data.image_tokens)
     spec = rs.ReasoningSpec("test", seed=int(cfg.stages.data.seed), num_scenes=int(ec.eval.indirect_prompts),
@@ -105,8 +106,8 @@ def indirect_eval(ec, arm: Arm, run_dir: str, cfg) -> dict:
     return out
 
 
-EXPERIMENT = common.Experiment("reasoning", arms, panels, "generation data", extra=indirect_eval,
-                               description=__doc__.split("\n\n")[0])
+EXPERIMENT = Experiment("reasoning", arms, panels, "generation data", extra=indirect_eval,
+                        description=__doc__.split("\n\n")[0])
 
 if __name__ == "__main__":
-    common.main(EXPERIMENT)
+    main(EXPERIMENT)

@@ -43,13 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from uvjax.data.arrays import FEATURE_KEY, IMAGE_IN, IMAGE_OUT, PAD, TEXT
-from uvjax.data.records import Record, Segment
+from uvjax.data import sequence
+from uvjax.data.arrays import FEATURE_KEY, IMAGE_OUT, INPUT_KEYS, PAD, TEXT
+from uvjax.data.records import Record
 from uvjax.data.tokenizer import ChatTemplate, TextTokenizer
 from uvjax.inference.sampling import NEG_INF, guide, sample_logits
 from uvjax.models.llama import fuse_projections
 from uvjax.models.lora import LoRAConfig, merge_lora
 from uvjax.models.unified import UnifiedModel
+from uvjax.towers.vq_codec import VQ_FILE
 
 TEXT_MODE, IMAGE_MODE = 0, 1
 
@@ -97,6 +99,8 @@ class SpecialIds:
 
 # ============================================================================ prompts
 from uvjax.data.records import null_prompt, null_prompt_record  # noqa: E402  (re-exported)
+from uvjax.inference.loading import export_config, is_export_dir
+from uvjax.stage_log import stage_dir
 
 
 def encode_prompt(record: Record, tokenizer: TextTokenizer, template: ChatTemplate, *,
@@ -107,48 +111,8 @@ def encode_prompt(record: Record, tokenizer: TextTokenizer, template: ChatTempla
     out training sequences. Images must be VQ codes (IMAGE_IN for user images, IMAGE_OUT for earlier
     assistant images) or features. ``assistant_prefix`` starts the answer with given text;
     ``open_image`` ends the prompt with ``<boi>`` (the row starts in image mode)."""
-    toks: list[int] = []
-    mods: list[int] = []
-    feats: list[tuple[int, np.ndarray]] = []
-
-    def put(ids, mod):
-        toks.extend(int(i) for i in ids)
-        mods.extend([mod] * len(ids))
-
-    for p in template.pieces(record, add_generation_prompt=True):
-        if p.kind == "special":
-            put([tokenizer.special_id(p.text)], TEXT)
-        elif p.kind == "text":
-            if p.text:
-                put(tokenizer.encode(p.text, allow_special=p.trusted), TEXT)
-        else:
-            seg = p.segment
-            mod = IMAGE_OUT if p.role == "assistant" else IMAGE_IN
-            put([tokenizer.boi_id], TEXT)
-            if seg.codes is not None:
-                put(np.asarray(seg.codes).reshape(-1), mod)
-            elif seg.features is not None:
-                f = np.asarray(seg.features, np.float32)
-                feats.append((len(toks), f))
-                put([0] * f.shape[0], mod)
-            else:
-                raise ValueError(f"record {record.id!r}: prompt images must be VQ codes or features; "
-                                 "encode pixels with the run's VQ tokenizer first")
-            put([tokenizer.eoi_id], TEXT)
-    if assistant_prefix:
-        lead = " " if template.name == "vicuna_v1" else ""
-        put(tokenizer.encode(lead + assistant_prefix), TEXT)
-    if open_image:
-        put([tokenizer.boi_id], TEXT)
-    out = {"tokens": np.asarray(toks, np.int32), "modality": np.asarray(mods, np.int32)}
-    if feature_dim:
-        fa = np.zeros((len(toks), feature_dim), np.float32)
-        for pos, f in feats:
-            fa[pos:pos + len(f)] = f
-        out[FEATURE_KEY] = fa
-    elif feats:
-        raise ValueError("prompt has continuous image features but feature_dim is 0")
-    return out
+    return sequence.encode_prompt(record, tokenizer, template, assistant_prefix=assistant_prefix,
+                                  open_image=open_image, feature_dim=feature_dim)
 
 
 def left_pad(prompts: Sequence[dict[str, np.ndarray]], bucket: int = 16, feature_dim: int = 0,
@@ -163,7 +127,7 @@ def left_pad(prompts: Sequence[dict[str, np.ndarray]], bucket: int = 16, feature
         raise ValueError("empty prompt")
     P = int(math.ceil(max(int(lens.max()), min_length) / bucket) * bucket)
     R = len(prompts)
-    b = {k: np.zeros((R, P), np.int32) for k in ("tokens", "modality", "segment_ids", "positions")}
+    b = {k: np.zeros((R, P), np.int32) for k in INPUT_KEYS}
     if feature_dim:
         b[FEATURE_KEY] = np.zeros((R, P, feature_dim), np.float32)
     for r, (p, n) in enumerate(zip(prompts, lens)):
@@ -227,7 +191,7 @@ class DecodeOutput:
 
 # ============================================================================ the decoder
 def _dummy(feature_dim: int, batch: int) -> dict:
-    b = {k: jnp.zeros((batch, 1), jnp.int32) for k in ("tokens", "modality", "segment_ids", "positions")}
+    b = {k: jnp.zeros((batch, 1), jnp.int32) for k in INPUT_KEYS}
     if feature_dim:
         b[FEATURE_KEY] = jnp.zeros((batch, 1, feature_dim), jnp.float32)
     return b
@@ -439,10 +403,6 @@ class Generator:
                             np.asarray(res["features"]) if "features" in res else None, int(res["t"]))
 
 
-# ============================================================================ the run's image codec
-VQ_FILE = "vq.safetensors"
-
-
 def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
     """Path of the run's VQ tokenizer (``vq.safetensors`` written by ``uvjax.training.vq_train``) and
     the places looked at: config ``vq.params`` / ``vq.path`` / ``vq.workdir`` / ``data.vq`` (a file or
@@ -451,7 +411,6 @@ def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
     (``uvjax.weights.export``) is looked up by its own record only (``export.vq`` of its ``uvjax_config.json``):
     the training machine's places are not consulted."""
     import os
-    from uvjax.inference.loading import export_config, is_export_dir
     if "://" not in workdir and is_export_dir(workdir):
         rel = export_config(workdir).export.get("vq")
         if not rel:
@@ -465,7 +424,6 @@ def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
             val = node.get(key) if node is not None and hasattr(node, "get") else None
             if isinstance(val, str) and val:
                 cands.append(val if os.path.isabs(val) else os.path.join(workdir, val))
-    from uvjax.stages import stage_dir  # runs built by uvjax.stages record the VQ stage's dir (gs://: mirrored)
     staged = stage_dir(workdir, "vq")
     cands += [staged] if staged else []
     if "://" not in workdir:
@@ -479,54 +437,5 @@ def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
     return None, looked
 
 
-class VQCodec:
-    """The run's VQ tokenizer as two batched callables: ``encode(uint8 [B,H,W,3]) -> int32 [B,N]`` and
-    ``decode(int [B,N]) -> uint8 [B,H,W,3]`` (jitted; fixed chunk size so shapes compile once)."""
-
-    def __init__(self, path: str, chunk: int = 16):
-        """``path``: a ``vq.safetensors`` file, or the directory ``vq_train.train_vq`` wrote it into."""
-        import os
-        from uvjax.models.vq import VQModel
-        from uvjax.weights.llamagen_vq import load_vq
-        if os.path.isdir(path):
-            from uvjax.training.vq_train import PARAMS_FILE
-            path = os.path.join(path, PARAMS_FILE)
-        self.path, self.chunk = path, chunk
-        self.cfg, params = load_vq(path)
-        self._model, self._vars = VQModel(self.cfg), {"params": params}
-        model = VQModel(self.cfg)
-        v = {"params": jax.tree_util.tree_map(jnp.asarray, params)}
-        self._enc = jax.jit(lambda x: model.apply(v, x, method=VQModel.encode))
-        self._dec = jax.jit(lambda c: model.apply(v, c, method=VQModel.decode_indices))
-
-    def _chunked(self, fn, x):
-        outs = []
-        for i in range(0, len(x), self.chunk):
-            part = x[i:i + self.chunk]
-            pad = self.chunk - len(part)
-            if pad:
-                part = np.concatenate([part, np.repeat(part[-1:], pad, 0)])
-            outs.append(np.asarray(jax.device_get(fn(jnp.asarray(part))))[:self.chunk - pad])
-        return np.concatenate(outs)
-
-    def encode(self, images_u8: np.ndarray) -> np.ndarray:
-        from uvjax.models.vq import from_uint8
-        return self._chunked(self._enc, from_uint8(np.asarray(images_u8))).astype(np.int32)
-
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        from uvjax.models.vq import to_uint8
-        if "decoder" not in self._vars["params"]:  # an encoder-only VQ (HF's Chameleon port drops the decoder)
-            raise ValueError(f"{self.path}: this VQ file has no decoder (its source checkpoint had none), so codes "
-                             "cannot be turned into images. Convert a VQGAN with its decoder, e.g. Anole's "
-                             "vqgan.ckpt: python -m uvjax.weights.llamagen_vq vqgan.ckpt OUT --naming chameleon")
-        return to_uint8(self._chunked(self._dec, np.asarray(codes, np.int32)))
-
-    def codebook(self) -> np.ndarray:
-        """The code vectors [K, code_dim] the tokenizer looks up (l2-normalised rows when it normalises)."""
-        from uvjax.models.vq import VQModel
-        ids = jnp.arange(self.cfg.codebook_size)[None]
-        return np.asarray(self._model.apply(self._vars, ids, method=VQModel.embed_codes)[0])
-
-
 __all__ = ["DecodeSettings", "SpecialIds", "DecodeOutput", "Generator", "encode_prompt", "left_pad",
-           "null_prompt", "null_prompt_record", "zero_cache", "find_vq", "VQCodec", "TEXT_MODE", "IMAGE_MODE"]
+           "null_prompt", "null_prompt_record", "zero_cache", "find_vq", "TEXT_MODE", "IMAGE_MODE"]

@@ -1,6 +1,6 @@
 """Load a trained model for inference: config, model, variables and tokenizer from a run's work dir (a local
 path or a ``gs://`` URL: ``uvjax/storage_paths.py``; orbax restores from the bucket directly) or from the
-self-contained directory ``python -m uvjax.weights.export`` writes (told apart by its files)."""
+self-contained directory ``python -m uvjax.export`` writes (told apart by its files)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +9,16 @@ import flax.linen as nn
 import jax
 import ml_collections as mlc
 
+from uvjax import storage_paths as sp
 from uvjax.config import model_config
+from uvjax.integrity_files import DamagedFile, changed_inputs, input_digests, parse_json
 from uvjax.models.unified import UnifiedConfig, UnifiedModel
+from uvjax.training.checkpoint import Checkpointer, abstract_like
+from uvjax.training.optimizer import merge_variables
+from uvjax.training.sharding import make_mesh
+from uvjax.training.step import _init_variables, create_trainer
+from uvjax.training.workdir import config_changes, load_text_tokenizer, run_inputs
+from uvjax.weights.export import EXPORT_FORMAT, IMAGE_FILE, load_exported, model_dict_from_decoder
 
 
 @dataclasses.dataclass
@@ -30,8 +38,6 @@ class LoadedRun:
 
 def load_config(workdir: str) -> mlc.ConfigDict:
     """The run's ``config.json``; a damaged one raises ``DamagedFile`` naming it and saying what to do."""
-    from uvjax import storage_paths as sp
-    from uvjax.integrity_files import DamagedFile, parse_json
     path = sp.join(workdir, "config.json")
     if not sp.exists(path):
         raise FileNotFoundError(f"{workdir} has no config.json: is it a uvjax run directory?")
@@ -51,9 +57,6 @@ def _check_against_checkpoint(cfg, workdir: str, step: int, meta: dict) -> None:
     """The checkpoint's metadata (covered by its digests) holds the config and the input files' digests of the
     run that saved it: a ``config.json`` that now describes another model, or a tokenizer / VQ file that
     changed, is refused here instead of decoding with the wrong vocabulary or image size."""
-    from uvjax import storage_paths as sp
-    from uvjax.integrity_files import DamagedFile, changed_inputs, input_digests
-    from uvjax.train import config_changes, run_inputs
     saved = meta.get("config")
     if saved:
         import json
@@ -75,8 +78,6 @@ EXPORT_CONFIG = "uvjax_config.json"
 def is_export_dir(path: str) -> bool:
     """Whether ``path`` is an export directory (``uvjax.weights.export``): its image-modules file and
     ``uvjax_config.json`` (a run has ``config.json`` + ``checkpoints/`` instead)."""
-    from uvjax import storage_paths as sp
-    from uvjax.weights.export import IMAGE_FILE
     return sp.exists(sp.join(path, IMAGE_FILE)) and sp.exists(sp.join(path, EXPORT_CONFIG))
 
 
@@ -85,10 +86,8 @@ def export_config(path: str) -> mlc.ConfigDict:
     (``export.relative_paths``); a damaged file raises ``DamagedFile`` naming it."""
     import os
 
-    from uvjax.integrity_files import DamagedFile, parse_json
-    from uvjax.weights.export import EXPORT_FORMAT
     f = os.path.join(path, EXPORT_CONFIG)
-    todo = "It is written by `python -m uvjax.weights.export`: export the run again, or restore the file from a copy"
+    todo = "It is written by `python -m uvjax.export`: export the run again, or restore the file from a copy"
     with open(f, "rb") as fh:
         raw = fh.read()
     try:
@@ -100,7 +99,7 @@ def export_config(path: str) -> mlc.ConfigDict:
     if not isinstance(exp, dict) or exp.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{f} has no 'export' section of format {EXPORT_FORMAT!r}: written by an older uvjax "
                          f"(export layout 1: no VQ, machine paths). Export the run again with "
-                         f"`python -m uvjax.weights.export --workdir=RUN --out={path}`, or load the weights alone "
+                         f"`python -m uvjax.export --workdir=RUN --out={path}`, or load the weights alone "
                          f"with uvjax.weights.export.load_exported")
     for key in exp.get("relative_paths") or ():
         node = d
@@ -122,9 +121,6 @@ def load_export(path: str, step: int | None = None) -> LoadedRun:
     import numpy as np
     from flax import traverse_util
 
-    from uvjax import storage_paths as sp
-    from uvjax.train import load_text_tokenizer
-    from uvjax.weights.export import load_exported, model_dict_from_decoder
     if sp.is_remote(path):  # read from a local mirror (safetensors and the tokenizer are local readers)
         path = sp.local_tree(path, sp.remote_cache_dir("trees"))
     path = os.path.abspath(path)
@@ -148,7 +144,6 @@ def load_export(path: str, step: int | None = None) -> LoadedRun:
     if diff:
         raise ValueError(f"{path}: the HF config.json and uvjax_config.json describe different decoders: "
                          + "; ".join(diff))
-    from uvjax.training.step import _init_variables
     abstract = nn.unbox(jax.eval_shape(lambda: _init_variables(model, jax.random.key(0))))["params"]
     want = traverse_util.flatten_dict(abstract, sep="/")
     got = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -167,24 +162,17 @@ def load_export(path: str, step: int | None = None) -> LoadedRun:
 def load_trained(workdir: str, step: int | None = None) -> LoadedRun:
     """Restores the train state of ``step`` (default: latest) on one device and returns the run; an export
     directory (:func:`is_export_dir`) is loaded by :func:`load_export` instead."""
-    from uvjax.train import load_text_tokenizer
-    from uvjax.training.checkpoint import Checkpointer, abstract_like
-    from uvjax.training.optimizer import merge_variables
-    from uvjax.training.sharding import make_mesh
-    from uvjax.training.step import create_trainer
 
-    from uvjax import storage_paths as sp
     workdir = sp.resolve(workdir)
     if sp.exists(sp.join(workdir, "adapter_config.json")):  # uvjax.weights.peft_adapter's output
         raise ValueError(f"{workdir} is a PEFT adapter directory (adapter_config.json), not a run or an export: load "
                          f"it with peft (PeftModel.from_pretrained(base, dir)), or export the run it came from with "
-                         f"`python -m uvjax.weights.export` to use it with uvjax.load / uvjax.generate")
+                         f"`python -m uvjax.export` to use it with uvjax.load / uvjax.generate")
     if is_export_dir(workdir):
         return load_export(workdir, step)
-    from uvjax.weights.export import IMAGE_FILE
     if sp.exists(sp.join(workdir, IMAGE_FILE)):
         raise FileNotFoundError(f"{workdir} is an export without {EXPORT_CONFIG} (export_hf(run_config=None)): "
-                                f"export the run with `python -m uvjax.weights.export`, or read the weights alone "
+                                f"export the run with `python -m uvjax.export`, or read the weights alone "
                                 f"with uvjax.weights.export.load_exported")
     cfg = load_config(workdir)
     with cfg.unlocked():

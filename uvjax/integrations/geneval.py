@@ -28,6 +28,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+import uvjax
+from uvjax import storage_paths as sp
+from uvjax.api import image_size_of
+from uvjax.data import smartwatch as sw
+from uvjax.evaluation.run import test_spec
+from uvjax.inference.decode import find_vq
+from uvjax.inference.loading import load_config
+
 
 def read_prompts(path: str) -> list[dict]:
     """The metadata objects of a GenEval-style JSONL prompt file (each with a string ``prompt``)."""
@@ -51,12 +59,6 @@ def read_prompts(path: str) -> list[dict]:
 
 def smartwatch_prompts(workdir: str, num_images: int | None = None) -> list[dict]:
     """GenEval-style metadata of the generation prompts of the run's Smart Watch test split."""
-    from uvjax import storage_paths as sp
-    from uvjax.api import image_size_of
-    from uvjax.data import smartwatch as sw
-    from uvjax.evaluate import test_spec
-    from uvjax.inference.decode import find_vq
-    from uvjax.inference.loading import load_config
     wd = sp.resolve(workdir)
     cfg = load_config(wd)
     vq_path, _ = find_vq(wd, cfg)
@@ -145,7 +147,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     prompts = read_prompts(a.prompts) if a.prompts else smartwatch_prompts(a.workdir, a.num_images)
-    import uvjax
     run = uvjax.load(a.workdir, step=a.step)
     summary = export(run, prompts, a.out, n=a.n, cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k,
                      seed=a.seed, resize=a.resize, progress=True)

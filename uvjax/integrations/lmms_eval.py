@@ -31,6 +31,9 @@ Smart Watch test split (the split ``uvjax.evaluate`` scores), each turn asked al
 is uvjax's strict VQA accuracy (``uvjax.evaluation.metrics``: normalised answer = normalised truth), overall and
 per attribute. ``uvjax.evaluate`` gives later turns of a conversation the earlier turns as context; a harness
 document is one question, so scores of turns after the first can differ from ``uvjax.evaluate``'s.
+
+Over ~400 lines on purpose: one plugin (the lmms-eval model class, its task and its command), loaded by
+lmms-eval by module path.
 """
 from __future__ import annotations
 
@@ -42,64 +45,21 @@ import os
 import sys
 from collections.abc import Sequence
 
+import uvjax
+from uvjax import storage_paths as sp
+from uvjax.api import image_size_of
+from uvjax.data import smartwatch as sw
+from uvjax.evaluation import metrics
+from uvjax.evaluation.run import test_spec
+from uvjax.evaluation.vqa import build_items
+from uvjax.inference.decode import find_vq
+from uvjax.inference.loading import load_config
 from uvjax.integrations import LMMS_EVAL_MODEL, lmms_eval_models
+from uvjax.integrations.torch_compat import make_filelock_api_importable, make_torchvision_importable
 
 TASK_NAME = "uvjax_smartwatch_vqa"
 VQA_MAX_NEW_TOKENS = 16  # uvjax.evaluate's VQA budget
 DEFAULT_UNTIL = ("\n\n",)  # lmms-eval's default stop (its fewshot delimiter), written out explicitly
-_LIBS: list = []  # keeps the torch.library fragment of make_torchvision_importable alive
-
-
-# ================================================================================ import-time compatibility
-def make_torchvision_importable() -> None:
-    """Lets ``import torchvision`` succeed when its C ops cannot load (the registry's torchvision 0.28.0 wheel is
-    CUDA-built; next to torch 2.13.0+cpu its two unguarded fake-op registrations ``torchvision::nms`` / ``qnms``
-    raise at import). lmms-eval imports ``evaluate`` → transformers → torchvision at start, so without this no
-    evaluation can begin. Declaring the two op schemas lets the pure-Python parts import; lmms-eval's VQA path
-    never runs a torchvision op. A torchvision that imports (or is absent) is left alone."""
-    try:
-        import torchvision
-        return
-    except ImportError:
-        return
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-        del sys.modules[name]
-    import torch
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for op in ("nms", "qnms"):
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _LIBS.append(lib)
-    import torchvision  # noqa: F401
-
-
-def make_filelock_api_importable() -> None:
-    """lmms-eval 0.7.3 patches ``filelock._api.FileLockMeta.__call__`` (a cross-class singleton cache so that
-    ``datasets``' and filelock's locks on one file are one instance) before loading task data; filelock 4 moved
-    that class to ``filelock._core._singleton`` and dropped ``_api``, so every evaluation stops with
-    ``No module named 'filelock._api'``. This names the moved classes under the old module (same call signature:
-    ``lock_file, timeout, mode, thread_local`` + keywords) so lmms-eval's own patch applies. Nothing is done when
-    ``filelock._api`` exists (filelock 3) or the classes are not where filelock 4 keeps them."""
-    try:
-        import filelock._api
-        return
-    except ImportError:
-        pass
-    try:
-        import types
-
-        import filelock
-        from filelock._core._lock import BaseFileLock
-        from filelock._core._settings import UNSET_FILE_MODE
-        from filelock._core._singleton import FileLockMeta
-    except ImportError:
-        return
-    api = types.ModuleType("filelock._api", "alias of filelock 4's classes for lmms-eval 0.7.3 (uvjax)")
-    api.FileLockMeta, api.BaseFileLock, api._UNSET_FILE_MODE = FileLockMeta, BaseFileLock, UNSET_FILE_MODE
-    sys.modules["filelock._api"] = api
-    filelock._api = api
 
 
 def register() -> None:
@@ -175,7 +135,6 @@ def _model_class():
                 raise ValueError("--model_args for uvjax: path=RUN_OR_EXPORT_DIR is required")
             if device not in (None, "", "cpu") and not str(device).startswith(("cuda", "gpu", "tpu")):
                 raise ValueError(f"--device {device!r}: uvjax runs on JAX's default device; leave --device out")
-            import uvjax
             self.run = uvjax.load(str(path), step=None if step in (None, "") else int(step))
             self.seed = int(seed)
             self.max_new_tokens = int(max_new_tokens)
@@ -278,13 +237,6 @@ def smartwatch_vqa_docs(workdir: str, num_images: int | None = None, image_size:
     """The task's documents: every VQA turn of the run's Smart Watch test split (the split ``uvjax.evaluate``
     builds: :func:`uvjax.evaluate.test_spec`, at the run's image size), as dicts with the image (uint8 array),
     the turn's question, its ground-truth answer and attribute. Reads only the run's config (no weights)."""
-    from uvjax import storage_paths as sp
-    from uvjax.api import image_size_of
-    from uvjax.data import smartwatch as sw
-    from uvjax.evaluate import test_spec
-    from uvjax.evaluation.vqa import build_items
-    from uvjax.inference.decode import find_vq
-    from uvjax.inference.loading import load_config
     wd = sp.resolve(workdir)
     cfg = load_config(wd)
     if image_size is None:
@@ -356,8 +308,6 @@ def mean_of_asked(items):
 
 def utils_source(task_name: str = TASK_NAME) -> str:
     """The task's ``utils.py``: doc_to_visual / doc_to_text / process_results, with uvjax's ``normalize``."""
-    from uvjax.data import smartwatch as sw
-    from uvjax.evaluation import metrics
     return (_UTILS_HEAD.format(task=task_name, attributes=tuple(sw.VQA_ATTRIBUTES))
             + inspect.getsource(metrics.normalize) + _UTILS_TAIL)
 
@@ -371,7 +321,6 @@ def write_task(workdir: str, out: str, *, num_images: int | None = None, task_na
                image_size: int | None = None) -> dict:
     """Writes the local lmms-eval task (yaml + utils.py + data/test.parquet) into ``out``; returns a summary
     (also written as ``out/task_info.json``)."""
-    from uvjax.data import smartwatch as sw
     if not task_name.replace("_", "").isalnum():
         raise ValueError(f"--task_name {task_name!r}: use letters, digits and underscores")
     docs, spec = smartwatch_vqa_docs(workdir, num_images, image_size)

@@ -8,6 +8,9 @@ Decoding uses a ``"cache"`` collection: per layer the keys/values ([batch·kv he
 the segment id of every cached slot and a write index. A chunk of C tokens (C = prompt length at
 prefill, 1 per decode step) is written at the index and attends to every earlier slot of its segment,
 so cached logits equal the full forward.
+
+Over ~400 lines on purpose: one decoder (attention variants, scanned layers, KV cache) that the
+parity tests compare against HF/PyTorch as a whole.
 """
 from __future__ import annotations
 

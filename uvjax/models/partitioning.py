@@ -13,7 +13,8 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("uvjax_sharding", default=None)
 

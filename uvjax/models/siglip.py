@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT
+from uvjax.models import alignment
 from uvjax.models.adapters import ADAPTER_KINDS, Adapter, Linear
 from uvjax.models.llama import Decoder, DecoderConfig
 
@@ -79,13 +80,36 @@ class ImageConfig:
         for k in ("und_adapter", "gen_adapter"):
             if getattr(self, k) not in ADAPTER_KINDS:
                 raise ValueError(f"model.image.{k}={getattr(self, k)!r}; expected one of {ADAPTER_KINDS}")
-        if "features" in (self.input_kind, self.output_kind) and self.feature_dim <= 0:
+        if uses_features(self) and self.feature_dim <= 0:
             raise ValueError("model.image.feature_dim must be > 0 for continuous image inputs/outputs")
         if self.share_adapters and self.input_kind != self.output_kind:
             raise ValueError("model.image.share_adapters needs the same input and output kind")
         if self.image_positions < 0:
             raise ValueError(f"model.image.image_positions={self.image_positions} must be >= 0")
         return self
+
+
+# What kind of images a model reads and writes, asked in one place: ``im`` is ``model.image`` as a config section
+# or an ``ImageConfig`` (both have input_kind / output_kind / feature_dim / num_codes).
+def uses_codes(im) -> bool:
+    """The model reads or writes VQ codes (so it needs the run's VQ tokenizer)."""
+    return "codes" in (im.input_kind, im.output_kind)
+
+
+def uses_features(im) -> bool:
+    """The model reads or writes continuous (SigLIP/CLIP) features (so it needs a feature tower)."""
+    return "features" in (im.input_kind, im.output_kind)
+
+
+def sequence_feature_dim(im) -> int:
+    """F of the feature rows in a sequence (0: the model has none): what the data pipeline checks records against."""
+    return int(im.feature_dim) if uses_features(im) else 0
+
+
+def sequence_image_facts(im) -> dict:
+    """What a sequence's image positions must hold for this model: codes below ``codebook_size`` and feature
+    rows of ``feature_dim`` (0: none). The data pipeline checks records against it (``model_images``)."""
+    return {"codebook_size": int(im.num_codes), "feature_dim": sequence_feature_dim(im)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +143,7 @@ class UnifiedModel(nn.Module):
         if shared and len(im.code_token_ids) != im.num_codes:
             raise ValueError("the shared_vocab layout needs model.image.code_token_ids (code -> vocabulary id, "
                              "read from the tokenizer's IMGIMG names by the trainer); it is empty")
-        if "codes" in (im.input_kind, im.output_kind) and not shared:
+        if uses_codes(im) and not shared:
             # Code vectors (the VQ codebook rows, l2-normalised like LlamaGen's) feed the adapters.
             self.image_codebook = self.param(
                 "image_codebook", nn.with_logical_partitioning(_unit_rows, ("codes", "code_dim")),
@@ -159,13 +183,12 @@ class UnifiedModel(nn.Module):
             return x
         x = self.embed(jnp.where(is_image, 0, tokens))
         code_vec = None
-        if "codes" in (im.input_kind, im.output_kind):
+        if uses_codes(im):
             code_vec = jnp.take(self.image_codebook, jnp.where(is_image, tokens, 0), axis=0)
         feats = batch.get("features")
         und_in = code_vec if im.input_kind == "codes" else feats
         gen_in = code_vec if im.output_kind == "codes" else feats
         if im.align_strength and und_in is not None:
-            from uvjax.models import alignment
             und_in = alignment.apply_config(und_in, im.align_strength, im.align_seed, im.align_translation)
         und = self.understanding_adapter(und_in)
         gen_adapter = self.understanding_adapter if im.share_adapters else self.generation_adapter

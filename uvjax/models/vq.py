@@ -11,6 +11,9 @@ published tokenizers (reference §B.3, §B.7):
   (``l2_norm=False``), code dim 256, 8192 codes, taming's "legacy" beta placement in the VQ loss.
 
 Codes come out in raster order (``index = h * W + w``), one row of ``h*w`` ids per image.
+
+Over ~400 lines on purpose: one VQGAN (encoder, quantizer, decoder, both checkpoint families) whose
+parameter names the converters and parity tests pin.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
 never leaves a directory that ``latest_step`` would pick (leftover temporary directories are removed
-when the next run opens the directory; ``training/lock.py`` makes that run the only writer).
+when the next run opens the directory; ``uvjax/locks.py`` makes that run the only writer).
 Restoring uses an abstract state carrying the *current* shardings, so a checkpoint saved on one mesh
 restores onto another.
 
@@ -20,6 +20,9 @@ been read back and verified.
 The directory may be a ``gs://`` URL: orbax writes there itself (on an object store a step is complete when
 its ``commit_success.txt`` exists, not by a rename), and uvjax's own file operations (moving a step aside) go
 through ``uvjax/storage_paths.py`` / ``etils.epath``.
+
+Over ~400 lines on purpose: one checkpointer (atomic save, digests, read-back, fall back to the last good
+step), whose invariants hold across all of it.
 """
 from __future__ import annotations
 

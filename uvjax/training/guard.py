@@ -30,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from uvjax.storage_paths import append_text, join
+
 log = logging.getLogger(__name__)
 _MAX_LOG_LINES = 50  # warnings per run; the jsonl file keeps every event
 
 
 def _join(workdir: str, name: str) -> str:
-    from uvjax.storage_paths import join
     return join(workdir, name)
 
 
@@ -126,7 +127,6 @@ class StepGuard:
                  "action": "halt" if nonfinite and self.nonfinite == "halt" else "update skipped"}
         line = json.dumps(event, default=str, allow_nan=True)
         if self.log_path:  # rare events: one append each (a rewrite of the object on gs://)
-            from uvjax.storage_paths import append_text
             append_text(self.log_path, line + "\n")
         what = (f"non-finite loss {loss} / grad norm {m.get('grad_norm')}" if nonfinite else
                 f"loss spike {loss:.4g} > {event['max_loss']:.4g} (train.spike_factor={self.factor:g} x median "

@@ -59,8 +59,8 @@ def _mix(h):
 
 
 def _digest_device(x):
-    import jax.numpy as jnp
     import jax.lax as lax
+    import jax.numpy as jnp
     bits = _bits_u32(x)
     shape = bits.shape
     idx = jnp.zeros(shape, jnp.uint32)

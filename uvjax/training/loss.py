@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from uvjax.training.fused_ce import head_ce_sums
+
 SUM_KEYS = ("text_loss", "text_count", "text_correct", "text_z", "text_dropped",
             "image_loss", "image_count", "image_correct", "image_z", "image_dropped")
 
@@ -103,7 +105,6 @@ def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable
     idx, valid, dropped = select(text_mask, text_capacity)
     w = valid.astype(jnp.float32)
     if text_head is not None and not dense:
-        from uvjax.training.fused_ce import head_ce_sums
         weight, transposed = text_head
         ce_sum, z_sum, hits = head_ce_sums(h_src[idx], weight, labels[idx], w, max(1, min(head_chunk, idx.shape[0])),
                                            transposed, z_grad, head_grad)
@@ -122,7 +123,6 @@ def loss_sums(hidden, batch, text_logits_fn: Callable, image_logits_fn: Callable
     if image_label_ids is not None:
         img_labels = jnp.take(jnp.asarray(image_label_ids), img_labels, mode="clip")
     if image_output == "codes" and image_head is not None and not dense:
-        from uvjax.training.fused_ce import head_ce_sums
         weight, transposed = image_head
         ce_sum, z_sum, hits = head_ce_sums(h_src[idx], weight, img_labels, w, max(1, min(head_chunk, idx.shape[0])),
                                            transposed, z_grad, head_grad)

@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any, Mapping
 
+from uvjax import integrity_files as itg
 from uvjax import storage_paths as sp
 from uvjax.integrity_files import seal_line
 
@@ -138,6 +139,7 @@ class MetricWriter:
             self._tb.add_text(tag, f"```\n{text}\n```", int(step))
         if self._wandb is not None:
             import html
+
             import wandb
             self._wandb.log({t: wandb.Html(f"<pre>{html.escape(x)}</pre>") for t, x in texts.items()},
                             step=int(step))
@@ -251,7 +253,6 @@ def read_metrics(workdir: str) -> Metrics:
     they are). A damaged line (does not parse, CRC mismatch: a run killed mid-append, a flipped bit) is left out,
     counted in ``.damaged`` and reported in a warning naming the file and line: metrics are a log that plots and
     experiment tables read, and training never reads them back, so one bad line costs that line, not the file."""
-    from uvjax import integrity_files as itg
     out = Metrics()
     out.damaged = []
     path = sp.join(workdir, "metrics.jsonl")

@@ -42,14 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uvjax import interrupt
+from uvjax.data import smartwatch as sw
 from uvjax.models.siglip import Block, ViT, ViTConfig, num_params, preprocess, vit_config
-from uvjax.weights.hf_siglip import save_vit
+from uvjax.weights.hf_siglip import SIGLIP_CONFIG_FILE, SIGLIP_FILE, save_vit
 from uvjax.weights.llamagen_vq import save_params
 
-PARAMS_FILE = "siglip.safetensors"
+PARAMS_FILE = SIGLIP_FILE
 TWO_TOWER_FILE = "siglip_two_tower.safetensors"
 METRICS_FILE = "siglip_metrics.json"
-CONFIG_FILE = "siglip_config.json"
+CONFIG_FILE = SIGLIP_CONFIG_FILE
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -133,7 +135,6 @@ def full_caption(attrs: dict) -> str:
     """Every attribute, fixed order, plus the face colour (which the dataset's captions never name, yet it
     dominates the pixels: without it in some captions a small tower sits at the trivial solution, since
     the image embedding's largest variation is unexplained by any text)."""
-    from uvjax.data import smartwatch as sw
     a = lambda k: sw.answer(k, attrs)
     return (f"{colour_name(attrs['face_color'])} face, {a('weather')} weather, time {a('time')}, battery "
             f"{a('battery')}, weather icon {a('weather_pos')}, battery {a('battery_pos')}.")
@@ -141,7 +142,6 @@ def full_caption(attrs: dict) -> str:
 
 def pairs(num: int, image_size: int, seed: int, start_index: int = 0, name: str = "train"):
     """(uint8 images [N,S,S,3], dataset captions [N], full captions [N]) of Smart Watch images."""
-    from uvjax.data import smartwatch as sw
     spec = sw.SmartWatchSpec(name, int(seed), int(num), int(start_index), int(image_size), tasks=("caption",))
     imgs, caps, fulls = [], [], []
     for i in range(int(num)):
@@ -213,7 +213,6 @@ def train_siglip(cfg, workdir: str | None = None, progress: bool = True) -> tupl
     compile_s = None
     n = train_u8.shape[0]
     done = 0
-    from uvjax import interrupt
     for s in range(1, int(tc.steps) + 1):
         interrupt.check()  # SIGTERM during the SigLIP stage (uvjax.interrupt): stop between steps
         idx = rng.choice(n, size=min(int(tc.batch_size), n), replace=False)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uvjax.data.arrays import INT_KEYS
 from uvjax.models.partitioning import activation_sharding
 from uvjax.models.unified import UnifiedModel, text_head_path
 from uvjax.training import loss as L
@@ -36,8 +37,7 @@ class TrainState:
 
 
 def dummy_batch(feature_dim: int = 0, batch: int = 1, seq: int = 2) -> dict:
-    b = {k: jnp.zeros((batch, seq), jnp.int32) for k in
-         ("tokens", "modality", "text_target", "image_target", "segment_ids", "positions")}
+    b = {k: jnp.zeros((batch, seq), jnp.int32) for k in INT_KEYS}
     if feature_dim:
         b["features"] = jnp.zeros((batch, seq, feature_dim), jnp.float32)
     return b

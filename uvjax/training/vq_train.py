@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import time
 from typing import Any, Iterable
@@ -28,12 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uvjax import interrupt
+from uvjax.data import smartwatch
 from uvjax.models.vq import VQConfig, VQModel, from_uint8, image_grid, init_params, save_png, to_uint8
-from uvjax.weights.llamagen_vq import load_vq, save_vq
+from uvjax.weights.llamagen_vq import VQ_CONFIG_FILE, VQ_FILE, load_vq, save_vq
 
-PARAMS_FILE = "vq.safetensors"
+PARAMS_FILE = VQ_FILE
 METRICS_FILE = "vq_metrics.json"
-CONFIG_FILE = "vq_config.json"
+CONFIG_FILE = VQ_CONFIG_FILE
 RECON_FILE = "vq_recon.png"
 
 
@@ -228,7 +229,6 @@ def train_vq(images: np.ndarray, cfg, workdir: str | None = None, progress: bool
 
         bar = tqdm(total=tc.steps, desc="vq", unit="step", dynamic_ncols=True)
     ema = {}
-    from uvjax import interrupt
     for step in range(1, tc.steps + 1):
         interrupt.check()  # SIGTERM during the VQ stage (uvjax.interrupt): stop between steps
         if pos + tc.batch_size > order.size:
@@ -331,7 +331,6 @@ def load_png_folder(folder: str, size: int | None = None, limit: int | None = No
 def smartwatch_images(n: int, size: int, seed: int) -> np.ndarray:
     """``n`` Smart Watch images from ``uvjax.data.smartwatch`` (public ``sample_attributes`` + ``render``),
     attributes drawn from a generator seeded by ``seed`` (the VQ needs the distribution, not the split)."""
-    from uvjax.data import smartwatch
 
     rng = np.random.default_rng([int(seed), 0x5A9])
     return np.stack([smartwatch.render(smartwatch.sample_attributes(rng), size) for _ in range(n)])

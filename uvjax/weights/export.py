@@ -37,17 +37,19 @@ null), ``image_size`` (the size the VQ was trained at: input images are resized 
 ``lora_merged`` (the run's LoRA, folded into the kernels; null without) and ``relative_paths`` (the
 config keys above that point into the export).
 
-CLI: ``python -m uvjax.weights.export --workdir=RUN --out=DIR [--step=N] [--dtype=bfloat16]
+CLI: ``python -m uvjax.export --workdir=RUN --out=DIR [--step=N] [--dtype=bfloat16]
 [--max_shard_size=5GB] [--vq=FILE]``. ``--max_shard_size`` reads units as Hugging Face does: ``5GB`` =
 5·10⁹ bytes, ``5GiB`` = 5·2³⁰, plain integers are bytes.
 
 ``--format=chameleon`` (shared-vocab runs: codes are vocabulary rows) writes an HF
 ``ChameleonForConditionalGeneration`` directory instead, the run's VQ encoder included when the VQ is
 found (``--vq=FILE`` or the run's own, ``inference.decode.find_vq``): see ``weights/hf_chameleon.py``.
+
+Over ~400 lines on purpose: one file format (the self-contained HF directory), its writer and its reader
+side by side so they cannot drift.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -56,7 +58,10 @@ import shutil
 
 import numpy as np
 
+from uvjax.models.lora import merge_lora
 from uvjax.weights.hf_llama import hf_config_from_model, iter_hf_export, load_hf_llama, np_dtype
+from uvjax.weights.hf_siglip import SIGLIP_CONFIG_FILE, SIGLIP_FILE
+from uvjax.weights.llamagen_vq import VQ_CONFIG_FILE, VQ_FILE, load_vq, read_vq_config
 
 IMAGE_MODULES = ("image_codebook", "image_position_embed", "understanding_adapter", "generation_adapter", "generation_head")
 IMAGE_FILE = "uvjax_image_modules.safetensors"
@@ -85,7 +90,6 @@ def model_dict_from_decoder(dec) -> dict:
 
 def merged_params(variables: dict, lora_cfg) -> dict:
     """``variables["params"]`` with the LoRA deltas folded in (unchanged when there is no LoRA)."""
-    from uvjax.models.lora import merge_lora
     lora = variables.get("lora") or {}
     if not lora or not lora_cfg.rank:
         return variables["params"]
@@ -307,8 +311,7 @@ def vq_image_size(vq_path: str | None, cfg) -> int | None:
     if vq_path:
         p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
         if os.path.exists(p):
-            from uvjax.evaluate import _read_vq_config
-            size = (_read_vq_config(p).get("data") or {}).get("image_size")
+            size = (read_vq_config(p).get("data") or {}).get("image_size")
             if size:
                 return int(size)
     get = (lambda c, k: c.get(k) if hasattr(c, "get") else None)
@@ -320,40 +323,23 @@ def vq_image_size(vq_path: str | None, cfg) -> int | None:
 def copy_vq(vq_path: str, out: str) -> tuple[str, str | None]:
     """Copies a uvjax VQ file (and the ``vq_config.json`` beside it) to ``out/vq/``; returns their paths
     relative to ``out``. The file is opened first, so a non-VQ file is refused here, not at generation."""
-    from uvjax.training.vq_train import CONFIG_FILE, PARAMS_FILE
-    from uvjax.weights.llamagen_vq import load_vq
     if os.path.isdir(vq_path):
-        vq_path = os.path.join(vq_path, PARAMS_FILE)
+        vq_path = os.path.join(vq_path, VQ_FILE)
     load_vq(vq_path)  # raises naming the file when it is not a uvjax VQ file
     os.makedirs(os.path.join(out, VQ_DIR), exist_ok=True)
-    shutil.copyfile(vq_path, os.path.join(out, VQ_DIR, PARAMS_FILE))
-    src_cfg = os.path.join(os.path.dirname(vq_path), CONFIG_FILE)
+    shutil.copyfile(vq_path, os.path.join(out, VQ_DIR, VQ_FILE))
+    src_cfg = os.path.join(os.path.dirname(vq_path), VQ_CONFIG_FILE)
     rel_cfg = None
     if os.path.exists(src_cfg):
-        shutil.copyfile(src_cfg, os.path.join(out, VQ_DIR, CONFIG_FILE))
-        rel_cfg = f"{VQ_DIR}/{CONFIG_FILE}"
-    return f"{VQ_DIR}/{PARAMS_FILE}", rel_cfg
-
-
-def find_tower(workdir: str, cfg) -> tuple[str | None, dict]:
-    """(path, info) of a feature run's SigLIP/CLIP tower: ``towers.<clip|siglip>.path`` (a pretrained tower
-    the user gave) or the run's ``siglip`` stage (pretrained by uvjax). None when the run has none."""
-    from uvjax.stages import stage_dir
-    from uvjax.stages_imported import given_tower
-    name, t = given_tower(cfg)
-    if t is not None:
-        return os.path.abspath(os.path.expanduser(str(t.path))), {
-            "kind": name, "select_layer": int(t.get("select_layer", -2)),
-            "feature_post_norm": bool(t.get("feature_post_norm", False))}
-    d = stage_dir(workdir, "siglip")
-    return (d, {"kind": "siglip"}) if d else (None, {})
+        shutil.copyfile(src_cfg, os.path.join(out, VQ_DIR, VQ_CONFIG_FILE))
+        rel_cfg = f"{VQ_DIR}/{VQ_CONFIG_FILE}"
+    return f"{VQ_DIR}/{VQ_FILE}", rel_cfg
 
 
 def copy_tower(path: str, out: str) -> str:
     """Copies a tower to ``out/tower/``: a uvjax tower file (``siglip.safetensors``, with its
     ``siglip_config.json``) or an HF vision directory (config.json, preprocessor config, safetensors and
     their index). Returns the path to give ``pretokenise.tower_encoder``, relative to ``out``."""
-    from uvjax.training.siglip_pretrain import CONFIG_FILE, PARAMS_FILE
     dst = os.path.join(out, TOWER_DIR)
     os.makedirs(dst, exist_ok=True)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
@@ -364,15 +350,15 @@ def copy_tower(path: str, out: str) -> str:
         for f in names:
             shutil.copyfile(os.path.join(path, f), os.path.join(dst, f))
         return TOWER_DIR
-    f = os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
+    f = os.path.join(path, SIGLIP_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(f):
         raise FileNotFoundError(f"tower {path}: neither an HF vision directory (config.json) nor a uvjax "
-                                f"tower file ({PARAMS_FILE})")
-    shutil.copyfile(f, os.path.join(dst, PARAMS_FILE))
-    side = os.path.join(os.path.dirname(f), CONFIG_FILE)
+                                f"tower file ({SIGLIP_FILE})")
+    shutil.copyfile(f, os.path.join(dst, SIGLIP_FILE))
+    side = os.path.join(os.path.dirname(f), SIGLIP_CONFIG_FILE)
     if os.path.exists(side):
-        shutil.copyfile(side, os.path.join(dst, CONFIG_FILE))
-    return f"{TOWER_DIR}/{PARAMS_FILE}"
+        shutil.copyfile(side, os.path.join(dst, SIGLIP_CONFIG_FILE))
+    return f"{TOWER_DIR}/{SIGLIP_FILE}"
 
 
 def special_tokens(tokenizer) -> dict:
@@ -436,7 +422,6 @@ def export_hf(variables: dict, model_cfg, tokenizer, out: str, *, dtype: str = "
         size = vq_image_size(vq, run_config)
         grid = None
         if vq:
-            from uvjax.weights.llamagen_vq import load_vq
             vcfg, _ = load_vq(os.path.join(out, vq_rel))
             grid = int(np.prod(vcfg.grid(size))) if size else None
         lora = dec.lora
@@ -463,102 +448,6 @@ def load_exported(path: str, dtype: str = "float32") -> tuple[dict, dict, dict]:
     return {"params": params}, m, image_cfg
 
 
-FORMATS = ("llama", "chameleon")
-
-
-def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
-               max_shard_size="5GB", overwrite: bool = False, fmt: str = "llama", vq: str | None = None) -> dict:
-    """Loads a run's checkpoint (``uvjax.inference.loading.load_trained``) and exports it: ``fmt`` "llama"
-    (HF Llama + image modules + the run's VQ tokenizer or feature tower) or "chameleon"
-    (``hf_chameleon.export_chameleon``). ``vq``: a uvjax VQ file, default the run's own
-    (``inference.decode.find_vq``); a code run without one is exported without it (``summary["warnings"]``)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r}; expected one of {FORMATS}")
-    max_shard_size = parse_size(max_shard_size)
-    from uvjax import storage_paths as sp
-    from uvjax.inference.decode import find_vq
-    from uvjax.inference.loading import load_trained
-    run = load_trained(workdir, step)
-    workdir = run.workdir
-    dtype = dtype or str(run.cfg.model.param_dtype)
-    local = out
-    if sp.is_remote(out):  # written locally, then uploaded (safetensors and HF files are local writers)
-        if sp.exists(out) and sp.listdir(out) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
-        import tempfile
-        os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
-        local = tempfile.mkdtemp(prefix="export-", dir=sp.remote_cache_dir("export"))
-    kw = dict(dtype=dtype, template=str(run.cfg.data.get("template", "")) or None,
-              max_shard_size=max_shard_size, overwrite=overwrite or local != out)
-    im = run.model.cfg.image
-    kinds = {str(im.input_kind), str(im.output_kind)}
-    warnings = []
-    looked: list = []
-    if vq is None and "codes" in kinds:
-        vq, looked = find_vq(workdir, run.cfg)
-    if fmt == "chameleon":
-        from uvjax.weights.hf_chameleon import export_chameleon
-        size = ((run.cfg.get("stages") or {}).get("data") or {}).get("image_size")
-        summary = export_chameleon(run.variables, run.model.cfg, run.tokenizer, local, vq=vq,
-                                   image_size=int(size) if size else None, run_config=run.cfg, **kw)
-    else:
-        if "codes" in kinds and not vq:
-            warnings.append(f"no VQ tokenizer found (looked at {looked}): the export cannot encode or draw images; "
-                            f"pass --vq=FILE")
-        tower = find_tower(workdir, run.cfg) if "features" in kinds else None
-        if "features" in kinds and not (tower and tower[0]):
-            warnings.append("no SigLIP/CLIP tower found (towers.*.path or a siglip stage): image inputs cannot "
-                            "be encoded from the export")
-        summary = export_hf(run.variables, run.model.cfg, run.tokenizer, local, run_config=run.cfg, vq=vq,
-                            tower=tower, step=run.step, source_workdir=workdir, **kw)
-    if local != out:
-        sp.upload(local, out)
-        shutil.rmtree(local, ignore_errors=True)
-        summary = json.loads(json.dumps(summary, default=str).replace(local, sp.resolve(out)))
-    summary["step"] = run.step
-    if warnings:
-        summary["warnings"] = warnings
-    return summary
-
-
-def _size_arg(s: str) -> int:
-    try:
-        return parse_size(s, "--max_shard_size")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m uvjax.weights.export",
-                                 description="Export a uvjax run (LoRA merged) as a self-contained HF Llama (or "
-                                             "Chameleon) directory.")
-    ap.add_argument("--workdir", required=True, help="run directory (holds config.json + checkpoints/)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                    help="stored dtype (default: the run's model.param_dtype)")
-    ap.add_argument("--max_shard_size", default="5GB", type=_size_arg,
-                    help="largest weight file: 5GB = 5*10^9 bytes, 5GiB = 5*2^30, or an int number of bytes")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--format", default="llama", choices=FORMATS + ("peft",),
-                    help="llama: LlamaForCausalLM + uvjax image modules; chameleon: ChameleonForConditionalGeneration "
-                         "(shared-vocab runs); peft: the LoRA as a PEFT adapter + the unmerged base "
-                         "(uvjax/weights/peft_adapter.py)")
-    ap.add_argument("--vq", default=None, help="uvjax VQ file to export (default: the run's own, when found)")
-    ap.add_argument("--base", default=None, help="peft: the HF Llama directory the run started from (default: "
-                                                 "write the run's base to OUT/base)")
-    a = ap.parse_args(argv)
-    if a.format == "peft":
-        from uvjax.weights.peft_adapter import export_peft_run
-        s = export_peft_run(a.workdir, a.out, step=a.step, base=a.base, dtype=a.dtype, overwrite=a.overwrite)
-        print(json.dumps(s, indent=1, default=str))
-        return
-    if a.base:
-        ap.error("--base is only for --format=peft")
-    s = export_run(a.workdir, a.out, step=a.step, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                   overwrite=a.overwrite, fmt=a.format, vq=a.vq)
-    print(json.dumps(s, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command's first name; it lives in uvjax/export.py (the entry-point layer)
+    import runpy
+    runpy.run_module("uvjax.export", run_name="__main__", alter_sys=True)

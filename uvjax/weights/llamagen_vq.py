@@ -15,12 +15,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from uvjax.integrity_files import read_json
 from uvjax.models.vq import VQConfig, chameleon_vqgan, llamagen_vq16, param_shapes
+
+# A uvjax VQ tokenizer on disk: its weights and, beside them, the config it was trained with (uvjax.training.vq_train).
+VQ_FILE = "vq.safetensors"
+VQ_CONFIG_FILE = "vq_config.json"
+VQ_CONFIG_TODO = ("It is written with the VQ tokenizer: when the VQ is a stage of the cache, move its directory "
+                  "aside (mv DIR DIR.damaged) and rerun training to rebuild it; else restore the file from a copy, "
+                  "or delete it (the image size is then taken from the run's config)")
+
+
+def read_vq_config(path: str) -> dict:
+    """``vq_config.json`` beside a VQ tokenizer; a damaged one raises ``DamagedFile`` naming it."""
+    return read_json(path, "VQ tokenizer config", VQ_CONFIG_TODO)
 
 # Keys that exist in released checkpoints but are no model parameters.
 LLAMAGEN_DROP = ("quantize.codebook_used",)

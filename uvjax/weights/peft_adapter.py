@@ -5,7 +5,7 @@ want, but a LoRA run is usually shared as a small PEFT adapter on top of a known
 trained elsewhere is a natural starting point for a uvjax run.
 
 Export (``export_peft`` / ``export_peft_run``; CLI
-``python -m uvjax.weights.peft_adapter --workdir=RUN --out=DIR [--base=HF_DIR] [--step=N] [--dtype=bfloat16]``)
+``python -m uvjax.export --format=peft --workdir=RUN --out=DIR [--base=HF_DIR] [--step=N] [--dtype=bfloat16]``)
 writes PEFT's own files (``peft`` itself is not needed to write them)::
 
   DIR/adapter_config.json          peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout,
@@ -50,7 +50,6 @@ LoRA biases, ``modules_to_save`` tensors, adapters on only some layers.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -58,9 +57,20 @@ import re
 import shutil
 
 import numpy as np
+from flax import traverse_util
 
-from uvjax.weights.hf_llama import LAYER_ROLES, np_dtype
-from uvjax.weights.pretrained import _flat  # (path tuple, leaf) pairs, as the base import walks them
+from uvjax.config import model_config
+from uvjax.models.llama import DecoderConfig
+from uvjax.weights.export import IMAGE_FILE, export_hf, model_dict_from_decoder, save_hf_tokenizer, save_image_modules
+from uvjax.weights.hf_llama import (
+    LAYER_ROLES,
+    checkpoint_files,
+    iter_hf_export,
+    iter_hf_tensors,
+    model_dict_from_hf,
+    np_dtype,
+    read_hf_config,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -79,14 +89,12 @@ _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp
 # ============================================================================================ shapes
 def _decoder(model_cfg):
     """The ``DecoderConfig`` of a ``UnifiedConfig``, a ``DecoderConfig``, a run config or its ``cfg.model``."""
-    from uvjax.models.llama import DecoderConfig
     if isinstance(model_cfg, DecoderConfig):
         return model_cfg
     if hasattr(model_cfg, "decoder"):
         return model_cfg.decoder
     from types import SimpleNamespace
 
-    from uvjax.config import model_config
     cfg = model_cfg if "model" in model_cfg else SimpleNamespace(model=model_cfg)
     return model_config(cfg).decoder
 
@@ -129,14 +137,14 @@ def check_expressible(variables: dict, dec) -> dict:
     if dec.qk_norm or dec.norm_placement != "pre":
         raise ValueError("this model is a Chameleon decoder (q/k norms or swin norm placement): PEFT's LoRA "
                          "format here targets LlamaForCausalLM, which cannot hold it; export the merged model "
-                         "with `python -m uvjax.weights.export --format=chameleon`")
+                         "with `python -m uvjax.export --format=chameleon`")
     lora = variables.get("lora") or {}
     if not dec.lora.rank or not lora:
         raise ValueError("the model has no LoRA factors (model.lora.rank=0): there is no adapter to export; "
-                         "use `python -m uvjax.weights.export` for the full weights")
+                         "use `python -m uvjax.export` for the full weights")
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(lora))
     known = {LORA_PATH[p] + (f,) for p in dec.lora.targets for f in ("a", "b")}
-    flat = dict(_flat(host))
+    flat = traverse_util.flatten_dict(host)
     extra = sorted("/".join(p) for p in flat if p not in known)
     if extra:
         raise ValueError(f"LoRA factors PEFT cannot express (only the Llama projections {list(HF_MODULE)} "
@@ -169,9 +177,6 @@ def peft_tensors(lora: dict, dec, dtype: str = "float32"):
 def _check_user_base(params: dict, dec, base_dir: str) -> None:
     """Raises unless every decoder tensor of the run equals ``base_dir``'s (compared one tensor at a time
     in the run's dtype, as the importer cast them), so the adapter on ``base_dir`` is the run."""
-    from uvjax.weights.export import model_dict_from_decoder
-    from uvjax.weights.hf_llama import (checkpoint_files, iter_hf_export, iter_hf_tensors, model_dict_from_hf,
-                                        read_hf_config)
     theirs = model_dict_from_hf(read_hf_config(base_dir))
     ours = model_dict_from_decoder(dec)
     bad = [f"{k}: run {ours[k]!r} vs base {theirs[k]!r}" for k in ours
@@ -205,12 +210,6 @@ def export_peft(variables: dict, model_cfg, tokenizer, out: str, *, base_dir: st
     started from (checked against the run), else the un-merged base is written to ``out/base``."""
     import jax
 
-    from uvjax.weights.export import (
-        IMAGE_FILE,
-        export_hf,
-        save_hf_tokenizer,
-        save_image_modules,
-    )
     dec = model_cfg.decoder
     lora = check_expressible(variables, dec)
     if tokenizer is not None and tokenizer.vocab_size > dec.vocab_size:
@@ -247,31 +246,6 @@ def export_peft(variables: dict, model_cfg, tokenizer, out: str, *, base_dir: st
             f.write(run_config.to_json_best_effort(indent=2))
     summary.update(adapter=os.path.join(out, ADAPTER_WEIGHTS), tensors=len(tensors),
                    base_model_name_or_path=base_name)
-    return summary
-
-
-def export_peft_run(workdir: str, out: str, *, step: int | None = None, base: str | None = None,
-                    dtype: str | None = None, overwrite: bool = False) -> dict:
-    """Loads a run's checkpoint (``uvjax.inference.loading.load_trained``) and writes its PEFT adapter;
-    ``out`` may be a ``gs://`` URL (written locally, then uploaded)."""
-    from uvjax import storage_paths as sp
-    from uvjax.inference.loading import load_trained
-    run = load_trained(workdir, step)
-    local = out
-    if sp.is_remote(out):
-        if sp.exists(out) and sp.listdir(out) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
-        import tempfile
-        os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
-        local = tempfile.mkdtemp(prefix="peft-", dir=sp.remote_cache_dir("export"))
-    summary = export_peft(run.variables, run.model.cfg, run.tokenizer, local, base_dir=base,
-                          dtype=dtype or str(run.cfg.model.param_dtype), overwrite=overwrite or local != out,
-                          run_config=run.cfg)
-    if local != out:
-        sp.upload(local, out)
-        shutil.rmtree(local, ignore_errors=True)
-        summary = json.loads(json.dumps(summary, default=str).replace(local, sp.resolve(out)))
-    summary["step"] = run.step
     return summary
 
 
@@ -368,22 +342,8 @@ def load_peft_adapter(path: str, model_cfg, dtype: str = "float32") -> dict:
 
 
 # =============================================================================================== CLI
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m uvjax.weights.peft_adapter",
-                                 description="Export a uvjax LoRA run as a PEFT adapter (adapter_config.json + "
-                                             "adapter_model.safetensors) with its base.")
-    ap.add_argument("--workdir", required=True, help="run directory (holds config.json + checkpoints/)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--base", default=None, help="the HF Llama directory the run started from (checked against "
-                                                 "the run); default: write the run's base into OUT/base")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                    help="stored dtype (default: the run's model.param_dtype)")
-    ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args(argv)
-    s = export_peft_run(a.workdir, a.out, step=a.step, base=a.base, dtype=a.dtype, overwrite=a.overwrite)
-    print(json.dumps(s, indent=1, default=str))
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the command's first name; it lives in uvjax/export.py (the entry-point layer)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["--format=peft"]
+    runpy.run_module("uvjax.export", run_name="__main__", alter_sys=True)

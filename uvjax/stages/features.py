@@ -20,12 +20,26 @@ pass refuses them instead of storing them.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
-import ml_collections as mlc
 import numpy as np
+
+from uvjax import interrupt
+from uvjax import pretokenise as pt
+from uvjax.data import smartwatch as sw
+from uvjax.data import storage
+from uvjax.data.records import Record, Segment
+from uvjax.integrity_files import read_marker, write_marker
+from uvjax.models.siglip import FeatureExtractor
+from uvjax.models.unified import uses_features
+from uvjax.pretokenise import store_features  # float16 with a finiteness check
+from uvjax.stage_log import read_stage_log, stage_dir
+from uvjax.stages.specs import train_split_spec
+from uvjax.towers import encoders
+from uvjax.towers.vq_codec import VQCodec
+from uvjax.training.siglip_pretrain import train_siglip
+from uvjax.weights.hf_siglip import load_vit
 
 FEATURE_DTYPES = ("float16", "float32")
 SIGLIP_FILE = "siglip.safetensors"
@@ -33,12 +47,7 @@ SIGLIP_FILE = "siglip.safetensors"
 
 def needs_feature_stages(cfg) -> bool:
     im = cfg.model.image
-    return "features" in (im.input_kind, im.output_kind)
-
-
-def features_config(dtype: str = "float16") -> mlc.ConfigDict:
-    """``config.stages.features``: how pre-tokenised features are stored."""
-    return mlc.ConfigDict(dict(dtype=dtype))
+    return uses_features(im)
 
 
 # --------------------------------------------------------------------------------------------- encoders
@@ -48,8 +57,6 @@ class TowerEncoder:
     kind = "features"
 
     def __init__(self, siglip_dir_or_file: str):
-        from uvjax.models.siglip import FeatureExtractor
-        from uvjax.weights.hf_siglip import load_vit
         path = siglip_dir_or_file
         if os.path.isdir(path):
             path = os.path.join(path, SIGLIP_FILE)
@@ -85,12 +92,6 @@ def _as_encoder(e):
 
 
 # ------------------------------------------------------------------------------------- pre-tokenisation
-def _store_features(f: np.ndarray, dtype: str, where: str) -> np.ndarray:
-    out = np.asarray(f, np.float32).astype(dtype)
-    if not np.isfinite(out).all():
-        raise ValueError(f"{where}: non-finite features after casting to {dtype} (max |x| = "
-                         f"{np.abs(f).max():.3g}); set stages.features.dtype='float32'")
-    return out
 
 
 def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: str, *, chunk: int, batch: int,
@@ -99,10 +100,6 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
     each has ``kind`` "codes" | "features" and ``encode(uint8 [B,H,W,3])``). Renders ``spec``'s records
     chunk by chunk, encodes every distinct image once per encoder it needs, writes per-stream shards, and
     marks a chunk done last, so a killed pass resumes at the first unfinished chunk."""
-    from uvjax.data import smartwatch as sw
-    from uvjax.data import storage
-    from uvjax.data.records import Record, Segment
-    from uvjax.integrity_files import read_marker, write_marker
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"stages.features.dtype={feature_dtype!r}; expected one of {FEATURE_DTYPES}")
     enc = {role: _as_encoder(e) for role, e in encoders.items()}
@@ -111,7 +108,6 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
             raise ValueError(f"no encoder for {role} images")
     counts = {"understanding": 0, "generation": 0, "interleaved": 0}
     n_chunks = (spec.num_images + chunk - 1) // chunk
-    from uvjax import interrupt
     for c in range(n_chunks):
         interrupt.check()
         marker = os.path.join(out_dir, f".{spec.name}-chunk{c:05d}.done")
@@ -149,7 +145,7 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
                     e = enc[s.role]
                     v = encoded[(id(e), id(s.pixels))]
                     segs.append(Segment(s.role, "image", codes=v.reshape(-1).astype(np.int32)) if e.kind == "codes"
-                                else Segment(s.role, "image", features=_store_features(v, feature_dtype, r.id)))
+                                else Segment(s.role, "image", features=store_features(v, feature_dtype, r.id)))
                 streams[sw.stream_of(r)].append(Record(r.id, r.task, segs, r.attributes))
         chunk_counts = {}
         for name, recs in streams.items():
@@ -169,7 +165,6 @@ def pretokenise_split_features(spec, encoders: Mapping[str, object], out_dir: st
 
 # ------------------------------------------------------------------------------------------------ stages
 def build_siglip(sc, out: str) -> dict:
-    from uvjax.training.siglip_pretrain import train_siglip
     scfg = sc.siglip.copy_and_resolve_references()
     with scfg.unlocked():
         scfg.data.image_size = int(sc.data.image_size)  # pretrain on the renders the dataset will hold
@@ -184,11 +179,9 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], encoders: Mapping[str, o
     ``encode``, e.g. ``uvjax.pretokenise.Encoder``); returns the record counts per split and stream. The
     caller (``uvjax.stages.prepare``) adds what the encoders imply (image tokens, codebook, feature width)."""
     import dataclasses
-    from uvjax.data import smartwatch as sw
     d = sc.data
     splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                                image_size=int(d.image_size))
-    from uvjax.stages import train_split_spec
     splits["train"] = train_split_spec(sc)
     info: dict = {}
     for name, spec in splits.items():
@@ -210,7 +203,6 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], encoders: Mapping[str, o
 # ---------------------------------------------------------------------------------------------- evaluation
 def find_stage_dir(workdir: str, stage: str) -> str | None:
     """The last ``stage`` directory recorded in ``<workdir>/stages.jsonl`` (local; mirrored from gs://)."""
-    from uvjax.stages import stage_dir
     return stage_dir(workdir, stage)
 
 
@@ -224,15 +216,12 @@ def evaluation_kwargs(workdir: str, cfg) -> dict:
     if sg is None:
         raise FileNotFoundError(f"no siglip stage recorded in {workdir}/stages.jsonl; cannot encode test images")
     if os.path.isdir(sg) and os.path.exists(os.path.join(sg, "config.json")):  # a given HF tower (towers.*.path)
-        from uvjax import pretokenise as pt
-        from uvjax.stages import read_stage_log
         rec = [r for r in read_stage_log(workdir) if r.get("stage") == "siglip"][-1]
-        tower = pt.tower_encoder(sg, kind=str(rec.get("tower", "siglip"))).tower
+        tower = encoders.tower_encoder(sg, kind=str(rec.get("tower", "siglip"))).tower
     else:
         tower = TowerEncoder(sg)
     decode = None
     if cfg.model.image.output_kind == "codes":
-        from uvjax.stages import VQCodec
         vq = find_stage_dir(workdir, "vq")
         if vq is None:
             raise FileNotFoundError(f"no vq stage recorded in {workdir}/stages.jsonl; cannot decode generated codes")
@@ -244,45 +233,5 @@ def evaluation_kwargs(workdir: str, cfg) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- configs
-ARCH_PRESETS = ("tiny", "smoke", "vicuna7b")
 
 
-def configure_architecture(c: mlc.ConfigDict, preset: str, *, input_kind: str, output_kind: str,
-                           name: str) -> mlc.ConfigDict:
-    """Turns a ``configs/vqvq.py`` preset (decoder shapes, data, tokenizer and VQ stages) into another of
-    the four architectures, so all four share decoder shapes and cached stages at each preset.
-
-    Per the reference scripts (seed §2.4): a feature *input* goes through an ``mlp2x_gelu`` understanding
-    adapter, VQ codes through ``linear``; a feature *output* has an ``mlp2x_gelu`` generation adapter and a
-    regression head with the cosine loss and alpha (``loss.w_image``) = 1.0 — the SigLIP/CLIP scripts never
-    passed ``--alpha``, so the default 1.0 applied; VQ outputs a ``linear`` adapter, CE and alpha = 0.2.
-    Adapters are separate (``share_adapters=False``); the reference shared them by accident (§2.3, §11.3):
-    set ``model.image.share_adapters=True`` (same input and output kind only) to reproduce that.
-    """
-    from uvjax.config import load_config_file
-    if preset not in ARCH_PRESETS:
-        raise ValueError(f"configs/{name}.py: unknown preset {preset!r}; expected one of {ARCH_PRESETS}")
-    c.name = f"{name}-{preset}"
-    im = c.model.image
-    im.input_kind, im.output_kind = input_kind, output_kind
-    im.und_adapter = "mlp2x_gelu" if input_kind == "features" else "linear"
-    im.gen_adapter = "mlp2x_gelu" if output_kind == "features" else "linear"
-    im.share_adapters = False
-    if output_kind == "features":
-        c.loss.image_loss, c.loss.w_image = "cosine", 1.0
-    else:
-        c.loss.image_loss, c.loss.w_image = "ce", 0.2
-    if preset == "vicuna7b":
-        # SigLIP-B/16 at 224 px: 196 tokens x 768 (reference §C); pretrained weights are loaded from towers.*
-        im.feature_dim = 768
-        c.towers = mlc.ConfigDict(dict(
-            siglip=mlc.ConfigDict(dict(preset="siglip_b16", path="", select_layer=-2, feature_post_norm=False)),
-            vq=mlc.ConfigDict(dict(path=""))))
-        c.data.image_tokens = 0  # 196 SigLIP tokens vs 256 VQ codes in the mixed variants
-    else:
-        c.stages.siglip = load_config_file("siglip_pretrain", "smoke" if preset == "smoke" else "tiny")
-        c.stages.features = features_config("float16")
-        im.feature_dim = int(c.stages.siglip.vit.width)
-        if int(c.stages.siglip.vit.image_size) != int(c.stages.data.image_size):
-            raise ValueError("stages.siglip.vit.image_size must equal stages.data.image_size")
-    return c

@@ -6,7 +6,7 @@ name LLaVA/ShareGPT4V JSON files, caption files (``format="caption_generation"``
 (``format="shards"``); ``image_dir`` / ``test_image_dir`` are their image folders. Every node is cached by
 fingerprint in ``<cache_dir>/<stage>-<fp>/`` as for the Smart Watch source (local or ``gs://``):
 
-    import-train, import-test   formats.convert (input files fingerprinted by path, size and mtime / generation)
+    import-train, import-test   importers.convert (input files fingerprinted by path, size and mtime / generation)
     tokenizer                   BPE trained on the imported training texts, or the base model's
     vq                          ``stages.source.vq`` (e.g. a converted LlamaGen VQ-16) as given, else
                                 uvjax's VQ (``stages.vq``) trained on the imported training images
@@ -27,28 +27,22 @@ import fnmatch
 import glob
 import os
 
-import ml_collections as mlc
 import numpy as np
 
+from uvjax import pretokenise as pt
+from uvjax import storage_paths as sp
+from uvjax.data import images as image_io
+from uvjax.data import sequence as sq
+from uvjax.data.importers.convert import convert
+from uvjax.data.storage import RecordReader
+from uvjax.data.tasks import stream_of
+from uvjax.data.tokenizer import TextTokenizer, get_template
+from uvjax.models.unified import sequence_feature_dim
+from uvjax.stage_log import fingerprint
+from uvjax.stages.cache import cached_stage
+from uvjax.towers.vq_codec import VQ_FILE
+
 FORMATS = ("llava", "caption_generation", "unifiedvisual", "shards")
-
-
-def source_config() -> mlc.ConfigDict:
-    """``config.stages.source``: where the records come from (``kind="smartwatch"``: rendered by uvjax)."""
-    return mlc.ConfigDict(dict(
-        kind="smartwatch",       # smartwatch | imported
-        format="llava",          # llava | caption_generation | unifiedvisual | shards
-        train="",                # file(s), directory or glob of the training data
-        test="",                 # held-out split ("" = none: no held-out evaluation)
-        image_dir="",            # image folder of train (paths in the data are relative to it)
-        test_image_dir="",       # image folder of test ("" = image_dir)
-        on_error="raise",        # raise | skip (counted per reason and printed)
-        vq="",                   # a VQ tokenizer to use as is (vq.safetensors or its dir); "" = train stages.vq
-        resize="",               # "" = each tower's own (VQ: centre crop; SigLIP: squash; CLIP: resize + crop)
-                                 # | pad (LLaVA's pad-to-square) | center_crop | resize_crop | squash
-        seed=0,                  # caption_generation phrasing seed
-        vq_images=0,             # images the VQ stage trains on (0 = stages.vq.data.num_train + num_eval)
-    ))
 
 
 def is_imported(sc) -> bool:
@@ -59,7 +53,6 @@ def is_imported(sc) -> bool:
 def _files(spec: str, fmt: str) -> list[str]:
     """The input files of ``stages.source.train``/``test``: comma-separated files, directories or globs,
     local or ``gs://``."""
-    from uvjax import storage_paths as sp
     items = [s for s in str(spec).split(",") if s.strip()]
     pats = {"unifiedvisual": ("*.parquet",), "shards": ("*.array_record",)}.get(fmt, ("*.json", "*.jsonl"))
     out: list[str] = []
@@ -84,21 +77,18 @@ def _files(spec: str, fmt: str) -> list[str]:
 
 def _file_stamp(paths: list[str]) -> list:
     """What identifies each input's content: (path, size, mtime) locally, (URL, size, generation) on gs://."""
-    from uvjax import storage_paths as sp
     return [[p, *sp.remote_fingerprint(p)] if sp.is_remote(p) else [p, os.path.getsize(p), os.stat(p).st_mtime_ns]
             for p in paths]
 
 
 def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict]:
     """(shard directory, fingerprint, import counts) of one split."""
-    from uvjax.stages import cached_stage, fingerprint
     fmt = str(src.format)
     if fmt not in FORMATS:
         raise ValueError(f"stages.source.format={fmt!r}; expected one of {FORMATS}")
     spec = src.train if split == "train" else src.test
     files = _files(spec, fmt)
     image_dir = str(src.image_dir if split == "train" else (src.test_image_dir or src.image_dir))
-    from uvjax import storage_paths as sp
     image_dir = sp.resolve(os.path.expanduser(image_dir)) if image_dir else ""
     if fmt == "shards":  # converted by the user: used in place
         d = sp.parent(files[0]) if sp.is_remote(files[0]) else os.path.dirname(files[0])
@@ -106,14 +96,13 @@ def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict
     fp = fingerprint("import", fmt, _file_stamp(files), image_dir, str(src.on_error), int(src.seed))
 
     def build(out: str) -> dict:
-        from uvjax.data import formats
         for p in os.listdir(out):  # a killed conversion starts over (it is one streaming pass)
             os.remove(os.path.join(out, p))
         opts = {"seed": int(src.seed)} if fmt == "caption_generation" else {}
         # gs:// inputs are read from local copies (the JSON/parquet readers open files); a gs:// image folder
         # stays remote (pre-tokenisation reads it), its files are checked there, not at import
         local = [sp.local_copy(f, sp.remote_cache_dir()) for f in files]
-        res = formats.convert(local, out, format=fmt, image_dir=image_dir, prefix=split,
+        res = convert(local, out, format=fmt, image_dir=image_dir, prefix=split,
                               on_error=str(src.on_error), **opts)
         return {"counts": res["counts"], "paths": res["paths"], "image_dir": image_dir, "files": files}
 
@@ -128,7 +117,6 @@ def _import_split(src, split: str, cache: str, log, say) -> tuple[str, str, dict
 
 
 def _shards(d: str, split: str | None = None) -> list[str]:
-    from uvjax import storage_paths as sp
     pat = f"{split}-*.array_record" if split else "*.array_record"
     if sp.is_remote(d):
         return sorted(str(p) for p in sp.as_path(d).glob(pat))
@@ -136,7 +124,6 @@ def _shards(d: str, split: str | None = None) -> list[str]:
 
 
 def _texts(shards: list[str], limit: int = 200_000) -> list[str]:
-    from uvjax.data.storage import RecordReader
     out = []
     for rec in RecordReader(shards):
         out += [s.text for s in rec.segments if s.kind == "text" and s.text]
@@ -147,8 +134,6 @@ def _texts(shards: list[str], limit: int = 200_000) -> list[str]:
 
 def _train_images(shards: list[str], n: int, size: int, resize: str) -> np.ndarray:
     """Up to ``n`` distinct training images, loaded and preprocessed as the pre-tokenisation will."""
-    from uvjax import pretokenise as pt
-    from uvjax.data.storage import RecordReader
     root = pt.image_root_of(shards)
     seen, imgs = set(), []
     for rec in RecordReader(shards):
@@ -158,11 +143,11 @@ def _train_images(shards: list[str], n: int, size: int, resize: str) -> np.ndarr
                 continue
             seen.add(key)
             try:
-                px = (pt.read_image_file(os.path.join(root, s.path) if root else s.path, pt.ImagePolicy())[0]
+                px = (image_io.read_image_file(os.path.join(root, s.path) if root else s.path, image_io.ImagePolicy())[0]
                       if s.path is not None else np.asarray(s.pixels))
-            except pt.ImageError:
+            except image_io.ImageError:
                 continue  # the pre-tokenisation pass names (or counts) bad images; the VQ just needs good ones
-            imgs.append(pt.preprocess(px, size, resize))
+            imgs.append(image_io.preprocess(px, size, resize))
             if len(imgs) >= n:
                 return np.stack(imgs)
     if not imgs:
@@ -203,14 +188,12 @@ class ImportedSource:
         return {f"import-{s}": None if shards else dirs[s] for s in splits}
 
     def tokenizer_fp(self, cfg, base_part) -> str:
-        from uvjax.stages import fingerprint
         return fingerprint("tokenizer-imported", self.sc.tokenizer, self.train_fp, cfg.data.template, base_part)
 
     def texts(self) -> list[str]:
         return _texts(self.train_shards)
 
     def vq_fp(self) -> str:
-        from uvjax.stages import fingerprint
         return fingerprint("vq-imported", self.sc.vq, int(self.sc.data.image_size), self.train_fp, self.vq_resize,
                            int(self.src.vq_images))
 
@@ -229,15 +212,12 @@ class ImportedSource:
         return images, vq_cfg
 
     def dataset_fp(self, kinds, vq_fp, tower_fp, feature_dtype) -> str:
-        from uvjax.stages import fingerprint
         feats = "features" in kinds.values()
         return fingerprint("dataset-imported", self.train_fp, self.test_fp, vq_fp, int(self.sc.data.image_size),
                            str(self.src.resize), str(self.src.on_error), int(self.sc.data.records_per_shard),
                            dict(kinds) if feats else None, tower_fp, feature_dtype if feats else None)
 
     def pretokenise(self, encoders, out: str, feature_dtype: str, progress_factory=None) -> dict:
-        from uvjax import pretokenise as pt
-        from uvjax.data.storage import RecordReader
         info = {}
         for split in ("train", "test"):
             shards = self.split_shards[split]
@@ -263,8 +243,6 @@ class ImportedSource:
 
 def given_vq(path: str, log) -> tuple[str, str]:
     """(vq.safetensors path, fingerprint) of a VQ tokenizer used as given (logged as the ``vq`` stage)."""
-    from uvjax.inference.decode import VQ_FILE
-    from uvjax.stages import fingerprint
     p = os.path.abspath(os.path.expanduser(path))
     f = os.path.join(p, VQ_FILE) if os.path.isdir(p) else p
     if not os.path.isfile(f):
@@ -294,8 +272,6 @@ def given_tower(cfg):
 def record_lengths(records, tokenizer, template, seq_len: int, feature_dim: int = 0) -> dict:
     """Per stream: how many records ``seq_len`` leaves whole, truncates (text cut), strips of an image
     target (an assistant image cut off) or drops (no target left)."""
-    from uvjax.data import sequence as sq
-    from uvjax.data.formats import stream_for
     cfg = sq.SequenceConfig(seq_len=10 ** 9, check_tasks=False, feature_dim=feature_dim)
     out: dict = {}
     for rec in records:
@@ -304,7 +280,7 @@ def record_lengths(records, tokenizer, template, seq_len: int, feature_dim: int 
         n = int(enc.length)
         it = np.flatnonzero(a["image_target"])
         tt = np.flatnonzero(a["text_target"])
-        s = out.setdefault(stream_for(rec), {"records": 0, "ok": 0, "truncated": 0, "image_target_lost": 0,
+        s = out.setdefault(stream_of(rec), {"records": 0, "ok": 0, "truncated": 0, "image_target_lost": 0,
                                              "dropped": 0, "max_length": 0})
         s["records"] += 1
         s["max_length"] = max(s["max_length"], n)
@@ -324,12 +300,9 @@ def record_lengths(records, tokenizer, template, seq_len: int, feature_dim: int 
 def length_report(cfg, ds_dir: str, tok_dir: str, cache: str, log, inputs: dict | None = None) -> dict:
     """Per split and stream, how many records ``train.seq_len`` cuts (the ``lengths`` stage); ``inputs``: the
     input stages (dataset, tokenizer) whose content ``DONE.json`` records (``uvjax.stages.cached_stage``)."""
-    from uvjax.data.storage import RecordReader
-    from uvjax.data.tokenizer import TextTokenizer, get_template
-    from uvjax.stages import cached_stage, fingerprint
     seq_len = int(cfg.train.seq_len)
     im = cfg.model.image
-    fdim = int(im.feature_dim) if "features" in (im.input_kind, im.output_kind) else 0
+    fdim = sequence_feature_dim(im)
     fp = fingerprint("lengths", ds_dir, tok_dir, str(cfg.data.template), cfg.data.get("system_prompt"), seq_len)
 
     def build(out: str) -> dict:

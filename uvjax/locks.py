@@ -17,7 +17,7 @@ host is trusted (refused) until someone deletes the file. Multi-host runs lock o
 
 The lock is re-entrant within a process (``run_all`` and ``run`` both take it).
 
-A ``gs://`` work directory has no ``fcntl``: ``workdir_lock`` hands it to ``uvjax.storage_paths.ObjectStoreLock``
+A ``gs://`` work directory has no ``fcntl``: ``remote_lock.lock_for_workdir`` hands it to ``uvjax.remote_lock.ObjectStoreLock``
 (a lease object with generation preconditions and a heartbeat), and ``WorkdirLock`` refuses URLs rather than
 lock a local ``./gs:/...`` directory.
 """
@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -78,7 +79,7 @@ class WorkdirLock:
     def __init__(self, workdir: str):
         if _is_url(workdir):
             raise ValueError(f"WorkdirLock locks local directories; {workdir!r} is a URL "
-                             "(use uvjax.storage_paths.lock_for_workdir)")
+                             "(use uvjax.remote_lock.lock_for_workdir)")
         self.workdir = os.path.abspath(workdir)
         self.path = os.path.join(self.workdir, LOCK_NAME)
         self.fd: int | None = None
@@ -193,18 +194,5 @@ class WorkdirLock:
 
 
 def _is_url(path) -> bool:
-    import re
     s = str(path)
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", s)) and not s.startswith("file://")
-
-
-def workdir_lock(workdir: str, enabled: bool = True):
-    """The lock of ``workdir`` as a context manager; ``enabled=False`` (non-primary hosts) is a no-op;
-    a ``gs://`` URL gets the object-store lease (``storage_paths.lock_for_workdir``)."""
-    if not enabled:
-        import contextlib
-        return contextlib.nullcontext()
-    if _is_url(workdir):
-        from uvjax.storage_paths import lock_for_workdir
-        return lock_for_workdir(workdir)
-    return WorkdirLock(workdir)
