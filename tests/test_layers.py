@@ -88,3 +88,40 @@ def test_the_local_import_scan_finds_one(tmp_path):
     p = tmp_path / "m.py"
     p.write_text("import os\n\n\ndef f():\n    from uvjax.config import base_config\n    return base_config\n")
     assert list(_local_uvjax_imports(p)) == [(5, "uvjax.config")]
+
+
+# Packages every install has (setup.py install_requires) or the standard library: imported at module top.
+# What stays inside functions is the optional extras (torch, transformers, wandb, gradio, lmms-eval, google-cloud,
+# matplotlib/scipy for one plot and one probe, fsspec for remote paths), or an import under try/except ImportError.
+CORE = {"jax", "jaxlib", "numpy", "flax", "PIL", "safetensors", "tqdm", "absl", "ml_dtypes", "grain", "tokenizers",
+        "array_record", "optax", "orbax", "etils", "pyarrow", "msgpack", "tensorboardX", "ml_collections"}
+
+
+def _local_core_imports(path: pathlib.Path):
+    tree = ast.parse(path.read_text())
+    parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+    for n in ast.walk(tree):
+        if not isinstance(n, (ast.Import, ast.ImportFrom)) or (isinstance(n, ast.ImportFrom) and n.level):
+            continue
+        mods = [n.module] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]
+        tops = {m.split(".")[0] for m in mods}
+        if not tops & (CORE | set(sys.stdlib_module_names)):
+            continue
+        p, in_function, in_try = parents.get(n), False, False
+        while p is not None:
+            if isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                in_function = True
+            if isinstance(p, ast.Try) and not in_function:
+                in_try = True
+            p = parents.get(p)
+        if in_function and not in_try:
+            yield n.lineno, sorted(tops)[0]
+
+
+def test_core_packages_are_imported_at_module_top(tmp_path):
+    found = [f"{f.relative_to(REPO).as_posix()}:{line}: {mod}" for f in sorted(pathlib.Path(REPO, "uvjax").rglob("*.py"))
+             for line, mod in _local_core_imports(f)]
+    assert not found, "imports of always-installed packages inside functions (move them to the top):\n" + "\n".join(found)
+    p = tmp_path / "probe.py"  # the scan is not vacuous: a local numpy import is found, a guarded jax one is not
+    p.write_text("def f():\n    import numpy as np\n    try:\n        import jax\n    except ImportError:\n        jax = None\n")
+    assert list(_local_core_imports(p)) == [(2, "numpy")]

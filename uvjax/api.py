@@ -21,8 +21,8 @@ import os
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
-from uvjax import pretokenise as pt
 from uvjax.data import images as image_io
 from uvjax.data.records import Record, Segment
 from uvjax.data.tokenizer import get_template
@@ -77,7 +77,6 @@ class Model:
     # ------------------------------------------------------------------------------------ inputs
     def _pixels(self, image) -> np.ndarray:
         """A path, PIL image or uint8 array → uint8 [S, S, 3] resized as the run's training images were."""
-        from PIL import Image
 
         if isinstance(image, (str, os.PathLike)):
             try:
@@ -124,7 +123,6 @@ class Model:
                                           cfg_scale=float(cfg_scale), seed=int(seed), min_length=longest)
 
     def _to_pil(self, codes) -> list:
-        from PIL import Image
         if not codes:
             return []
         pixels = self.codec.decode(np.stack([np.asarray(c, np.int32) for c in codes]))

@@ -16,6 +16,9 @@ same fact is never retyped here. ~400 lines because every default lives in this 
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections as mlc
 
 from uvjax.data.pipeline import default_data_config
@@ -184,7 +187,6 @@ def features_config(dtype: str = "float16") -> mlc.ConfigDict:
 def resolve_config_argv(argv: list[str]) -> list[str]:
     """``--config=configs/x.py[:preset]`` works from any current directory: a relative config path that
     does not exist there is taken relative to the uvjax checkout (where ``configs/`` lives)."""
-    import os
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = []
     for a in argv:
@@ -200,8 +202,6 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 def load_config_file(name: str, arg: str | None = None) -> mlc.ConfigDict:
     """``configs/<name>.py:get_config(arg)`` loaded by path (``configs/`` is not an installed package)."""
-    import importlib.util
-    import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} not found (uvjax expects its source checkout)")

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import logging
+
 from absl import app, flags  # noqa: E402
 
 from uvjax.api import load
@@ -198,7 +200,6 @@ def launch(demo, *, host: str = "127.0.0.1", port: int = 7860, share: bool = Fal
     """Serves ``demo`` and returns its local URL; ``block=False`` returns at once (the server runs in a thread;
     stop it with ``demo.close()``)."""
     port = free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1") if port == 0 else int(port)
-    import logging
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes of the local URL
     demo.queue(default_concurrency_limit=1)
     _, url, share_url = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 
 from uvjax import storage_paths as sp
 from uvjax.inference import loading  # module access: tests stub load_trained
@@ -53,7 +54,6 @@ def export_run(workdir: str, out: str, *, step: int | None = None, dtype: str | 
     if sp.is_remote(out):  # written locally, then uploaded (safetensors and HF files are local writers)
         if sp.exists(out) and sp.listdir(out) and not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
-        import tempfile
         os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
         local = tempfile.mkdtemp(prefix="export-", dir=sp.remote_cache_dir("export"))
     kw = dict(dtype=dtype, template=str(run.cfg.data.get("template", "")) or None,
@@ -135,7 +135,6 @@ def export_peft_run(workdir: str, out: str, *, step: int | None = None, base: st
     if sp.is_remote(out):
         if sp.exists(out) and sp.listdir(out) and not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite")
-        import tempfile
         os.makedirs(sp.remote_cache_dir("export"), exist_ok=True)
         local = tempfile.mkdtemp(prefix="peft-", dir=sp.remote_cache_dir("export"))
     summary = export_peft(run.variables, run.model.cfg, run.tokenizer, local, base_dir=base,

@@ -29,7 +29,10 @@ import sys
 import time
 from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags
+from jax.experimental import topologies
 
 from uvjax import cli
 from uvjax.config import model_config, validate
@@ -72,7 +75,6 @@ def parse_topology(topo: str) -> tuple[str, int]:
 
 
 def _tpu_devices(chip: str, n: int):
-    from jax.experimental import topologies
     shapes = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
     if chip in ("v4", "v5p"):
         cube = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
@@ -137,7 +139,6 @@ class Target:
 
 def make_target(cfg, topology: str, backend: str = "auto") -> Target:
     chip, n = parse_topology(topology)
-    import jax
     devices, real = None, False
     if backend in ("auto", "tpu") and chip in TPU_NAMES:
         try:
@@ -166,8 +167,6 @@ def compile_step(t: Target, batch_size: int, grad_accum: int) -> dict:
     """Compiles the train step of ``t`` for a global batch of ``batch_size`` sequences in ``grad_accum``
     microbatches (abstract inputs: nothing is allocated). The compiler running out of memory is an answer
     (``compiler_out_of_memory``, with the temporaries it said it needed), not an exception."""
-    import jax
-    import numpy as np
 
     check_batch_divisibility(batch_size, grad_accum, t.mesh, 1)
     cfg = t.cfg
@@ -244,8 +243,6 @@ def largest_fitting(fits, n: int) -> int:
 
 def _state_bytes(abs_state) -> tuple[int, int]:
     """(bytes of the whole train state, bytes of one device's shards of it)."""
-    import jax
-    import numpy as np
     total = per_dev = 0
     for x in jax.tree_util.tree_leaves(abs_state):
         item = np.dtype(x.dtype).itemsize if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else 8
@@ -301,8 +298,6 @@ def plan(cfg, topology: str, *, mfu: float = 0.4, backend: str = "auto", search:
     """The plan of ``cfg`` on ``topology``. When it does not fit and ``search``: the largest per-chip batch
     that does, and the grad_accum that keeps the configured global batch (``search_batch``). ``hbm_gib``:
     the chip's memory (0: CHIPS' value)."""
-    import jax
-    import numpy as np
 
     t = make_target(cfg, topology, backend)
     B, T, A = int(cfg.train.batch_size), int(cfg.train.seq_len), int(cfg.train.grad_accum)
@@ -419,7 +414,6 @@ def format_report(r: dict) -> str:
 def main(argv):
     del argv
     chip, n = parse_topology(FLAGS.topology)
-    import jax
     if chip not in TPU_NAMES or FLAGS.backend == "cpu":
         jax.config.update("jax_num_cpu_devices", n)
     if FLAGS.backend == "cpu" or chip not in TPU_NAMES:

@@ -25,22 +25,25 @@ Command: ``python -m uvjax.pretokenise --shards=DIR --vq=VQ_DIR --out=DIR [--ima
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import json
 import os
+import posixpath
 import sys
 import time
 from collections import Counter
 from typing import Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from uvjax import integrity_files as itg
 from uvjax import interrupt
 from uvjax import storage_paths as sp
 from uvjax.data import storage
-from uvjax.data.images import RESIZE_MODES, ImageError, ImagePolicy, decode_image, preprocess, read_image_file
+from uvjax.data.images import RESIZE_MODES, ImageError, ImagePolicy, preprocess, read_image_file
 from uvjax.data.importers.common import FormatError
 from uvjax.data.records import Record, Segment
 from uvjax.data.tasks import stream_of
@@ -53,7 +56,7 @@ def shard_paths(spec: str | Sequence[str]) -> list[str]:
 
 
 def image_root_of(shards: Sequence[str]) -> str:
-    """The absolute image folder recorded by ``formats.convert`` next to the shards ("" if none)."""
+    """The absolute image folder recorded by ``importers.convert`` next to the shards ("" if none)."""
     for d in dict.fromkeys(sp.parent(p) if sp.is_remote(p) else os.path.dirname(os.path.abspath(p))
                            for p in shards):
         m = sp.join(d, "import_manifest.json")
@@ -279,7 +282,6 @@ def _check_inside(root: str, rel: str) -> None:
     if not root:
         return
     if sp.is_remote(root):  # no symlinks in a bucket: the relative path alone decides
-        import posixpath
         norm = posixpath.normpath(rel)
         if os.path.isabs(rel) or sp.is_remote(rel) or norm == ".." or norm.startswith("../"):
             raise ImageError(f"image path {rel!r} leaves the image folder {root!r}; refused", "path_escape")
@@ -324,7 +326,6 @@ def format_report(r: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- command
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
     ap = argparse.ArgumentParser(prog="python -m uvjax.pretokenise", description=__doc__.split("\n")[0])
     ap.add_argument("--shards", required=True, nargs="+", help="imported shards: directory, glob or files "
                                                                "(local or gs://)")
@@ -365,12 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--{role}={k} needs --{'vq' if k == 'vq' else 'tower'}")
     out = a.out
     if sp.is_remote(out):  # resumable locally (chunk markers), uploaded when complete
-        import hashlib
         out = os.path.join(sp.remote_cache_dir("pretokenise"),
                            hashlib.sha256(sp.resolve(a.out).encode()).hexdigest()[:16])
     paths = shard_paths(a.shards)
     n = len(storage.RecordReader(paths))
-    from tqdm import tqdm
     bar = tqdm(total=n, desc=f"pretokenise {a.split}", unit="rec", dynamic_ncols=True)
     try:
         rep = pretokenise_shards(paths, {r: made[k] for r, k in roles.items()}, out, split=a.split,

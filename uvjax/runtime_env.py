@@ -35,8 +35,11 @@ and of a second one after the first was freed).
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import resource
 import sys
+import threading
 
 TUNABLES = (("glibc.malloc.hugetlb", "1"),             # 2 MB pages for malloc's memory
             ("glibc.malloc.mmap_max", "0"),            # no per-block mappings: large blocks from the heap
@@ -89,14 +92,11 @@ def probe_faults_per_mb(mb: int = 256, in_thread: bool = False) -> tuple[float, 
     malloc directly: numpy would advise huge pages on its own. ``in_thread``: from a new thread, i.e. from
     a thread arena of its own unless ``glibc.malloc.arena_max=1`` (XLA allocates on its worker threads)."""
     if in_thread:
-        import threading
         box = []
         t = threading.Thread(target=lambda: box.append(probe_faults_per_mb(mb)))
         t.start()
         t.join()
         return box[0]
-    import ctypes
-    import resource
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]

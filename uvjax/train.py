@@ -17,6 +17,7 @@ import time
 
 import jax
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from uvjax import cli, interrupt
 from uvjax import storage_paths as sp
@@ -165,7 +166,6 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
     bar = None
     show = cfg.train.progress if progress is None else progress
     if show and primary and start < total:
-        from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
     last_saved = start
     save_due = False  # a checkpoint deferred because the last update was skipped

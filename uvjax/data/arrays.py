@@ -1,7 +1,9 @@
 """The sequence-array contract (PRODUCT.md decision 3).
 
 Tokenisation turns one record into fixed-length arrays; everything downstream (packing, the model,
-the loss, decoding) reads only these arrays, so no code re-derives where an image starts.
+the loss, decoding) reads only these arrays. The one quantity derived from them is each image token's
+index within its image (``models.unified.image_cells``, for ``model.image.image_positions``): an image is
+always one contiguous ``modality`` span between ``<boi>`` and ``<eoi>``, so it is computed there, once.
 
 Per example, every array has length ``T`` (the configured sequence length):
 

@@ -20,7 +20,6 @@ from uvjax.data.importers.convert import FORMATS, convert
 from uvjax.data.importers.parquet_layout import describe
 from uvjax.data.tasks import STREAMS
 
-
 __all__ = ["main", "convert", "FormatError", "ImportStats", "iter_llava", "decode_image_bytes", "stream_for"]
 
 

@@ -4,13 +4,15 @@ centre crop, CLIP's resize + crop, SigLIP's squash, LLaVA's pad-to-square)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import warnings
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from uvjax import storage_paths as sp
 from uvjax.data import storage
-
 
 # CLIP's image mean (LLaVA pads with it), as uint8 RGB
 CLIP_MEAN_RGB = (122, 116, 104)
@@ -39,7 +41,6 @@ class ImageError(Exception):
 
 def _to_rgb(im) -> tuple[np.ndarray, str | None]:
     """A PIL image -> uint8 RGB and the source mode when it was converted (None for RGB)."""
-    from PIL import Image
     mode = im.mode
     if mode == "RGB":
         return np.asarray(im, np.uint8), None
@@ -81,9 +82,6 @@ def read_image_file(full: str, policy: ImagePolicy) -> tuple[np.ndarray, str | N
 
 
 def decode_image(data: bytes, name: str, policy: ImagePolicy) -> tuple[np.ndarray, str | None]:
-    import io
-    import warnings
-    from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -112,7 +110,6 @@ def preprocess(img: np.ndarray, size: int, mode: str = "center_crop", fill=CLIP_
     preprocessing, from ADM). ``resize_crop``: the same without the box steps (CLIP's processor).
     ``squash``: bicubic to ``size`` x ``size`` (SigLIP's). ``pad``: pad to a square with ``fill`` (LLaVA's
     ``expand2square``), then bicubic-resize."""
-    from PIL import Image
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode {mode!r}; expected one of {RESIZE_MODES}")
     im = Image.fromarray(img)

@@ -32,8 +32,7 @@ from ml_collections import config_dict
 
 from uvjax.data.arrays import FEATURE_KEY, INT_KEYS
 from uvjax.data.records import null_prompt_record, record_from_bytes
-from uvjax.data.sequence import (DROPPED, TRUNCATED, SequenceConfig, encode_record, pad_example,
-                                 validate_record)
+from uvjax.data.sequence import DROPPED, TRUNCATED, SequenceConfig, encode_record, pad_example, validate_record
 from uvjax.data.storage import RecordReader, expand_paths, host_range
 from uvjax.data.tasks import STREAMS
 from uvjax.data.tokenizer import ChatTemplate, TextTokenizer, get_template

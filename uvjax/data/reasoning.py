@@ -38,10 +38,23 @@ import numpy as np
 
 from uvjax.data import smartwatch as sw
 from uvjax.data import storage
-from uvjax.data.reasoning_phrasings import (CORRECT_ASKS, CORRECT_CLOSINGS, DESCRIPTIONS, EDIT_CLOSINGS,
-                                            EDIT_INSTRUCTIONS, GEN_PREFIXES, MM_BRIDGES, MM_QUESTIONS,
-                                            POSITION_FRAMES, RATIONALE_OPENERS, RELATION_TEXT, SUMMARY_LEADS,
-                                            TIME_FRAMES, WEATHER_CLUES, WEATHER_FRAMES)
+from uvjax.data.reasoning_phrasings import (
+    CORRECT_ASKS,
+    CORRECT_CLOSINGS,
+    DESCRIPTIONS,
+    EDIT_CLOSINGS,
+    EDIT_INSTRUCTIONS,
+    GEN_PREFIXES,
+    MM_BRIDGES,
+    MM_QUESTIONS,
+    POSITION_FRAMES,
+    RATIONALE_OPENERS,
+    RELATION_TEXT,
+    SUMMARY_LEADS,
+    TIME_FRAMES,
+    WEATHER_CLUES,
+    WEATHER_FRAMES,
+)
 from uvjax.data.records import Record, Segment
 from uvjax.data.tasks import REASONING_TASKS
 

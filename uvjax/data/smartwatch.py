@@ -30,8 +30,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from uvjax.data import storage
 from uvjax.data.records import Record, Segment
-from uvjax.data.smartwatch_phrasings import (CAPTION_PREFIXES, CAPTION_QUESTIONS, FRAGMENTS,
-                                             GENERATION_ANSWERS, GENERATION_PREFIXES, QUESTIONS)
+from uvjax.data.smartwatch_phrasings import (
+    CAPTION_PREFIXES,
+    CAPTION_QUESTIONS,
+    FRAGMENTS,
+    GENERATION_ANSWERS,
+    GENERATION_PREFIXES,
+    QUESTIONS,
+)
 from uvjax.data.tasks import SMARTWATCH_TASKS, STREAMS, stream_of
 
 CANVAS = 224

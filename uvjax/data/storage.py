@@ -17,7 +17,10 @@ import glob
 import os
 from typing import Iterable, Sequence
 
+import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from PIL import Image, UnidentifiedImageError
 
 from uvjax import storage_paths as sp
 from uvjax.data.records import Record, record_from_bytes, record_to_bytes
@@ -42,7 +45,6 @@ class ShardWriter:
         self._count = 0
 
     def _open(self) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter  # C extension: loaded on first write
         path = os.path.join(self.out_dir, f"{self.prefix}-{len(self.paths):05d}{SUFFIX}")
         self._writer = ArrayRecordWriter(path, "group_size:1")
         self.paths.append(path)
@@ -126,7 +128,6 @@ class RecordReader:
         self.paths = [str(p) for p in paths]
         if not self.paths:
             raise ValueError("RecordReader needs at least one shard path")
-        from array_record.python.array_record_module import ArrayRecordReader  # C extension: loaded on first read
         self._starts = [0]
         for p in self.paths:
             if not (sp.exists(p) if sp.is_remote(p) else os.path.exists(p)):
@@ -154,7 +155,6 @@ class RecordReader:
     @property
     def source(self):
         if self._source is None:
-            import grain  # heavy: only the training pipeline's reads need it
             self._source = grain.sources.ArrayRecordDataSource([local_shard(p) for p in self.paths])
         return self._source
 
@@ -229,7 +229,6 @@ def load_image(path: str, image_dir: str = "", *, where: str = "image",
     (unless ``convert``) or a size other than ``size`` raise ValueError naming the file. With an
     ``image_dir``, a path that leaves it (absolute, ``..``, a symlink pointing out) is refused; an
     image of more than ``max_pixels`` pixels is refused from its header, before it is decoded."""
-    from PIL import Image, UnidentifiedImageError  # image decoding only where images are loaded
     if image_dir:
         root = os.path.realpath(image_dir)
         full = os.path.join(image_dir, path)

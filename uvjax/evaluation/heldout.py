@@ -20,6 +20,7 @@ import os
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from uvjax.data import sequence as sq
@@ -73,7 +74,6 @@ def test_records(test_dir: str, limit: int | None = None) -> list[Record]:
 
 def heldout_loss(run, records: Sequence[Record], batch_size: int = 16) -> dict:
     """Teacher-forced per-modality loss of ``records`` (each its own row, padded to the longest)."""
-    import jax
     cfg, tok = run.cfg, run.tokenizer
     template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
     mc = run.model.cfg

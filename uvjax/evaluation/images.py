@@ -1,9 +1,12 @@
 """The image grids of an evaluation (real | generated | prompt) and VQ reconstructions, as PNG."""
 from __future__ import annotations
 
+import io
+import textwrap
 from typing import Callable
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from uvjax import storage_paths as sp
 
@@ -12,9 +15,7 @@ def grid_image(rows: list[tuple[np.ndarray, np.ndarray | None, str]], cell: int 
                text_w: int = 360) -> np.ndarray:
     """uint8 [H, W, 3]: one row per entry: image | image (None: a red "no image" box) | text. Height
     ``rows * (cell + 4) + 4``, width ``2 * (cell + 4) + text_w + 4`` (4 px padding)."""
-    import textwrap
 
-    from PIL import Image, ImageDraw, ImageFont
     pad = 4
     H = len(rows) * (cell + pad) + pad
     W = 2 * (cell + pad) + text_w + pad
@@ -76,9 +77,7 @@ def vq_reconstruction_rows(records, encode_images: Callable, decode_codes: Calla
 
 def write_png(image, path: str) -> None:
     """A PIL image or uint8 [H, W, 3] array as a PNG at a local path or a gs:// URL (one atomic write)."""
-    import io
 
-    from PIL import Image
     im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from uvjax.evaluation.metrics import frechet_distance
 from uvjax.weights.llamagen_vq import unflatten_params
@@ -377,7 +379,6 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
                                 f"from {FID_WEIGHTS_URL} (see docs/WEIGHTS.md)")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors import SafetensorError, safe_open
         try:
             with safe_open(path, framework="numpy") as f:
                 flat = {k: f.get_tensor(k) for k in f.keys()}
@@ -411,7 +412,6 @@ def save_weights(flat: Mapping[str, np.ndarray], out: str, source: str = "") -> 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     ext = os.path.splitext(out)[1].lower()
     if ext == ".safetensors":
-        from safetensors.numpy import save_file
         meta = {"format": FORMAT, "source": os.path.basename(source)}
         if source and os.path.isfile(source):
             meta["source_sha256"] = file_sha256(source)

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from PIL import Image, ImageFilter
+from tqdm.auto import tqdm
 
 from uvjax import integrity_files as itg
 from uvjax.data import smartwatch as sw
@@ -260,7 +262,6 @@ def train_judge(cfg: JudgeConfig, out_dir: str | None = None, progress: bool = F
     rng = np.random.default_rng([cfg.seed, 1])
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, desc="judge", unit="step", dynamic_ncols=True)
     t0, cpu0 = time.time(), time.process_time()
     history = []
@@ -327,7 +328,6 @@ def _recorded_config(directory: str) -> JudgeConfig | None:
 
 
 def main(argv):
-    from absl import flags
     F = flags.FLAGS
     cfg = dataclasses.replace(PRESETS[F.preset], **({"image_size": F.image_size} if F.image_size else {}),
                               **({"steps": F.steps} if F.steps else {}))

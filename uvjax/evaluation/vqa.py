@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from uvjax.data import smartwatch as sw
 from uvjax.data.records import Record, Segment
@@ -108,7 +109,6 @@ def run_items(gen: Generator, tokenizer: TextTokenizer, template: ChatTemplate, 
     longest = max(len(p["tokens"]) for p in prompts + (nulls or []))
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(items), desc=progress, unit="item", dynamic_ncols=True)
     for bi, start in enumerate(range(0, len(order), B)):
         idx = order[start:start + B]

@@ -20,8 +20,8 @@ from uvjax.experiments.provenance import commit, cpu_s, json_default, machine, w
 from uvjax.inference.decode import find_vq
 from uvjax.inference.loading import load_config, load_trained
 from uvjax.integrity_files import DamagedFile, read_json, seal
-from uvjax.stages.features import evaluation_kwargs
 from uvjax.remote_lock import lock_for_workdir
+from uvjax.stages.features import evaluation_kwargs
 from uvjax.towers.vq_codec import VQCodec
 from uvjax.train import run_all
 

@@ -31,6 +31,9 @@ Null prompt (training dropout and inference use the same function, so they canno
 record with every user *text* segment emptied and every user *image* removed; system prompt, template
 and the assistant side are unchanged. With the Vicuna template the unconditional prompt is thus
 ``<s>USER:  ASSISTANT:`` (+ the same assistant prefix as the conditional row).
+
+Over ~400 lines on purpose: one generator (batched prefill, KV-cached text and image decoding, CFG, forced
+image openings) whose modes share one cache layout.
 """
 from __future__ import annotations
 
@@ -98,6 +101,8 @@ class SpecialIds:
 
 
 # ============================================================================ prompts
+import os
+
 from uvjax.data.records import null_prompt, null_prompt_record  # noqa: E402  (re-exported)
 from uvjax.inference.loading import export_config, is_export_dir
 from uvjax.stage_log import stage_dir
@@ -410,7 +415,6 @@ def find_vq(workdir: str, cfg=None) -> tuple[str | None, list[str]]:
     ``uvjax.stages``), then ``<workdir>/vq/`` and ``<workdir>/``. An export directory
     (``uvjax.weights.export``) is looked up by its own record only (``export.vq`` of its ``uvjax_config.json``):
     the training machine's places are not consulted."""
-    import os
     if "://" not in workdir and is_export_dir(workdir):
         rel = export_config(workdir).export.get("vq")
         if not rel:

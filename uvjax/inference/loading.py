@@ -4,10 +4,15 @@ self-contained directory ``python -m uvjax.export`` writes (told apart by its fi
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
+import numpy as np
+from flax import traverse_util
 
 from uvjax import storage_paths as sp
 from uvjax.config import model_config
@@ -59,7 +64,6 @@ def _check_against_checkpoint(cfg, workdir: str, step: int, meta: dict) -> None:
     changed, is refused here instead of decoding with the wrong vocabulary or image size."""
     saved = meta.get("config")
     if saved:
-        import json
         _, changed = config_changes(saved, json.loads(cfg.to_json_best_effort()))
         changed = [k for k in changed if k != "mesh.shape"]  # set to one device for loading
         if changed:
@@ -84,7 +88,6 @@ def is_export_dir(path: str) -> bool:
 def export_config(path: str) -> mlc.ConfigDict:
     """An export's ``uvjax_config.json`` with the paths that point into the export made absolute
     (``export.relative_paths``); a damaged file raises ``DamagedFile`` naming it."""
-    import os
 
     f = os.path.join(path, EXPORT_CONFIG)
     todo = "It is written by `python -m uvjax.export`: export the run again, or restore the file from a copy"
@@ -115,11 +118,7 @@ def load_export(path: str, step: int | None = None) -> LoadedRun:
     so the model has no LoRA and ``variables["lora"]`` is empty), in the stored dtype (``model.param_dtype``
     is set to it), the exported tokenizer, ``step`` = the step exported. Param names and shapes are checked
     against the model the config describes; a mismatch names the tensors."""
-    import os
 
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import traverse_util
 
     if sp.is_remote(path):  # read from a local mirror (safetensors and the tokenizer are local readers)
         path = sp.local_tree(path, sp.remote_cache_dir("trees"))

@@ -14,7 +14,7 @@ def lmms_eval_models():
     """The payload of the ``lmms_eval.models`` entry point (lmms-eval 0.7.3 reads that group when its model
     registry starts): a manifest naming the model class by path, so lmms-eval imports this package's plugin
     only when ``--model uvjax`` is asked for."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # the lmms extra; called by lmms-eval only
     return [ModelManifest(model_id=LMMS_EVAL_MODEL, simple_class_path=LMMS_EVAL_CLASS)]
 
 

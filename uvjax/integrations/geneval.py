@@ -28,6 +28,9 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from PIL import Image
+from tqdm import tqdm
+
 import uvjax
 from uvjax import storage_paths as sp
 from uvjax.api import image_size_of
@@ -88,7 +91,6 @@ def export(run, prompts: Sequence[dict], out: str, *, n: int = 4, cfg_scale: flo
     """Writes ``prompts`` (metadata dicts with ``"prompt"``) in GenEval's layout under ``out``; ``run`` is a
     :class:`uvjax.api.Model`. Returns a summary: folders written / kept, samples per folder, prompts with fewer
     than ``n`` images (the model closed its answer without a complete image)."""
-    from PIL import Image
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if not run.can_generate:
@@ -99,7 +101,6 @@ def export(run, prompts: Sequence[dict], out: str, *, n: int = 4, cfg_scale: flo
     short: dict[str, int] = {}
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="geneval export", unit="prompt", dynamic_ncols=True)
     for start in range(0, len(todo), chunk):
         idx = todo[start:start + chunk]

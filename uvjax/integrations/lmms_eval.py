@@ -37,6 +37,7 @@ lmms-eval by module path.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import io
@@ -44,6 +45,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+
+from PIL import Image
+from tqdm import tqdm
 
 import uvjax
 from uvjax import storage_paths as sp
@@ -165,7 +169,6 @@ def _model_class():
             return v[0] if v else None
 
         def generate_until(self, requests) -> list[str]:
-            from tqdm import tqdm
             groups: dict[tuple, list[int]] = {}
             for i, req in enumerate(requests):
                 gk = req.args[1] or {}
@@ -235,7 +238,7 @@ def __getattr__(name: str):
 # ================================================================================ the local task
 def smartwatch_vqa_docs(workdir: str, num_images: int | None = None, image_size: int | None = None):
     """The task's documents: every VQA turn of the run's Smart Watch test split (the split ``uvjax.evaluate``
-    builds: :func:`uvjax.evaluate.test_spec`, at the run's image size), as dicts with the image (uint8 array),
+    builds: :func:`uvjax.evaluation.run.test_spec`, at the run's image size), as dicts with the image (uint8 array),
     the turn's question, its ground-truth answer and attribute. Reads only the run's config (no weights)."""
     wd = sp.resolve(workdir)
     cfg = load_config(wd)
@@ -256,7 +259,6 @@ def smartwatch_vqa_docs(workdir: str, num_images: int | None = None, image_size:
 
 
 def _png(pixels) -> bytes:
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
@@ -391,7 +393,6 @@ def write_task(workdir: str, out: str, *, num_images: int | None = None, task_na
 
 # ================================================================================ command line
 def _write_task_main(argv: list[str]) -> None:
-    import argparse
     p = argparse.ArgumentParser(prog="python -m uvjax.integrations.lmms_eval write-task",
                                 description="Write the run's Smart Watch test split as a local lmms-eval task")
     p.add_argument("--workdir", required=True, help="uvjax run (or export) directory")

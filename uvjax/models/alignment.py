@@ -23,6 +23,7 @@ independent of s lets one pre-tokenised dataset serve every strength of the swee
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -57,7 +58,6 @@ def apply_config(x, strength: float, seed: int, translation: bool):
     """What ``UnifiedModel.embed_inputs`` calls on the understanding input; identity (no op) at s = 0."""
     if not strength:
         return x
-    import jax.numpy as jnp
     a, b = affine(int(x.shape[-1]), strength, seed, translation)
     return (jnp.dot(x.astype(jnp.float32), jnp.asarray(a)) + jnp.asarray(b)).astype(x.dtype)
 

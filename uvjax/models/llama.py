@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from uvjax.models.lora import Dense, LoRAConfig
 from uvjax.models.partitioning import constrain
@@ -401,7 +402,6 @@ def fuse_projections(params: dict) -> dict:
     """Params for ``fused_projections=True``: every ``attn/{q,k,v}/kernel`` (and ``mlp/{gate,up}``) in the
     tree, stacked layers too, concatenated along the output axis into ``attn/qkv/kernel``
     (``mlp/gate_up/kernel``), in the order the fused layers split them. Without LoRA factors only."""
-    from flax import traverse_util
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, v in flat.items():

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 ACTS = ("gelu_tanh", "quick_gelu", "gelu")
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -276,7 +277,6 @@ def preprocess(images_u8: np.ndarray, cfg: ViTConfig) -> np.ndarray:
         imgs = imgs[None]
     S = cfg.image_size
     if imgs.shape[1:3] != (S, S):
-        from PIL import Image
         imgs = np.stack([np.asarray(Image.fromarray(im).resize((S, S), Image.Resampling.BICUBIC)) for im in imgs])
     x = imgs.astype(np.float32) / 255.0
     return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from uvjax.data.arrays import IMAGE_IN, IMAGE_OUT
@@ -294,7 +295,6 @@ class _LMHead(nn.Module):
 def image_cells(is_image):
     """[B, T] bool -> [B, T] int: each image token's index within its contiguous image span (0 elsewhere).
     Images are always delimited by <boi>/<eoi>, so a span is one image."""
-    import jax
     t = jnp.arange(is_image.shape[-1], dtype=jnp.int32)[None]
     prev = jnp.pad(is_image[:, :-1], ((0, 0), (1, 0)))
     start = jax.lax.cummax(jnp.where(is_image & ~prev, t, 0), axis=1)
@@ -302,6 +302,5 @@ def image_cells(is_image):
 
 
 def _unit_rows(key, shape, dtype):
-    import jax
     v = jax.random.normal(key, shape, jnp.float32)
     return (v / jnp.linalg.norm(v, axis=-1, keepdims=True)).astype(dtype)

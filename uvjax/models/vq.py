@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,7 +498,6 @@ def image_grid(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
 
 def save_png(images_or_grid, path: str) -> None:
     """Write one uint8 (or [-1,1] float) image [H,W,3], or a batch [N,H,W,3] as a single row, to a PNG."""
-    from PIL import Image
 
     x = np.asarray(images_or_grid)
     if x.dtype != np.uint8:

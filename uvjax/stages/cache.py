@@ -2,10 +2,12 @@
 once into ``<cache_dir>/<stage>-<fingerprint>/`` (local or ``gs://``), seals it and reuses it after."""
 from __future__ import annotations
 
+import glob as _glob
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from typing import Callable
 
@@ -207,7 +209,6 @@ def _finish(name: str, fp: str, out: str, work: str, info: dict, t0: float, log:
     """Seals a completed build in ``work``: manifest + content digest + the inputs' content (``current``) +
     DONE.json (digested), after checking the rebuild against the record of a damaged copy moved aside
     (``<out>.damaged*``) and this work dir's history. Returns the sealed info."""
-    import glob as _glob
     if os.path.exists(os.path.join(work, INPUTS_FILE)):
         os.remove(os.path.join(work, INPUTS_FILE))
     manifest = itg.build_manifest(work)
@@ -264,7 +265,6 @@ def _cached_remote_stage(name: str, fp: str, cache_dir: str, build: Callable[[st
                         f"{e}\nIt was downloaded again from {out}, so the copy in the bucket is damaged: move it "
                         f"aside (gcloud storage mv {out} {out}.damaged); the next run rebuilds the stage", out,
                         e.problems) from e
-                import tempfile
                 aside = tempfile.mkdtemp(prefix=f"{os.path.basename(mirror)}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-",
                                          dir=os.path.dirname(mirror))
                 os.replace(mirror, aside)  # a local copy: moved aside, fetched again from the bucket

@@ -20,13 +20,13 @@ pass refuses them instead of storing them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Mapping
 
 import numpy as np
 
 from uvjax import interrupt
-from uvjax import pretokenise as pt
 from uvjax.data import smartwatch as sw
 from uvjax.data import storage
 from uvjax.data.records import Record, Segment
@@ -76,7 +76,7 @@ class TowerEncoder:
 
 
 class CodesEncoder:
-    """A VQ codec (``uvjax.stages.VQCodec`` or anything with ``encode(u8) -> int [B, N]``) tagged as codes."""
+    """A VQ codec (``uvjax.towers.vq_codec.VQCodec`` or anything with ``encode(u8) -> int [B, N]``) tagged as codes."""
 
     kind = "codes"
 
@@ -178,7 +178,6 @@ def build_feature_dataset(sc, kinds: Mapping[str, str], encoders: Mapping[str, o
     """Pre-tokenises the Smart Watch splits of ``sc.data`` with one encoder per role (each with ``kind`` and
     ``encode``, e.g. ``uvjax.pretokenise.Encoder``); returns the record counts per split and stream. The
     caller (``uvjax.stages.prepare``) adds what the encoders imply (image tokens, codebook, feature width)."""
-    import dataclasses
     d = sc.data
     splits = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                                image_size=int(d.image_size))
@@ -207,7 +206,7 @@ def find_stage_dir(workdir: str, stage: str) -> str | None:
 
 
 def evaluation_kwargs(workdir: str, cfg) -> dict:
-    """Extra ``uvjax.evaluate.evaluate_run`` arguments for a run whose *understanding* images are SigLIP
+    """Extra ``uvjax.evaluation.run.evaluate_run`` arguments for a run whose *understanding* images are SigLIP
     features: test images go through the run's tower, generated codes (SigLIP-VQ) through its VQ. Empty
     for VQ inputs (the evaluator's default VQ codec is right there, also for VQ-SigLIP)."""
     if cfg.model.image.input_kind != "features":

@@ -2,10 +2,12 @@
 the pre-tokenised dataset and the reasoning records."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
 import numpy as np
+from tqdm import tqdm
 
 from uvjax import interrupt
 from uvjax.data import reasoning as rs
@@ -67,7 +69,6 @@ def build_dataset(sc, vq_dir: str, out: str, progress_factory=None) -> dict:
     info = {"image_tokens": None}
     for name, spec in splits.items():
         if d.time_seconds:
-            import dataclasses
             spec = dataclasses.replace(spec, time_seconds=True)
         os.makedirs(os.path.join(out, name), exist_ok=True)
         bar = progress_factory(f"pretokenise {name}", spec.num_images) if progress_factory else None
@@ -116,7 +117,6 @@ def build_reasoning(sc, vq_dir: str, out: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ runner
 def _bar(desc: str, total: int):
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
 
 

@@ -3,13 +3,11 @@ and ``tower_encoder`` (images -> SigLIP/CLIP features, from a uvjax tower file o
 with the resize rule of the images it was trained on."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
 
 from uvjax import storage_paths as sp
-from uvjax.data.images import preprocess
 from uvjax.models.siglip import FeatureExtractor
 from uvjax.towers.vq_codec import VQCodec
 from uvjax.weights.hf_siglip import load_hf_vision, load_vit

@@ -27,21 +27,23 @@ step), whose invariants hold across all of it.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
 import time
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from uvjax import storage_paths as sp
 from uvjax.training.integrity import compare, json_digest, tree_digests
 
 
 def _grain_args():
-    import grain
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
@@ -170,7 +172,6 @@ class Checkpointer:
         mine = json_digest(_StateSnapshot(data_iterator).get_state())
         if jax.process_count() == 1:
             return [mine]
-        from jax.experimental import multihost_utils
         raw = np.frombuffer(bytes.fromhex(mine), np.uint8)
         allp = np.asarray(multihost_utils.process_allgather(raw)).reshape(jax.process_count(), -1)
         return [bytes(r.astype(np.uint8)).hex() for r in allp]
@@ -219,7 +220,6 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - any failure to read back means: not a good step
             err = _short(e)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             oks = multihost_utils.process_allgather(np.asarray(err is None))
             if err is None and not np.all(oks):
                 err = "did not verify on another host"
@@ -438,7 +438,6 @@ class Checkpointer:
 def _agree(err: str | None, other: str) -> str | None:
     """Every host must pick the same step: a step bad on one host is bad on all."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         oks = multihost_utils.process_allgather(np.asarray(err is None))
         if err is None and not np.all(oks):
             return other
@@ -446,7 +445,6 @@ def _agree(err: str | None, other: str) -> str | None:
 
 
 def _call_validate(validate, out, step):
-    import inspect
     try:
         n = len(inspect.signature(validate).parameters)
     except (TypeError, ValueError):

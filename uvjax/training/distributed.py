@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 
-from absl import logging
+import jax
+import orbax.checkpoint  # noqa: F401  (defines the barrier flag checkpoint_barriers_through_coordinator sets)
+from absl import flags, logging
 
 
 def _cluster_env() -> str | None:
@@ -25,7 +27,6 @@ def _cluster_env() -> str | None:
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                *, cpu_devices: int | None = None, timeout_s: int = 300) -> dict:
     """Starts the distributed runtime if needed (call before any other JAX use). Returns a summary."""
-    import jax
     if cpu_devices:
         jax.config.update("jax_num_cpu_devices", int(cpu_devices))
     explicit = coordinator is not None or (num_processes or 1) > 1
@@ -74,8 +75,6 @@ def checkpoint_barriers_through_coordinator() -> None:
     "Gloo context initialization failed: DEADLINE_EXCEEDED". The coordinator's barrier waits up to orbax's
     barrier timeout (300 s) and needs no collective. Orbax reads its absl flag when it synchronises, so this
     takes effect where absl has parsed the flags: `python -m uvjax.train` and the launchers that run it."""
-    import orbax.checkpoint  # noqa: F401 - defines the flag
-    from absl import flags
     if ORBAX_BARRIER_FLAG not in flags.FLAGS:
         logging.warning("orbax has no --%s flag: checkpoint barriers stay gloo collectives", ORBAX_BARRIER_FLAG)
         return

@@ -28,6 +28,8 @@ import logging
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from uvjax.storage_paths import append_text, join
@@ -108,7 +110,6 @@ class StepGuard:
         return msg
 
     def _check(self, step: int, position: dict | None, metrics: dict) -> str | None:
-        import jax
         keys = [k for k in ("loss", "grad_norm", "skipped_nonfinite", "skipped_spike") if k in metrics]
         m = {k: float(v) for k, v in jax.device_get({k: metrics[k] for k in keys}).items()}
         loss = m["loss"]
@@ -169,16 +170,12 @@ def _finite_fn():
     """One jitted reduction reused across calls (a new lambda per call would recompile every time)."""
     global _FINITE
     if _FINITE is None:
-        import jax
-        import jax.numpy as jnp
         _FINITE = jax.jit(lambda xs: jnp.stack([jnp.isfinite(x).all() for x in xs]))
     return _FINITE
 
 
 def nonfinite_leaves(tree, limit: int = 10) -> list[str]:
     """Paths of floating-point leaves of ``tree`` holding NaN/Inf (one jitted reduction)."""
-    import jax
-    import jax.numpy as jnp
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     flat = [(p, x) for p, x in flat if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not flat:

@@ -23,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
 import numpy as np
 
 _GOLDEN = 0x9E3779B9
@@ -31,8 +34,6 @@ _M1, _M2 = 0x85EBCA6B, 0xC2B2AE35
 
 def _bits_u32(x):
     """The element bit patterns of ``x`` as uint32 (narrow types widened, 64-bit types folded)."""
-    import jax
-    import jax.numpy as jnp
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
@@ -50,7 +51,6 @@ def _bits_u32(x):
 
 
 def _mix(h):
-    import jax.numpy as jnp
     h = h ^ (h >> 16)
     h = h * jnp.uint32(_M1)
     h = h ^ (h >> 13)
@@ -59,8 +59,6 @@ def _mix(h):
 
 
 def _digest_device(x):
-    import jax.lax as lax
-    import jax.numpy as jnp
     bits = _bits_u32(x)
     shape = bits.shape
     idx = jnp.zeros(shape, jnp.uint32)
@@ -74,7 +72,6 @@ def _digest_device(x):
 
 
 def _leaf_name(x) -> str:
-    import jax
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         return f"key<{jax.random.key_impl(x)}>{list(x.shape)}"
     return f"{np.dtype(x.dtype).name}{list(x.shape)}"
@@ -88,7 +85,6 @@ def _digests_fn():
     lambda per call would recompile every time (1.2 s for the first run's state)."""
     global _JITTED
     if _JITTED is None:
-        import jax
         _JITTED = jax.jit(lambda xs: [_digest_device(x) for x in xs])
     return _JITTED
 
@@ -96,7 +92,6 @@ def _digests_fn():
 def tree_digests(tree) -> dict[str, str]:
     """``{path: "dtype[shape]:aaaaaaaabbbbbbbb"}`` for every array leaf of ``tree`` (one jitted call; on a
     multi-host mesh every process gets the same, replicated, values)."""
-    import jax
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     flat = [(jax.tree_util.keystr(p), x) for p, x in flat if hasattr(x, "dtype") and hasattr(x, "shape")]
     if not flat:

@@ -18,12 +18,21 @@ and the config. wandb is imported only when the sink is on.
 """
 from __future__ import annotations
 
+import hashlib
+import html
 import json
 import logging
 import math
 import os
 import time
 from typing import Any, Mapping
+
+import numpy as np
+from tensorboardX import SummaryWriter
+from tensorboardX.proto.api_pb2 import Status
+from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboardX.summary import hparams as hparams_summary
 
 from uvjax import integrity_files as itg
 from uvjax import storage_paths as sp
@@ -93,7 +102,6 @@ class MetricWriter:
         self._wandb = None
         self._session = False
         if enabled:
-            from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(logdir=sp.join(workdir, "tensorboard"), flush_secs=10)
             wb = wandb_settings(config)
             if wb is not None:
@@ -109,7 +117,6 @@ class MetricWriter:
         """The HParams plugin's session start for this run (values: bool / int / float / str)."""
         if self._tb is None:
             return
-        from tensorboardX.summary import hparams as hparams_summary
         _, start, _ = hparams_summary(hparams, {})
         self._tb._get_file_writer().add_summary(start)
         self._session = True
@@ -118,7 +125,6 @@ class MetricWriter:
         """uint8 ``[H, W, 3]`` arrays as TensorBoard images (PNG, lossless) and W&B images at ``step``."""
         if not self.enabled or not images:
             return
-        import numpy as np
         arrays = {}
         for tag, img in images.items():
             a = np.asarray(img)
@@ -127,7 +133,7 @@ class MetricWriter:
             arrays[tag] = a
             self._tb.add_image(tag, a, int(step), dataformats="HWC")
         if self._wandb is not None:
-            import wandb
+            import wandb  # the viz extra; only when the W&B sink is on
             self._wandb.log({t: wandb.Image(a) for t, a in arrays.items()}, step=int(step))
 
     def write_text(self, step: int, texts: Mapping[str, str]) -> None:
@@ -138,9 +144,8 @@ class MetricWriter:
         for tag, text in texts.items():
             self._tb.add_text(tag, f"```\n{text}\n```", int(step))
         if self._wandb is not None:
-            import html
 
-            import wandb
+            import wandb  # the viz extra; only when the W&B sink is on
             self._wandb.log({t: wandb.Html(f"<pre>{html.escape(x)}</pre>") for t, x in texts.items()},
                             step=int(step))
 
@@ -195,9 +200,6 @@ class MetricWriter:
 
 def _session_end(status: str):
     """The HParams plugin's session end summary (tensorboardX's protos; its ``hparams`` always says success)."""
-    from tensorboardX.proto.api_pb2 import Status
-    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
-    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
     info = SessionEndInfo(status=Status.Value("STATUS_SUCCESS" if status == "success" else "STATUS_FAILURE"),
                           end_time_secs=time.time())
     content = HParamsPluginData(session_end_info=info, version=0).SerializeToString()
@@ -219,7 +221,6 @@ def _start_wandb(workdir: str, settings: dict, config):
     except ImportError as e:
         raise ImportError("train.wandb.enabled=True needs the wandb package: pip install 'uvjax[viz]' (or set "
                           f"train.wandb.enabled=False) ({e})") from None
-    import hashlib
     if sp.is_remote(workdir):
         base = os.path.join(sp.remote_cache_dir("wandb"), hashlib.sha256(workdir.encode()).hexdigest()[:16])
     else:

@@ -31,6 +31,7 @@ CLI: ``python -m uvjax.training.siglip_pretrain --config=configs/siglip_pretrain
 """
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -41,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+from tqdm.auto import tqdm
 
 from uvjax import interrupt
 from uvjax.data import smartwatch as sw
@@ -121,7 +124,6 @@ def encode_bytes(texts, max_len: int) -> np.ndarray:
 
 def colour_name(rgb) -> str:
     """Coarse name of a face colour (lightness + hue sector): the captions' easiest fact to ground."""
-    import colorsys
     r, g, b = (float(x) / 255.0 for x in rgb)
     h, l, s = colorsys.rgb_to_hls(r, g, b)
     if s < 0.2 or l < 0.12 or l > 0.9:
@@ -206,7 +208,6 @@ def train_siglip(cfg, workdir: str | None = None, progress: bool = True) -> tupl
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=int(tc.steps), desc="siglip", unit="step", dynamic_ncols=True)
     history, ema = [], None
     t0, cpu0 = time.time(), time.process_time()
@@ -262,7 +263,6 @@ def train_siglip(cfg, workdir: str | None = None, progress: bool = True) -> tupl
 
 def main(argv) -> None:
     del argv
-    from absl import flags
     FLAGS = flags.FLAGS
     _, metrics = train_siglip(FLAGS.config, FLAGS.workdir)
     print(json.dumps({"eval": metrics["eval"], "eval_full_captions": metrics["eval_full_captions"],

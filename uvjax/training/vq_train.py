@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+from PIL import Image
+from tqdm.auto import tqdm
 
 from uvjax import interrupt
 from uvjax.data import smartwatch
@@ -225,7 +228,6 @@ def train_vq(images: np.ndarray, cfg, workdir: str | None = None, progress: bool
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.steps, desc="vq", unit="step", dynamic_ncols=True)
     ema = {}
@@ -309,7 +311,6 @@ def load_trained_vq(workdir: str) -> tuple[VQConfig, Any]:
 # ------------------------------------------------------------------------------------------------ data
 def load_png_folder(folder: str, size: int | None = None, limit: int | None = None) -> np.ndarray:
     """Sorted ``*.png`` in a folder -> uint8 [N,H,W,3] (RGBA blended onto white, optional square resize)."""
-    from PIL import Image
 
     paths = sorted(glob.glob(os.path.join(folder, "*.png")))[:limit]
     if not paths:
@@ -346,7 +347,6 @@ def images_for(cfg, images_dir: str | None = None) -> np.ndarray:
 
 def main(argv: Iterable[str]) -> None:
     del argv
-    from absl import flags
 
     FLAGS = flags.FLAGS
     cfg = FLAGS.config

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from absl import logging
+from flax.traverse_util import flatten_dict
 
 from uvjax import storage_paths as sp
 from uvjax.data.tokenizer import TextTokenizer, image_code_ids, with_image_tokens
@@ -27,7 +29,6 @@ def load_text_tokenizer(cfg, workdir: str):
     if not sp.exists(sp.join(path, "tokenizer.json")):
         if pretrained_spec(cfg):  # a GGUF base carries its tokenizer inside: write it out once
             if sp.is_remote(path):  # written locally, then uploaded
-                import tempfile
                 with tempfile.TemporaryDirectory() as tmp:
                     save_base_tokenizer(cfg, tmp)
                     sp.upload(tmp, path)
@@ -107,7 +108,6 @@ def lm_fingerprint(cfg) -> str:
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """(keys only the new config has, keys whose value differs or that the new config lacks), between
     the LM identities of two configs."""
-    from flax.traverse_util import flatten_dict
     a, b = (flatten_dict(lm_identity(c), keep_empty_nodes=True, sep=".") for c in (old, new))
     added = sorted(k for k in b if k not in a)
     changed = sorted(k for k in a if k not in b or a[k] != b[k])

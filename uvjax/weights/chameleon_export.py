@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from uvjax.data.tokenizer import image_code_ids, image_token_name
@@ -125,9 +127,7 @@ def export_chameleon(variables: dict, model_cfg, tokenizer, out: str, vq=None, *
     ``vq``: the run's VQ (a uvjax VQ file or ``(VQConfig, params)``), exported as ``model.vqmodel.*`` — without
     it, from_pretrained initialises the VQ encoder at random (reported as missing keys); ``image_size``:
     ``vq_config.resolution`` (default 512, Chameleon's). Returns a summary dict."""
-    import shutil
 
-    import jax
 
     dec, im = model_cfg.decoder, model_cfg.image
     if not model_cfg.shared_vocab:

@@ -55,8 +55,12 @@ import json
 import os
 import re
 import shutil
+from fractions import Fraction
 
+import jax
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from uvjax.models.lora import merge_lora
 from uvjax.weights.hf_llama import hf_config_from_model, iter_hf_export, load_hf_llama, np_dtype
@@ -106,7 +110,6 @@ def parse_size(s, what: str = "max_shard_size") -> int:
     (``"5GB"`` = 5·10⁹), ``KiB/MiB/GiB/TiB`` powers of 2 (``"5GiB"`` = 5·2³⁰), a plain int is bytes. Units are
     case-insensitive, except that a lowercase final ``b`` ("5Gb") is refused: transformers reads it as bits,
     huggingface_hub as bytes. ``what`` names the setting in the error."""
-    from fractions import Fraction
     if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
         n = int(s)
     else:
@@ -126,7 +129,6 @@ def parse_size(s, what: str = "max_shard_size") -> int:
 
 def write_safetensors_sharded(tensors, out: str, *, dtype: str, max_shard_bytes: int) -> list[str]:
     """Writes (name, array) pairs as HF shards; holds at most one shard in memory."""
-    from safetensors.numpy import save_file
     dt = np_dtype(dtype)
     shards: list[dict] = []
     cur, cur_bytes = {}, 0
@@ -183,7 +185,6 @@ def save_hf_tokenizer(tokenizer, out: str, *, template: str | None = None, max_l
 
 def save_image_modules(params: dict, path: str, image_cfg, hidden: int) -> list[str]:
     """Writes the image-side params (layout in the module docstring); returns the keys written."""
-    from safetensors.numpy import save_file
     flat = {}
 
     def walk(node, prefix):
@@ -204,7 +205,6 @@ def save_image_modules(params: dict, path: str, image_cfg, hidden: int) -> list[
 
 def load_image_modules(path: str) -> tuple[dict, dict]:
     """(nested params of the image modules, image_config dict) from :func:`save_image_modules`."""
-    from safetensors import safe_open
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (written by uvjax.weights.export)")
     params: dict = {}
@@ -339,7 +339,7 @@ def copy_vq(vq_path: str, out: str) -> tuple[str, str | None]:
 def copy_tower(path: str, out: str) -> str:
     """Copies a tower to ``out/tower/``: a uvjax tower file (``siglip.safetensors``, with its
     ``siglip_config.json``) or an HF vision directory (config.json, preprocessor config, safetensors and
-    their index). Returns the path to give ``pretokenise.tower_encoder``, relative to ``out``."""
+    their index). Returns the path to give ``towers.encoders.tower_encoder``, relative to ``out``."""
     dst = os.path.join(out, TOWER_DIR)
     os.makedirs(dst, exist_ok=True)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
@@ -391,7 +391,6 @@ def export_hf(variables: dict, model_cfg, tokenizer, out: str, *, dtype: str = "
     params = merged_params(variables, dec.lora)
     if tokenizer is not None and tokenizer.vocab_size > dec.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {dec.vocab_size}")
-    import jax
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
     files = write_safetensors_sharded(iter_hf_export(host, m), out, dtype=dtype, max_shard_bytes=max_shard_bytes)
     ids = tokenizer.ids if tokenizer is not None else {}

@@ -16,6 +16,10 @@ import importlib.util
 import os
 
 import numpy as np
+import tokenizers
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from tokenizers import decoders, models, pre_tokenizers
 
 from uvjax.data.tokenizer import TextTokenizer, register_loader
 from uvjax.weights.hf_llama import StackedParams
@@ -129,8 +133,6 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _dequantize(t) -> np.ndarray:
     """A GGUF tensor as fp32 in numpy (HF) order: [out, in] for weights."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
     if t.tensor_type == GGMLQuantizationType.F32:
         a = np.asarray(t.data, np.float32)
     else:
@@ -174,8 +176,6 @@ def build_tokenizers_object(reader):
     """An HF ``tokenizers.Tokenizer`` from the GGUF vocabulary (``tokenizer.ggml.model == 'gpt2'``:
     byte-level BPE with merges). Control/user-defined tokens become added tokens, so template
     markers such as ``<|im_start|>`` are never split."""
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

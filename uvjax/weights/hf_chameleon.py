@@ -38,7 +38,10 @@ import dataclasses
 import json
 import os
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype, which safetensors asks for)
 import numpy as np
+import tokenizers
+from safetensors import safe_open
 
 from uvjax.data.tokenizer import IMAGE_TOKEN_PREFIX, TextTokenizer, image_code_ids, image_token_code
 from uvjax.models.vq import VQConfig, param_shapes
@@ -254,8 +257,6 @@ def load_hf_chameleon(path: str, dtype: str = "float32") -> tuple[dict, dict]:
 # ============================================================================================== VQ
 def _vq_state_dict(path: str) -> dict[str, np.ndarray]:
     """The ``model.vqmodel.*`` tensors (prefix removed), reading only those from each shard."""
-    import ml_dtypes  # noqa: F401  (numpy's bfloat16, which safetensors asks for)
-    from safetensors import safe_open
     out = {}
     for fn in checkpoint_files(path):
         with safe_open(fn, framework="numpy") as f:
@@ -331,7 +332,6 @@ def require_vq_decoder(params: dict, source: str = "the VQ file") -> None:
 def load_chameleon_tokenizer(path: str):
     """The checkpoint's tokenizer.json as a TextTokenizer with Chameleon's specials by name (module
     docstring); checked against config.json's ``vocabulary_map`` image tokens when that file is there."""
-    import tokenizers
     tj = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tj):
         raise FileNotFoundError(f"{path!r} has no tokenizer.json (Chameleon's HF fast tokenizer expected)")

@@ -19,7 +19,9 @@ import os
 import re
 from typing import Iterator
 
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype, which safetensors asks for)
 import numpy as np
+from safetensors import safe_open
 
 from uvjax.data.tokenizer import TextTokenizer
 
@@ -55,7 +57,6 @@ _DTYPES = {"float32": np.float32, "bfloat16": None, "float16": np.float16}
 def np_dtype(name: str):
     """numpy dtype for a uvjax dtype name (bf16 via ml_dtypes, which jax already depends on)."""
     if name == "bfloat16":
-        import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r}; expected one of {sorted(_DTYPES)}")
@@ -244,8 +245,6 @@ def checkpoint_files(path: str) -> list[str]:
 
 def iter_hf_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, numpy array) one tensor at a time, so only one tensor is in flight."""
-    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype, which safetensors asks for)
-    from safetensors import safe_open
     for fn in files:
         with safe_open(fn, framework="numpy") as f:
             for name in f.keys():

@@ -28,6 +28,8 @@ not), a single ``.safetensors`` file plus a config, an in-memory torch module, o
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -35,6 +37,7 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+from safetensors import safe_open
 
 from uvjax.models.siglip import CLIP_MEAN, CLIP_STD, ViTConfig, param_shapes, siglip_b16
 from uvjax.weights.llamagen_vq import _to_numpy, flatten_params, load_params, save_params, unflatten_params
@@ -190,7 +193,6 @@ def convert_hf_vision(src, cfg: ViTConfig | None = None, prefix: str | None = No
 
 def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
     """All tensors of the files as float32 numpy (bf16/fp16 checkpoints included, via torch when present)."""
-    from safetensors import safe_open
     try:
         import torch  # noqa: F401
         framework = "pt"
@@ -221,7 +223,6 @@ def load_hf_vision(path: str, cfg: ViTConfig | None = None, **overrides) -> tupl
         with open(cfg_path) as f:
             cfg = vit_config_from_hf(json.load(f), **overrides)
     elif overrides:
-        import dataclasses
         cfg = dataclasses.replace(cfg, **overrides)
     return convert_hf_vision(read_safetensors(files), cfg)
 
@@ -242,7 +243,6 @@ def load_vit(path: str) -> tuple[ViTConfig, dict]:
 
 
 def main(argv=None) -> None:
-    import argparse
     p = argparse.ArgumentParser(description="HF SigLIP/CLIP vision weights -> uvjax ViT safetensors")
     p.add_argument("src", help="HF model directory (config.json + *.safetensors)")
     p.add_argument("out", help="output .safetensors")

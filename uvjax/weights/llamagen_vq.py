@@ -18,6 +18,8 @@ import json
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from uvjax.integrity_files import read_json
 from uvjax.models.vq import VQConfig, chameleon_vqgan, llamagen_vq16, param_shapes
@@ -69,7 +71,6 @@ def unflatten_params(flat: Mapping[str, Any], sep: str = "/") -> dict:
 
 def save_params(params, path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Save a params pytree as safetensors with flattened "a/b/c" keys (float32 contiguous arrays)."""
-    from safetensors.numpy import save_file
 
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten_params(params).items()}
     save_file(flat, path, metadata=dict(metadata or {}))
@@ -77,7 +78,6 @@ def save_params(params, path: str, metadata: Mapping[str, str] | None = None) ->
 
 def load_params(path: str) -> tuple[dict, dict[str, str]]:
     """Inverse of :func:`save_params`: (nested params of numpy arrays, metadata)."""
-    from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata() or {}
@@ -112,7 +112,7 @@ def _to_numpy(v) -> np.ndarray:
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """torch.load (weights_only, no pickle code execution) and pick ``ema`` > ``model`` > ``state_dict``."""
-    import torch
+    import torch  # the torch extra: only .pth/.ckpt release files need it
 
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, Mapping):

@@ -55,9 +55,13 @@ import math
 import os
 import re
 import shutil
+from types import SimpleNamespace
 
+import jax
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype, which safetensors asks for)
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
 from uvjax.config import model_config
 from uvjax.models.llama import DecoderConfig
@@ -93,7 +97,6 @@ def _decoder(model_cfg):
         return model_cfg
     if hasattr(model_cfg, "decoder"):
         return model_cfg.decoder
-    from types import SimpleNamespace
 
     cfg = model_cfg if "model" in model_cfg else SimpleNamespace(model=model_cfg)
     return model_config(cfg).decoder
@@ -133,7 +136,6 @@ def adapter_config(lora_cfg, base_model_name_or_path: str | None) -> dict:
 def check_expressible(variables: dict, dec) -> dict:
     """The host (numpy) ``lora`` tree, after checking that PEFT can express it as LoRA on a
     ``LlamaForCausalLM``; raises saying what it cannot."""
-    import jax
     if dec.qk_norm or dec.norm_placement != "pre":
         raise ValueError("this model is a Chameleon decoder (q/k norms or swin norm placement): PEFT's LoRA "
                          "format here targets LlamaForCausalLM, which cannot hold it; export the merged model "
@@ -208,7 +210,6 @@ def export_peft(variables: dict, model_cfg, tokenizer, out: str, *, base_dir: st
     """Writes the PEFT adapter directory ``out`` (layout in the module docstring). ``variables``:
     ``{"params", "lora"}`` unmerged; ``model_cfg``: the ``UnifiedConfig``; ``base_dir``: an HF base the run
     started from (checked against the run), else the un-merged base is written to ``out/base``."""
-    import jax
 
     dec = model_cfg.decoder
     lora = check_expressible(variables, dec)
@@ -234,7 +235,6 @@ def export_peft(variables: dict, model_cfg, tokenizer, out: str, *, base_dir: st
         host = jax.tree_util.tree_map(np.asarray, jax.device_get(variables["params"]))
         summary["image_keys"] = save_image_modules(host, os.path.join(out, IMAGE_FILE), model_cfg.image, dec.hidden)
         base_name = os.path.abspath(base_dir)
-    from safetensors.numpy import save_file
     tensors = dict(peft_tensors(lora, dec, dtype))
     save_file(tensors, os.path.join(out, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
@@ -287,8 +287,6 @@ def load_peft_adapter(path: str, model_cfg, dtype: str = "float32") -> dict:
         bins = [f for f in os.listdir(path) if f.endswith(".bin")]
         hint = f" (found {bins}: uvjax reads safetensors only; save with safe_serialization=True)" if bins else ""
         raise FileNotFoundError(f"{path!r} has no {ADAPTER_WEIGHTS}{hint}")
-    import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16" dtype, which safetensors asks for)
-    from safetensors.numpy import load_file
     tensors = load_file(wfile)
     found: dict[tuple[str, int, str], np.ndarray] = {}
     for key, t in tensors.items():

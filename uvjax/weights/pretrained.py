@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
@@ -228,7 +230,6 @@ def load_base_into_variables(variables: dict, cfg, base: dict | None = None) -> 
         return variables
     imported = ({**{("params",) + p: v for p, v in _flat(base)}, **_adapter_flat(cfg)} if base is not None
                 else _imported_flat(cfg))
-    import jax.numpy as jnp
     out = _replace(variables, imported, lambda new, old, _: jnp.asarray(new, dtype=old.dtype))
     if imported:
         raise ValueError(f"imported tensors with no place in the model: {['/'.join(p) for p in imported]}")
@@ -241,7 +242,6 @@ def load_base_into_state(state, trainer, cfg):
     host only places its own shards (multi-host safe; no unsharded device copy)."""
     if pretrained_spec(cfg) is None:
         return state
-    import jax
 
     imported = _imported_flat(cfg)
     sh = trainer.state_shardings

@@ -11,9 +11,17 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from uvjax.data.importers.common import (DEFAULT_LIMITS, EXPLICIT_TASK, ROLE_NAMES, FormatError,
-                                         ImportStats, Limits, check_on_error, count_kept,
-                                         warn_ambiguous_hours)
+from uvjax.data.importers.common import (
+    DEFAULT_LIMITS,
+    EXPLICIT_TASK,
+    ROLE_NAMES,
+    FormatError,
+    ImportStats,
+    Limits,
+    check_on_error,
+    count_kept,
+    warn_ambiguous_hours,
+)
 from uvjax.data.importers.json_stream import iter_json_items
 from uvjax.data.importers.paths import ImageOptions
 from uvjax.data.importers.segments import build_segments, finish_record, split_placeholders, str_id

@@ -8,6 +8,9 @@ import json
 import sys
 from typing import Any, Iterator, Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from uvjax.data.importers.common import FormatError
 
 TURN_COLUMNS = ("conversations", "messages", "conversation")
@@ -33,8 +36,6 @@ IMAGE_COLUMN_DOC = (f"image column {'|'.join(IMAGE_COLUMNS)}: list of (or one) r
 
 
 def _pa():
-    import pyarrow as pa  # heavy, and needed only by parquet imports: loaded on first use
-    import pyarrow.parquet as pq
     return pa, pq
 
 

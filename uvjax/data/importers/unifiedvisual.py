@@ -8,12 +8,19 @@ import os
 import re
 from typing import Any, Iterator
 
-from uvjax.data.importers.common import (DEFAULT_LIMITS, ROLE_NAMES, FormatError, ImportStats, Limits,
-                                         check_on_error, count_kept, warn_ambiguous_hours)
+from uvjax.data.importers.common import (
+    DEFAULT_LIMITS,
+    ROLE_NAMES,
+    FormatError,
+    ImportStats,
+    Limits,
+    check_on_error,
+    count_kept,
+    warn_ambiguous_hours,
+)
 from uvjax.data.importers.parquet_layout import Layout, parquet_rows, read_layout
 from uvjax.data.importers.paths import ImageOptions
-from uvjax.data.importers.segments import (IMAGE, build_segments, finish_record, split_placeholders,
-                                           str_id)
+from uvjax.data.importers.segments import IMAGE, build_segments, finish_record, split_placeholders, str_id
 from uvjax.data.records import Record
 from uvjax.data.tokenizer import IMAGE_PLACEHOLDER
 
