@@ -211,3 +211,41 @@ def test_spec_validation():
         sw.spec_from_config({"num_images": 3, "bogus": 1}, "train")
     spec = sw.spec_from_config({"num_images": 3, "understanding_keep": {"weather": 0.2}}, "x")
     assert spec.understanding_keep == (("weather", 0.2),) and spec.name == "x"
+
+
+def test_generation_prompts_can_name_every_attribute():
+    """``generation_mention_all`` (issue #30's lever): every generation prompt names the time, the weather, the
+    battery and both corners, with the values the renderer drew; the understanding records and the images are the
+    ones the default renders; the default keeps random subsets (time always, the others about half the time)."""
+    base = sw.SmartWatchSpec(seed=3, num_images=120, image_size=32)
+    full = dataclasses.replace(base, generation_mention_all=True)
+    a_recs, b_recs = list(sw.generate(base)), list(sw.generate(full))
+    assert [r.id for r in a_recs] == [r.id for r in b_recs]
+    mentioned_default = []
+    for a, b in zip(a_recs, b_recs):
+        if a.task != "generation":
+            assert len(a.segments) == len(b.segments) and all(
+                (x.role, x.kind, x.text) == (y.role, y.kind, y.text) and
+                (x.pixels is None or np.array_equal(x.pixels, y.pixels)) for x, y in zip(a.segments, b.segments))
+            continue
+        np.testing.assert_array_equal(a.segments[-1].pixels, b.segments[-1].pixels)
+        assert b.attributes["mentioned"] == ["time", "weather", "battery", "weather_pos", "battery_pos"]
+        prompt = b.segments[0].text
+        for att in sw.FRAGMENT_ORDER:
+            assert expected_answer(att, b.attributes, False) in prompt, (att, prompt)
+        mentioned_default.append(set(a.attributes["mentioned"]))
+    assert all("time" in m for m in mentioned_default)
+    share = np.mean([("weather" in m) for m in mentioned_default])
+    assert 0.3 < share < 0.7 and any(len(m) < 5 for m in mentioned_default)
+
+
+def test_the_mention_option_leaves_existing_dataset_fingerprints_alone():
+    from uvjax.config import base_config
+    from uvjax.stages.specs import data_fp_parts, train_split_spec
+    c = base_config()
+    assert "generation_mention_all" not in data_fp_parts(c.stages)  # default: the fingerprint of before the key
+    assert train_split_spec(c.stages).generation_mention_all is False
+    c.stages.data.generation_mention_all = True
+    assert data_fp_parts(c.stages)["generation_mention_all"] is True
+    assert data_fp_parts(c.stages, for_tokenizer=True)["generation_mention_all"] is True  # the corpus changes too
+    assert train_split_spec(c.stages).generation_mention_all is True

@@ -148,6 +148,8 @@ def stages_config() -> mlc.ConfigDict:
     # knowledge-transfer splits: ((attribute, keep rate), ...) thins VQA turns and caption fragments about
     # an attribute in the *train* understanding records (generation and the test split stay complete)
     c.data.understanding_keep = ()
+    # generation prompts of the *train* split name every attribute (the test split keeps its random subsets)
+    c.data.generation_mention_all = False
     # UnifiedVisual-style reasoning records (uvjax/data/reasoning.py) pre-tokenised into the interleaved
     # stream when num_scenes > 0; rationale=False is the ablation (same prompts and images, no rationale)
     c.reasoning = mlc.ConfigDict(dict(num_scenes=0, rationale=True, tasks=("gen_reasoning",)))

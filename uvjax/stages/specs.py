@@ -15,6 +15,8 @@ def data_fp_parts(sc, *, for_tokenizer: bool = False) -> dict:
     keep = d.pop("understanding_keep", ())
     if keep and not for_tokenizer:
         d["understanding_keep"] = [list(kv) for kv in keep]
+    if not d.get("generation_mention_all", False):
+        d.pop("generation_mention_all", None)
     return d
 
 
@@ -29,7 +31,8 @@ def train_split_spec(sc):
     spec = sw.default_splits(seed=int(d.seed), num_train=int(d.num_train), num_test=int(d.num_test),
                              image_size=int(d.image_size))["train"]
     keep = tuple(sorted((str(k), float(r)) for k, r in (d.get("understanding_keep") or ())))
-    return dataclasses.replace(spec, understanding_keep=keep, time_seconds=bool(d.time_seconds))
+    return dataclasses.replace(spec, understanding_keep=keep, time_seconds=bool(d.time_seconds),
+                               generation_mention_all=bool(d.get("generation_mention_all", False)))
 
 
 def _reasoning_spec(sc, image_size: int | None = None):
