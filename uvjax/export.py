@@ -1,7 +1,7 @@
 """``python -m uvjax.export --workdir=RUN --out=DIR [--format=llama|chameleon|peft]``: a trained run as a
 self-contained Hugging Face directory (LoRA merged; + the image modules and the run's VQ tokenizer or
 feature tower), a Chameleon checkpoint (shared-vocab runs) or a PEFT adapter. The formats themselves are
-written by ``uvjax/weights/export.py``, ``hf_chameleon.py`` and ``peft_adapter.py``; this module finds what a
+written by ``uvjax/weights/export.py``, ``chameleon_export.py`` and ``peft_adapter.py``; this module finds what a
 run used and loads its checkpoint. (``python -m uvjax.weights.export`` and ``python -m
 uvjax.weights.peft_adapter`` are the same command under its first names.)"""
 from __future__ import annotations
