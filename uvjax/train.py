@@ -24,7 +24,6 @@ from uvjax import storage_paths as sp
 from uvjax.config import model_config, resolve_config_argv, validate
 from uvjax.evaluation import run as evaluation  # evaluation.evaluate_run: module access, so tests can stub it
 from uvjax.evaluation.heldout import evaluate_imported_run, is_imported_run
-from uvjax.evaluation.run import log_evaluation
 from uvjax.evaluation.summary import run_summary_table
 from uvjax.inference.loading import LoadedRun
 from uvjax.integrity_files import changed_inputs, input_digests
@@ -84,7 +83,7 @@ def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
     except FileNotFoundError as e:  # no VQ/judge yet: training goes on, the reason is logged once
         logging.warning("quick evaluation skipped at step %d: %s", step, e)
         return
-    log_evaluation(writer, report, step)
+    evaluation.log_evaluation(writer, report, step)
 
 
 def run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None) -> dict:

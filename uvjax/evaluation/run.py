@@ -47,7 +47,7 @@ from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, find_v
 from uvjax.inference.loading import load_trained
 from uvjax.models.unified import sequence_feature_dim
 from uvjax.towers.vq_codec import VQCodec
-from uvjax.weights.llamagen_vq import read_vq_config as _read_vq_config
+from uvjax.weights.llamagen_vq import read_vq_config
 
 QUICK_IMAGES = 16
 
@@ -89,7 +89,7 @@ def _image_size(workdir: str, cfg, vq_path: str | None) -> int:
     if vq_path:
         p = os.path.join(os.path.dirname(vq_path), "vq_config.json")
         if os.path.exists(p):
-            size = _read_vq_config(p).get("data", {}).get("image_size")
+            size = read_vq_config(p).get("data", {}).get("image_size")
             if size:
                 return int(size)
     d = cfg.get("data", {})

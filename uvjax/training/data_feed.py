@@ -44,15 +44,14 @@ class RowShardIterator:
 def build_data_iterator(cfg, workdir: str, local_batch: int):
     """The real pipeline: grain over ArrayRecord shards of pre-tokenised records, this host's share."""
     tok = load_text_tokenizer(cfg, workdir)
-    data_cfg = cfg.data
     images = sequence_image_facts(cfg.model.image)  # model facts, passed (the data config is not edited)
     mode = cfg.data.get("host_sharding", "records")
     if mode == "rows":
-        full = pipeline.make_train_iterator(data_cfg, tok, seq_len=int(cfg.train.seq_len), model_images=images,
+        full = pipeline.make_train_iterator(cfg.data, tok, seq_len=int(cfg.train.seq_len), model_images=images,
                                             local_batch_size=int(cfg.train.batch_size), seed=int(cfg.train.seed))
         return RowShardIterator(full, jax.process_index(), jax.process_count(), local_batch)
     if mode != "records":
         raise ValueError(f"data.host_sharding={mode!r}; expected 'records' or 'rows'")
     return pipeline.make_train_iterator(
-        data_cfg, tok, seq_len=int(cfg.train.seq_len), local_batch_size=local_batch, model_images=images,
+        cfg.data, tok, seq_len=int(cfg.train.seq_len), local_batch_size=local_batch, model_images=images,
         process_index=jax.process_index(), process_count=jax.process_count(), seed=int(cfg.train.seed))
