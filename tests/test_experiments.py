@@ -153,6 +153,35 @@ def test_matched_arms_see_the_reference_examples(ran, name):
                                     if s in b["shares"]} and sum(b["shares"].values()) == pytest.approx(1.0)
 
 
+def test_learning_curves_per_arm(ran):
+    """``curve_every``: every arm × seed logs quick evaluations (judge-read generation included) during training,
+    and the driver draws curves.png and stores each arm's curves (mean, min..max over seeds) in results.json,
+    equal to the points in the runs' metrics.jsonl."""
+    root = ran("ratio")  # its stage cache (judge included) is reused
+    wd = root / "ratio_curves"
+    proc = subprocess.run([sys.executable, "-m", "uvjax.experiments.ratio", "--config=configs/experiments/ratio.py:quick",
+                           f"--workdir={wd}", f"--config.cache_dir={root / 'cache'}", "--config.curve_every=1",
+                           "--config.curve_images=4", "--config.ratios=(0.0,1.0)"],
+                          cwd=REPO, env=_env(root), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    ec, exp = _quick("ratio")
+    assert (wd / "curves.png").exists() and set(res["curves"]) == {r["arm"] for r in res["runs"]}
+    for arm, curves in res["curves"].items():
+        lines = [json.loads(l) for l in (wd / arm / "seed_0" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        logged = {l["step"]: l["eval/gen/all/accuracy"] for l in lines if "eval/gen/all/accuracy" in l}
+        steps = next(r["train_steps"] for r in res["runs"] if r["arm"] == arm)
+        assert sorted(logged) == list(range(1, steps))  # every step before the last (the driver evaluates that one)
+        from uvjax.evaluation.curves import CURVE_METRICS
+        drawn = [k for k, _ in CURVE_METRICS if any(k in l for l in lines)]
+        assert drawn and set(curves) == set(drawn)  # the attributes the 4 test images ask about
+        for key in drawn:
+            pts = {l["step"]: l[key] for l in lines if key in l}
+            assert curves[key]["steps"] == sorted(pts) and len(pts) >= 2 and curves[key]["n"] == 1
+            assert curves[key]["mean"] == pytest.approx([pts[s] for s in sorted(pts)])
+            assert curves[key]["lo"] == curves[key]["hi"] == curves[key]["mean"]  # one seed
+
+
 def test_rerun_skips_finished_runs(ran):
     name = "knowledge_transfer"
     root = ran(name)

@@ -218,7 +218,7 @@ def test_generation_prompts_can_name_every_attribute():
     battery and both corners, with the values the renderer drew; the understanding records and the images are the
     ones the default renders; the default keeps random subsets (time always, the others about half the time)."""
     base = sw.SmartWatchSpec(seed=3, num_images=120, image_size=32)
-    full = dataclasses.replace(base, generation_mention_all=True)
+    full = dataclasses.replace(base, generation_mention_all=1.0)
     a_recs, b_recs = list(sw.generate(base)), list(sw.generate(full))
     assert [r.id for r in a_recs] == [r.id for r in b_recs]
     mentioned_default = []
@@ -239,13 +239,40 @@ def test_generation_prompts_can_name_every_attribute():
     assert 0.3 < share < 0.7 and any(len(m) < 5 for m in mentioned_default)
 
 
+def test_a_share_of_generation_prompts_names_every_attribute():
+    """``generation_mention_all`` = 0.4: about 40% of the generation prompts name all five attributes, the rest
+    are exactly the default's random-subset prompts; every other record is the default's, and the choice is a
+    per-image draw (the same image gets the same prompt whatever the split's size)."""
+    base = sw.SmartWatchSpec(seed=5, num_images=400, image_size=16)
+    mixed = dataclasses.replace(base, generation_mention_all=0.4)
+    a_recs, b_recs = list(sw.generate(base)), list(sw.generate(mixed))
+    assert [r.id for r in a_recs] == [r.id for r in b_recs]
+    full = []
+    for a, b in zip(a_recs, b_recs):
+        if a.task != "generation":
+            assert [x.text for x in a.segments] == [y.text for y in b.segments]
+            continue
+        if b.attributes["mentioned"] == list(sw.FRAGMENT_ORDER) != a.attributes["mentioned"]:
+            full.append(True)
+        else:
+            full.append(False)
+            assert b.segments[0].text == a.segments[0].text and b.attributes["mentioned"] == a.attributes["mentioned"]
+    # binomial(400, 0.4): mean 160, sd 9.8 (a default prompt that already names all five counts as "not switched")
+    assert 110 < sum(full) < 190, sum(full)
+    tail = dataclasses.replace(mixed, num_images=50, start_index=350)
+    assert [r.segments[0].text for r in sw.generate(tail) if r.task == "generation"] == \
+        [r.segments[0].text for r in b_recs if r.task == "generation"][-50:]
+    with pytest.raises(ValueError, match="generation_mention_all"):
+        dataclasses.replace(base, generation_mention_all=1.5)
+
+
 def test_the_mention_option_leaves_existing_dataset_fingerprints_alone():
     from uvjax.config import base_config
     from uvjax.stages.specs import data_fp_parts, train_split_spec
     c = base_config()
     assert "generation_mention_all" not in data_fp_parts(c.stages)  # default: the fingerprint of before the key
-    assert train_split_spec(c.stages).generation_mention_all is False
-    c.stages.data.generation_mention_all = True
-    assert data_fp_parts(c.stages)["generation_mention_all"] is True
-    assert data_fp_parts(c.stages, for_tokenizer=True)["generation_mention_all"] is True  # the corpus changes too
-    assert train_split_spec(c.stages).generation_mention_all is True
+    assert train_split_spec(c.stages).generation_mention_all == 0.0
+    c.stages.data.generation_mention_all = 0.5
+    assert data_fp_parts(c.stages)["generation_mention_all"] == 0.5
+    assert data_fp_parts(c.stages, for_tokenizer=True)["generation_mention_all"] == 0.5  # the corpus changes too
+    assert train_split_spec(c.stages).generation_mention_all == 0.5

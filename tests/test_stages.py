@@ -85,6 +85,28 @@ def test_changing_only_the_lm_rebuilds_only_the_lm(first_run):
     assert log == {"tokenizer": True, "vq": True, "dataset": True, "lm": False}
 
 
+def test_learning_curves_of_a_first_run(first_run):
+    """``train.eval_every``: the judge is trained before the LM (a stage of its own), every quick evaluation
+    logs judge-read generation and VQA on the same first test images into metrics.jsonl, and the run ends with
+    eval/curves.png, named in the summary."""
+    from uvjax.training.metrics import read_metrics
+    root, _ = first_run
+    wd = root / "curves"
+    summary = _train(str(wd), f"--config.stages.cache_dir={root / 'cache'}", "--config.train.eval_every=10",
+                     "--config.train.eval_images=6", "--config.stages.evaluate.judge_preset=test")
+    stages = [r["stage"] for r in read_stage_log(str(wd))]
+    assert stages.index("judge") < stages.index("lm")
+    assert os.path.exists(os.path.join(root / "cache", "judge-test-32px", "judge.safetensors"))
+    m = read_metrics(str(wd))
+    for step in (10, 20):  # the quick evaluation at step 10 and the final one at the last step
+        for key in ("eval/vqa/all/strict", "eval/gen/time_hour/accuracy", "eval/gen/all/accuracy"):
+            assert 0.0 <= m[step][key] <= 1.0, (step, key)
+    assert not any(k.startswith("eval/") for k in m[5])
+    assert "judge" not in str(m[10].get("eval/gen/judge_skipped", ""))
+    png = wd / "eval" / "curves.png"
+    assert png.exists() and f"learning curves: {png}" in summary["_stdout"]
+
+
 def test_workdir_of_another_config_is_refused(first_run):
     root, _ = first_run
     env = dict(os.environ, PYTHONPATH=REPO)

@@ -107,7 +107,7 @@ def wandb_run(tmp_path_factory):
         cfg.data.streams.understanding.paths = (ds["paths"]["understanding"],)
         cfg.data.streams.generation.paths = (ds["paths"]["generation"],)
         cfg.train.steps, cfg.train.progress, cfg.train.async_checkpoint = STEPS, False, False
-        cfg.train.eval_every = EVAL_EVERY
+        cfg.train.eval_every, cfg.train.eval_images = EVAL_EVERY, QUICK_IMAGES
         cfg.train.wandb.enabled = True
         cfg.train.wandb.run_name = "tb-sinks-test"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_ERROR_REPORTING": "false",

@@ -106,7 +106,11 @@ def base_config() -> mlc.ConfigDict:
     # <workdir>/wandb ("offline": no network, `wandb sync` later). Logging only: outside the LM fingerprint
     t.wandb = mlc.ConfigDict(dict(enabled=False, project="uvjax", entity="", run_name="", mode="offline"))
     t.checkpoint_every = 200
-    t.eval_every = 0  # quick evaluation every N steps (0 = only the final evaluation of the stages)
+    # learning curves: a quick evaluation every N steps (0 = only the final evaluation of the stages) on the first
+    # eval_images test images (the same subset each time), judge-read generation included (a stage-built run
+    # trains the judge before the LM); logged as eval/... to TensorBoard and metrics.jsonl, drawn in eval/curves.png
+    t.eval_every = 0
+    t.eval_images = 64
     t.keep_checkpoints = 2  # verified checkpoints kept (a newer one is verified before an older goes)
     t.async_checkpoint = True
     t.checkpoint_readback = True  # read each checkpoint back after its save and check its digests
@@ -148,8 +152,9 @@ def stages_config() -> mlc.ConfigDict:
     # knowledge-transfer splits: ((attribute, keep rate), ...) thins VQA turns and caption fragments about
     # an attribute in the *train* understanding records (generation and the test split stay complete)
     c.data.understanding_keep = ()
-    # generation prompts of the *train* split name every attribute (the test split keeps its random subsets)
-    c.data.generation_mention_all = False
+    # the share of *train* generation prompts that name every attribute (the test split keeps its random
+    # subsets, time always and each other attribute with probability 0.5); 0 = all random subsets
+    c.data.generation_mention_all = 0.0
     # UnifiedVisual-style reasoning records (uvjax/data/reasoning.py) pre-tokenised into the interleaved
     # stream when num_scenes > 0; rationale=False is the ablation (same prompts and images, no rationale)
     c.reasoning = mlc.ConfigDict(dict(num_scenes=0, rationale=True, tasks=("gen_reasoning",)))
@@ -157,7 +162,9 @@ def stages_config() -> mlc.ConfigDict:
     # What the run's final evaluation covers: VQA and generation (the first run's table). Caption recall
     # costs ~11 s more on 500 test images: add "caption", or run `python -m uvjax.evaluate --workdir=RUN`.
     # num_images: test images evaluated (0: the whole test split); a slow preset (smollm2) evaluates fewer.
-    c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False, tasks=("vqa", "generation"), num_images=0))
+    # judge_preset: the attribute judge that reads generated images (uvjax/evaluation/judge.py PRESETS)
+    c.evaluate = mlc.ConfigDict(dict(enabled=True, quick=False, tasks=("vqa", "generation"), num_images=0,
+                                     judge_preset="full"))
     # where the records come from: the Smart Watch renderer (default) or the user's data (uvjax/stages/imported.py)
     c.source = source_config()
     return c

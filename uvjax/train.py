@@ -23,6 +23,7 @@ from uvjax import cli, interrupt
 from uvjax import storage_paths as sp
 from uvjax.config import model_config, resolve_config_argv, validate
 from uvjax.evaluation import run as evaluation  # evaluation.evaluate_run: module access, so tests can stub it
+from uvjax.evaluation.curves import plot_run_curves
 from uvjax.evaluation.heldout import evaluate_imported_run, is_imported_run
 from uvjax.evaluation.summary import run_summary_table
 from uvjax.inference.loading import LoadedRun
@@ -30,7 +31,7 @@ from uvjax.integrity_files import changed_inputs, input_digests
 from uvjax.locks import WorkdirLockedError
 from uvjax.models.unified import UnifiedModel
 from uvjax.remote_lock import lock_for_workdir
-from uvjax.stage_log import StageLog
+from uvjax.stage_log import StageLog, fingerprint as stage_fingerprint
 from uvjax.stages.features import evaluation_kwargs
 from uvjax.stages.prepare import prepare
 from uvjax.training.checkpoint import Checkpointer, CheckpointError, RestoreRefused, abstract_like
@@ -78,8 +79,10 @@ def _quick_eval(cfg, model, state, workdir: str, step: int, writer) -> None:
     variables = jax.device_get(merge_variables(state.trainable, state.frozen))
     run = LoadedRun(cfg=cfg, model=model, variables=variables, tokenizer=load_text_tokenizer(cfg, workdir),
                     step=step, workdir=workdir)
+    judge_preset = str(cfg.stages.evaluate.get("judge_preset", "full")) if cfg.get("stages") else "full"
     try:
-        report = evaluation.evaluate_run(workdir, quick=True, loaded=run, write=False)
+        report = evaluation.evaluate_run(workdir, quick=True, num_images=int(cfg.train.get("eval_images", 0) or 0) or None,
+                                         judge_preset=judge_preset, loaded=run, write=False)
     except FileNotFoundError as e:  # no VQ/judge yet: training goes on, the reason is logged once
         logging.warning("quick evaluation skipped at step %d: %s", step, e)
         return
@@ -276,6 +279,7 @@ def _run(cfg, workdir: str, *, data_iterator=None, progress: bool | None = None,
             logging.warning("stopped by signal %s before the first step completed: nothing to save yet",
                             stop.signal)
     return {"step": step, "steps_run": step - start, "stopped_by_signal": bool(stop), "compile_s": compile_s,
+            "data": {k: int(v) for k, v in getattr(it, "counts", {}).items()},
             "wall_s": time.time() - t0, "workdir": workdir, "checkpoint_step": step if step else None,
             "unreadable_checkpoints": unreadable, "skipped_updates": dict(guard.counts),
             "unverified_checkpoints": ckpt.failed_verification}
@@ -324,12 +328,21 @@ def run_all(cfg, workdir: str) -> dict:
             return {"stopped_by_signal": True, "stopped_in": "stages", "workdir": workdir}
         times["stages"] = time.time() - t
     fp = check_workdir_matches(cfg, workdir)
+    curves = (cfg.stages.build and int(cfg.train.get("eval_every", 0) or 0) > 0 and not is_imported_run(cfg)
+              and "generation" in tuple(cfg.stages.evaluate.get("tasks", ())))
+    if curves and jax.process_index() == 0:  # the learning curves read generated images from the first one on
+        t = time.time()
+        judge_dir, reused = evaluation.ensure_judge(workdir, cfg, progress=bool(cfg.train.progress))
+        times["judge"] = time.time() - t
+        StageLog(workdir).write(stage="judge", fingerprint=stage_fingerprint("judge", judge_dir), reused=reused,
+                                seconds=times["judge"], path=judge_dir)
+        print(f"[stage] judge: {'reused' if reused else 'trained'} {judge_dir} ({times['judge']:.0f} s)", flush=True)
     t = time.time()
     summary = run(cfg, workdir)
     times["train"] = time.time() - t
     StageLog(workdir).write(stage="lm", fingerprint=fp, reused=summary.get("steps_run", 1) == 0,
                             seconds=times["train"], path=workdir)
-    summary.update(stage_seconds=times, stage_paths=paths)
+    summary.update(stage_seconds=times, stage_paths=paths, seq_len=int(cfg.train.seq_len))
     evaluate = cfg.stages.build and cfg.stages.evaluate.enabled and not summary["stopped_by_signal"]
     if evaluate:
         t = time.time()
@@ -347,14 +360,19 @@ def run_all(cfg, workdir: str) -> dict:
         else:  # the Smart Watch test split, read by the judge
             tasks = tuple(cfg.stages.evaluate.get("tasks", ("vqa", "caption", "generation")))
             n = int(cfg.stages.evaluate.get("num_images", 0) or 0)
-                    # the final evaluation's grids, reconstructions and table go to TensorBoard (and W&B) at the last step
+            # the final evaluation's grids, reconstructions and table go to TensorBoard (and W&B) at the last step
             writer = MetricWriter(workdir, enabled=jax.process_index() == 0, config=cfg)
             try:
-                summary["evaluation"] = evaluation.evaluate_run(workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks,
-                                                     num_images=n or None, progress=bool(cfg.train.progress),
-                                                     writer=writer, **evaluation_kwargs(workdir, cfg))
+                summary["evaluation"] = evaluation.evaluate_run(
+                    workdir, quick=bool(cfg.stages.evaluate.quick), tasks=tasks, num_images=n or None,
+                    judge_preset=str(cfg.stages.evaluate.get("judge_preset", "full")),
+                    progress=bool(cfg.train.progress), writer=writer, **evaluation_kwargs(workdir, cfg))
             finally:
                 writer.close()
+            if jax.process_index() == 0:
+                plotted = plot_run_curves(workdir)
+                if plotted:
+                    print(f"[stage] learning curves: {plotted}", flush=True)
             times["evaluate"] = time.time() - t
             StageLog(workdir).write(stage="evaluate", fingerprint=fp, reused=False, seconds=times["evaluate"],
                                     path=workdir)

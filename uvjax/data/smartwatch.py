@@ -73,9 +73,10 @@ class SmartWatchSpec:
     generation_fraction: float = 1.0
     understanding_keep: tuple[tuple[str, float], ...] = ()
     tasks: tuple[str, ...] = SMARTWATCH_TASKS
-    # generation prompts name every attribute (time, weather, battery and both corners) instead of a random
-    # subset (time always, the others with probability 0.5 each): a lever of issue #30
-    generation_mention_all: bool = False
+    # the share of generation prompts that name every attribute (time, weather, battery and both corners)
+    # instead of a random subset (time always, the others with probability 0.5 each): a lever of issue #30.
+    # True = 1.0; between 0 and 1 a per-image coin of its own stream decides (the other draws never shift)
+    generation_mention_all: float = 0.0
 
     def __post_init__(self):
         for k, r in self.understanding_keep:
@@ -85,6 +86,8 @@ class SmartWatchSpec:
         for t in self.tasks:
             if t not in SMARTWATCH_TASKS:
                 raise ValueError(f"unknown Smart Watch task {t!r}")
+        if not 0.0 <= float(self.generation_mention_all) <= 1.0:
+            raise ValueError(f"generation_mention_all {self.generation_mention_all!r}: expected a share in [0, 1]")
         if not 16 <= self.image_size <= 1024:
             raise ValueError(f"image_size {self.image_size} outside 16..1024")
 
@@ -112,10 +115,11 @@ def default_splits(seed: int = 0, num_train: int = 4000, num_test: int = 500,
 
 # ----------------------------------------------------------------------------------------- attributes
 def _rngs(seed: int, index: int) -> tuple[np.random.Generator, ...]:
-    """Independent streams of one image: (attributes, subset selection, vqa, caption, generation),
-    so a config that changes one record (bias, subsets) never shifts the draws of another."""
+    """Independent streams of one image: (attributes, subset selection, vqa, caption, generation,
+    prompt kind), so a config that changes one record (bias, subsets) never shifts the draws of another.
+    (``SeedSequence.spawn`` numbers its children, so the first five are the same as when there were five.)"""
     ss = np.random.SeedSequence([int(seed), int(index)])
-    return tuple(np.random.default_rng(s) for s in ss.spawn(5))
+    return tuple(np.random.default_rng(s) for s in ss.spawn(6))
 
 
 def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
@@ -257,7 +261,7 @@ def _choose_fragments(rng: np.random.Generator, keep: dict[str, float]) -> list[
 
 def records_for_image(index: int, spec: SmartWatchSpec) -> tuple[dict[str, Any], list[Record]]:
     """All records of one image (order vqa, caption, generation), after subset/bias rules."""
-    a_rng, s_rng, v_rng, c_rng, g_rng = _rngs(spec.seed, index)
+    a_rng, s_rng, v_rng, c_rng, g_rng, m_rng = _rngs(spec.seed, index)
     attrs = sample_attributes(a_rng)
     u_draw, g_draw = s_rng.random(2)
     pixels = render(attrs, spec.image_size)
@@ -280,7 +284,8 @@ def records_for_image(index: int, spec: SmartWatchSpec) -> tuple[dict[str, Any],
     cap_text = _sentence(cap_prefix, attrs, cap_chosen, c_rng, ts)
     gen_prefix = GENERATION_PREFIXES[int(g_rng.integers(len(GENERATION_PREFIXES)))]
     gen_chosen = _choose_fragments(g_rng, {})  # drawn either way: the stream does not depend on the option
-    if spec.generation_mention_all:
+    share = float(spec.generation_mention_all)
+    if share >= 1.0 or (share > 0.0 and m_rng.random() < share):
         gen_chosen = list(FRAGMENT_ORDER)
     gen_text = _sentence(gen_prefix, attrs, gen_chosen, g_rng, ts)
     gen_ans = GENERATION_ANSWERS[int(g_rng.integers(len(GENERATION_ANSWERS)))]

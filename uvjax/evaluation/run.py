@@ -109,6 +109,21 @@ def default_judge_dir(workdir: str, cfg, preset: str, image_size: int) -> str:
     return os.path.join(workdir, "judge")
 
 
+def ensure_judge(workdir: str, cfg, progress: bool = False) -> tuple[str, bool]:
+    """Trains the run's attribute judge (``stages.evaluate.judge_preset``, at the run's image size) into its cache
+    unless it is there; returns (its directory, whether it was there). The learning curves need it before the LM's
+    first quick evaluation (which never trains one); the final evaluation then loads the same cache."""
+    preset = str(cfg.stages.evaluate.get("judge_preset", "full"))
+    if preset not in judge_mod.PRESETS:
+        raise ValueError(f"stages.evaluate.judge_preset={preset!r}: expected one of {sorted(judge_mod.PRESETS)}")
+    size = _image_size(workdir, cfg, None)
+    jdir = default_judge_dir(workdir, cfg, preset, size)
+    was_there = os.path.exists(os.path.join(jdir, judge_mod.PARAMS_FILE))
+    judge = judge_mod.load_or_train(jdir, dataclasses.replace(judge_mod.PRESETS[preset], image_size=size),
+                                    progress=progress)
+    return jdir, was_there and judge is not None
+
+
 def _judge_scores(pred: dict, labels: dict, mentioned: Sequence[str]) -> dict[str, float]:
     out = {}
     for a in mentioned:

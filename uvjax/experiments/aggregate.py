@@ -1,6 +1,7 @@
 """Results over seeds: every run's ``DONE.json`` → ``results.json`` (every arm and seed, plus the
-mean/std summary), ``results.md`` (the table: mean ± std over seeds per arm and metric) and
-``results.png`` (``uvjax.experiments.plots``)."""
+mean/std summary), ``results.md`` (the table: mean ± std over seeds per arm and metric),
+``results.png`` (``uvjax.experiments.plots``) and, when the runs logged quick evaluations during training
+(``train.eval_every``), ``curves.png``: each arm's learning curves, mean and min..max over seeds."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from uvjax.evaluation.curves import curves_over_seeds, plot_curves, read_curves
 from uvjax.experiments.arms import Arm, Experiment, Panel
 from uvjax.experiments.plots import plot
 from uvjax.experiments.provenance import commit, machine, write_json
@@ -63,16 +65,27 @@ def collect(exp: Experiment, ec, arms: Sequence[Arm], workdir: str) -> dict:
         for s in ec.seeds:
             d = load_done(run_dir(workdir, a, int(s)))
             (runs.append(d) if d is not None else missing.append(f"{a.name}/seed_{s}"))
+    curves = {}
+    for a in arms:  # the learning curves of the finished seeds (a run without quick evaluations has none)
+        per_seed = [read_curves(run_dir(workdir, a, int(s))) for s in ec.seeds
+                    if load_done(run_dir(workdir, a, int(s))) is not None]
+        c = curves_over_seeds([p for p in per_seed if p])
+        if c and any(len(v["steps"]) >= 2 for v in c.values()):
+            curves[a.name] = c
     panels = exp.panels(ec)
     x_label = ec.get("x_label") or exp.x_label
     rows = aggregate(runs, arms, panels)
     results = {"experiment": exp.name, "description": exp.description, "x_label": x_label,
                "config": json.loads(ec.to_json_best_effort()), "panels": [dataclasses.asdict(p) for p in panels],
                "arms": [dataclasses.asdict(a) for a in arms], "runs": runs, "summary": rows, "missing": missing,
+               "curves": curves,
                "commit": commit(), "machine": machine(),
                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json(os.path.join(workdir, "results.json"), results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(markdown_table(exp, rows, panels, x_label))
     plot(exp, rows, panels, x_label, os.path.join(workdir, "results.png"))
+    if curves:
+        plot_curves(curves, os.path.join(workdir, "curves.png"),
+                    title=f"{exp.name}: learning curves (mean, min..max over seeds)")
     return results

@@ -99,7 +99,10 @@ def arm_config(ec, arm: Arm, seed: int, workdir: str, *, steps: int | None = Non
     elif layout != "two_heads":
         raise ValueError(f"experiment config layout={layout!r}; expected 'two_heads' or 'shared_vocab'")
     apply_overrides(cfg, [("train.seed", int(seed)), ("stages.cache_dir", cache_dir(ec, workdir)),
-                          ("stages.evaluate.enabled", False)])  # the driver evaluates with the experiment's settings
+                          ("stages.evaluate.enabled", False),  # the driver evaluates with the experiment's settings
+                          ("stages.evaluate.judge_preset", str(ec.eval.judge_preset)),  # and learning curves
+                          ("train.eval_every", int(ec.get("curve_every", 0) or 0)),
+                          ("train.eval_images", int(ec.get("curve_images", 64) or 64))])
     if steps is not None:
         apply_overrides(cfg, [("train.steps", int(steps))])
     return cfg
@@ -164,6 +167,10 @@ def experiment_config(name: str, preset: str):
     c.stop_on_error = False
     c.compilation_cache = True  # persistent XLA cache in <cache_dir>/xla shared by the arms
     c.x_label = ""
+    # learning curves: every arm × seed evaluates the first curve_images test images every curve_every steps
+    # (0: off); curves.png draws them per arm. Not part of an arm's key: the trained model does not change
+    c.curve_every = 0
+    c.curve_images = 64
     # two_heads (2505.23043's adapters + generation head) | shared_vocab (Chameleon/Anole: codes are rows
     # of the text vocabulary); every experiment runs on either, its data unchanged
     c.layout = "two_heads"
@@ -173,6 +180,7 @@ def experiment_config(name: str, preset: str):
         c.base = "vqvq.py:" + preset
         c.seeds = (0, 1)
         c.overrides = (("train.progress", True),)
+        c.curve_every = 150 if preset == "tiny" else 0  # 10 points over 1,500 steps, ~5 s each on 2 cores
     elif preset == "quick":
         c.base = "vqvq.py:smoke"
         c.seeds = (0,)

@@ -15,8 +15,10 @@ def data_fp_parts(sc, *, for_tokenizer: bool = False) -> dict:
     keep = d.pop("understanding_keep", ())
     if keep and not for_tokenizer:
         d["understanding_keep"] = [list(kv) for kv in keep]
-    if not d.get("generation_mention_all", False):
+    if not d.get("generation_mention_all", 0.0):
         d.pop("generation_mention_all", None)
+    else:  # True and 1.0 are the same data
+        d["generation_mention_all"] = float(d["generation_mention_all"])
     return d
 
 
@@ -32,7 +34,7 @@ def train_split_spec(sc):
                              image_size=int(d.image_size))["train"]
     keep = tuple(sorted((str(k), float(r)) for k, r in (d.get("understanding_keep") or ())))
     return dataclasses.replace(spec, understanding_keep=keep, time_seconds=bool(d.time_seconds),
-                               generation_mention_all=bool(d.get("generation_mention_all", False)))
+                               generation_mention_all=float(d.get("generation_mention_all", 0.0)))
 
 
 def _reasoning_spec(sc, image_size: int | None = None):

@@ -79,7 +79,7 @@ def run_inputs(cfg, workdir: str) -> dict[str, str]:
 
 LM_FINGERPRINT_EXCLUDE = {"train": ("steps", "stop_at", "log_every", "checkpoint_every", "keep_checkpoints",
                                     "async_checkpoint", "progress", "spike_factor", "spike_window", "halt_after_skips",
-                                    "checkpoint_readback", "probe_tolerance", "wandb"),
+                                    "checkpoint_readback", "probe_tolerance", "wandb", "eval_every", "eval_images"),
                           "model": ("attention", "scan_unroll"),  # how the same function is computed
                           "loss": ("fused_head_chunk",)}
 
