@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
         "uvjax_configs_vqvq_shared", os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqvq.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config(preset)
+    c = mod.get_config("tiny_paper" if preset == "tiny" else preset)  # the first run's model; the recipe is set below
     c.name = f"own-{preset}"
     c.stages.build = True  # vicuna7b's vqvq preset trains on given shards; here the stages import the data
     c.stages.source.kind = "imported"

@@ -17,7 +17,10 @@ from uvjax.config import configure_architecture
 
 def get_config(arg: str | None = None):
     preset = (arg or "tiny").strip()
-    c = load_config_file("vqvq", preset) if preset in ("tiny", "smoke", "vicuna7b") else None
+    # tiny: the decoder and stages of vqvq.py's tiny with the paper's recipe (``tiny_paper``; issue #30's changes to
+    # the first run's recipe are measured for VQ-VQ only)
+    c = load_config_file("vqvq", "tiny_paper" if preset == "tiny" else preset) \
+        if preset in ("tiny", "tiny_paper", "smoke", "vicuna7b") else None
     if c is None:
-        raise ValueError(f"configs/siglipvq.py: unknown preset {preset!r}; expected one of tiny, smoke, vicuna7b")
+        raise ValueError(f"configs/siglipvq.py: unknown preset {preset!r}; expected one of tiny, tiny_paper, smoke, vicuna7b")
     return configure_architecture(c, preset, input_kind="features", output_kind="codes", name="siglipvq")

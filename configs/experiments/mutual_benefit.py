@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
     c = experiment_config("mutual_benefit", "smollm2" if preset == "smollm2_gpu" else preset)
     c.preset = preset
     c.architectures = ("vqvq", "siglipvq")
-    c.arch_preset = "tiny"
+    c.arch_preset = "tiny_paper"  # the paper's recipe (alpha 0.2, its mix) on the first run's model
     # + understanding-only at the unified arm's steps: separates "generation data helps" from "more updates help"
     c.step_control = True
     if preset == "quick":
