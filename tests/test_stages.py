@@ -107,6 +107,28 @@ def test_learning_curves_of_a_first_run(first_run):
     assert png.exists() and f"learning curves: {png}" in summary["_stdout"]
 
 
+def test_quick_evaluations_reuse_compiled_programs_with_each_steps_parameters(first_run):
+    """The training loop's quick evaluations keep one decoder (and VQ codec, judge) for the run's model object and
+    hand it each evaluation's parameters: the second of two quick evaluations, with other parameters, reports
+    exactly what a fresh evaluation of those parameters reports."""
+    import dataclasses
+    import jax
+    from uvjax.evaluation import run as ev
+    from uvjax.inference.loading import load_trained
+    root, _ = first_run
+    wd = str(root / "a")
+    a = load_trained(wd)
+    b = dataclasses.replace(a, variables=jax.tree.map(lambda x: x * 0.7, a.variables))
+    kw = dict(num_images=6, judge_preset="test", write=False, tasks=("vqa", "generation"))
+    first = ev.evaluate_run(wd, quick=False, loaded=a, **kw)  # trains the test judge if the cache lacks it
+    ev.evaluate_run(wd, quick=True, loaded=a, **kw)
+    reused = ev.evaluate_run(wd, quick=True, loaded=b, **kw)
+    fresh = ev.evaluate_run(wd, quick=False, loaded=dataclasses.replace(load_trained(wd), variables=b.variables), **kw)
+    assert reused["vqa"] == fresh["vqa"] and reused["generation"]["judge_accuracy"] == fresh["generation"]["judge_accuracy"]
+    assert reused["generation"]["frechet_judge"] == fresh["generation"]["frechet_judge"]
+    assert reused["generation"]["frechet_judge"] != first["generation"]["frechet_judge"]  # the parameters reached it
+
+
 def test_workdir_of_another_config_is_refused(first_run):
     root, _ = first_run
     env = dict(os.environ, PYTHONPATH=REPO)

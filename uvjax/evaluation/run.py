@@ -109,6 +109,22 @@ def default_judge_dir(workdir: str, cfg, preset: str, image_size: int) -> str:
     return os.path.join(workdir, "judge")
 
 
+# What the training loop's quick evaluations reuse from one to the next (same process, same files): the VQ codec,
+# the judge and the decoder's compiled programs, each compiled once instead of at every evaluation.
+_QUICK_REUSE: dict = {}
+
+
+def _reused(key: tuple, make: Callable, keep=None):
+    """``make()`` once per key; ``keep`` is held with it, so an ``id()`` in the key cannot be reused by another
+    object while the entry lives. The cache holds the last 8 entries."""
+    hit = _QUICK_REUSE.get(key)
+    if hit is None:
+        if len(_QUICK_REUSE) >= 8:
+            _QUICK_REUSE.pop(next(iter(_QUICK_REUSE)))
+        hit = _QUICK_REUSE[key] = (make(), keep)
+    return hit[0]
+
+
 def ensure_judge(workdir: str, cfg, progress: bool = False) -> tuple[str, bool]:
     """Trains the run's attribute judge (``stages.evaluate.judge_preset``, at the run's image size) into its cache
     unless it is there; returns (its directory, whether it was there). The learning curves need it before the LM's
@@ -186,7 +202,7 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
             raise FileNotFoundError("evaluation needs the run's VQ tokenizer to encode test images (and decode "
                                     f"generated ones); looked at {looked}. Train one with uvjax.training.vq_train "
                                     "into <workdir>/vq, or pass encode_images/decode_codes")
-        codec = VQCodec(vq_path)
+        codec = _reused(("codec", vq_path), lambda: VQCodec(vq_path)) if quick else VQCodec(vq_path)
         encode_images = encode_images or codec.encode
         decode_codes = decode_codes or codec.decode
     fid_net = None
@@ -205,7 +221,12 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     feature_dim = sequence_feature_dim(mc.image)
     template = get_template(cfg.data.get("template", "vicuna_v1"), cfg.data.get("system_prompt"))
     ids = SpecialIds.from_tokenizer(tok)
-    gen = Generator(run.model, run.variables, ids)
+    if quick:  # the training loop's evaluations: one model object, new parameters each time (traced arguments)
+        gen = _reused(("generator", id(run.model), ids), lambda: Generator(run.model, run.variables, ids),
+                      keep=run.model)
+        gen.variables = run.variables
+    else:
+        gen = Generator(run.model, run.variables, ids)
     report = EvalReport({"workdir": run.workdir, "step": run.step, "quick": quick,
                          "split": dataclasses.asdict(spec), "image_tokens": n_codes, "tasks": list(tasks)})
     report.images = {}
@@ -274,7 +295,8 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
                 damaged = None
                 if os.path.exists(os.path.join(jdir, judge_mod.PARAMS_FILE)):
                     try:
-                        jd = judge_mod.Judge.load(jdir)
+                        jd = (_reused(("judge", jdir), lambda: judge_mod.Judge.load(jdir)) if quick
+                              else judge_mod.Judge.load(jdir))
                     except judge_mod.JudgeCacheDamaged as e:  # a cache: retrained below (said), or skipped
                         damaged = str(e)
                         print(f"WARNING: the cached judge is damaged: {e}", flush=True)
