@@ -224,7 +224,7 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
     if quick:  # the training loop's evaluations: one model object, new parameters each time (traced arguments)
         gen = _reused(("generator", id(run.model), ids), lambda: Generator(run.model, run.variables, ids),
                       keep=run.model)
-        gen.variables = run.variables
+        gen.set_variables(run.variables)
     else:
         gen = Generator(run.model, run.variables, ids)
     report = EvalReport({"workdir": run.workdir, "step": run.step, "quick": quick,

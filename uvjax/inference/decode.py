@@ -236,6 +236,24 @@ class Generator:
     def __init__(self, model: UnifiedModel, variables: dict, ids: SpecialIds, *, bucket: int = 16,
                  merge: bool = True, fuse: bool = True):
         self.ids, self.bucket = ids, bucket
+        self._given_model, self._merge, self._fuse = model, merge, fuse
+        self.model, self.variables = self._prepared(model, variables)
+        self.codes_out = self.model.cfg.image.output_kind == "codes"
+        # shared vocabulary: image rows are never sampled as text (an image only opens with <boi> and then
+        # has exactly N codes, sampled from those rows as ``image_logits``)
+        self.image_rows = tuple(self.model.cfg.image.code_token_ids) if self.model.cfg.shared_vocab else ()
+        self.feature_dim = self.model.cfg.image.feature_dim
+        self._fns: dict = {}
+
+    def set_variables(self, variables: dict) -> None:
+        """Other parameters for the same model (a training run's quick evaluations), prepared as in ``__init__``;
+        the compiled programs stay valid: parameters are their arguments, not constants."""
+        model, self.variables = self._prepared(self._given_model, variables)
+        if model.cfg != self.model.cfg:
+            raise ValueError("set_variables: the parameters need another decoder than this Generator compiled")
+
+    def _prepared(self, model: UnifiedModel, variables: dict) -> tuple[UnifiedModel, dict]:
+        merge, fuse = self._merge, self._fuse
         variables = {k: v for k, v in variables.items() if k != "cache"}
         lora_cfg = model.cfg.decoder.lora
         if merge and lora_cfg.rank and "lora" in variables:
@@ -254,13 +272,7 @@ class Generator:
                 mc, decoder=dataclasses.replace(mc.decoder, fused_projections=True)))
             params = variables["params"]
             variables = {**variables, "params": {**params, "decoder": fuse_projections(params["decoder"])}}
-        self.model, self.variables = model, variables
-        self.codes_out = model.cfg.image.output_kind == "codes"
-        # shared vocabulary: image rows are never sampled as text (an image only opens with <boi> and then
-        # has exactly N codes, sampled from those rows as ``image_logits``)
-        self.image_rows = tuple(model.cfg.image.code_token_ids) if model.cfg.shared_vocab else ()
-        self.feature_dim = model.cfg.image.feature_dim
-        self._fns: dict = {}
+        return model, variables
 
     def _dec(self, cache_len: int) -> UnifiedModel:
         mc = self.model.cfg
