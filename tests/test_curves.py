@@ -65,12 +65,11 @@ def test_plot_curves_with_bands_per_arm(tmp_path):
         assert im.size == (1260, 330)
 
 
-@pytest.mark.parametrize("bad", ["nope"])
-def test_an_unknown_judge_preset_is_named(tmp_path, bad):
+def test_an_unknown_judge_preset_is_named(tmp_path):
     from uvjax.config import base_config
     from uvjax.evaluation.run import ensure_judge
     cfg = base_config()
-    cfg.stages.evaluate.judge_preset = bad
+    cfg.stages.evaluate.judge_preset = "nope"
     with pytest.raises(ValueError, match="stages.evaluate.judge_preset='nope'"):
         ensure_judge(str(tmp_path / "run"), cfg)
 

@@ -135,9 +135,8 @@ def ensure_judge(workdir: str, cfg, progress: bool = False) -> tuple[str, bool]:
     size = _image_size(workdir, cfg, None)
     jdir = default_judge_dir(workdir, cfg, preset, size)
     was_there = os.path.exists(os.path.join(jdir, judge_mod.PARAMS_FILE))
-    judge = judge_mod.load_or_train(jdir, dataclasses.replace(judge_mod.PRESETS[preset], image_size=size),
-                                    progress=progress)
-    return jdir, was_there and judge is not None
+    judge_mod.load_or_train(jdir, dataclasses.replace(judge_mod.PRESETS[preset], image_size=size), progress=progress)
+    return jdir, was_there
 
 
 def _judge_scores(pred: dict, labels: dict, mentioned: Sequence[str]) -> dict[str, float]:
