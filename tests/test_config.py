@@ -76,10 +76,8 @@ def test_the_first_run_differs_from_the_paper_recipe_only_in_issue_30s_levers():
     every attribute, 136-token rows, learning curves; same model, VQ and test split. The other architectures'
     ``tiny`` keep the paper's recipe."""
     tiny, paper = _cfg("tiny"), _cfg("tiny_paper")
-    a, b = tiny.to_dict(), paper.to_dict()
-    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in
-                            (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
-    fa, fb = flat(a), flat(b)
+    from flax.traverse_util import flatten_dict
+    fa, fb = (flatten_dict(c.to_dict(), sep=".") for c in (tiny, paper))
     diff = {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
     assert diff == {"name", "loss.w_image", "data.streams.understanding.weight",
                     "stages.data.generation_mention_all", "train.seq_len", "train.eval_every"}
