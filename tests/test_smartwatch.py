@@ -1,5 +1,6 @@
 """Smart Watch generator: determinism, answers re-derived from attributes, frequencies, pixels."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -276,3 +277,44 @@ def test_the_mention_option_leaves_existing_dataset_fingerprints_alone():
     assert data_fp_parts(c.stages)["generation_mention_all"] == 0.5
     assert data_fp_parts(c.stages, for_tokenizer=True)["generation_mention_all"] == 0.5  # the corpus changes too
     assert train_split_spec(c.stages).generation_mention_all == 0.5
+
+
+def test_generation_answers_can_spell_out_the_layout():
+    """``generation_plan`` (issue #30's lever): the generation answer before the image states the weather, the
+    battery and both corners of the image that follows, in one fixed sentence, while the prompt (its random
+    subset included), the image and every understanding record stay the default's."""
+    base = sw.SmartWatchSpec(seed=7, num_images=60, image_size=16)
+    plan = dataclasses.replace(base, generation_plan=True)
+    a_recs, b_recs = list(sw.generate(base)), list(sw.generate(plan))
+    assert [r.id for r in a_recs] == [r.id for r in b_recs]
+    pattern = re.compile(r"^Layout: (sunny|cloudy|raining) weather at the (top-left|top-right|bottom-left|bottom-right), "
+                         r"battery (\d{1,3})% at the (top-left|top-right|bottom-left|bottom-right)\.$")
+    n_gen = 0
+    for a, b in zip(a_recs, b_recs):
+        assert a.segments[0].text == b.segments[0].text and a.attributes == b.attributes
+        if a.task != "generation":
+            assert [x.text for x in a.segments] == [y.text for y in b.segments]
+            continue
+        n_gen += 1
+        assert a.segments[1].text in sw.GENERATION_ANSWERS  # the default's canned answer
+        m = pattern.match(b.segments[1].text)
+        assert m, b.segments[1].text
+        at = b.attributes
+        assert m.groups() == (at["weather"], at["weather_pos"], str(at["battery"]), at["battery_pos"])
+        assert [s.kind for s in b.segments] == ["text", "text", "image"]
+        np.testing.assert_array_equal(a.segments[2].pixels, b.segments[2].pixels)
+    assert n_gen == 60
+
+
+def test_the_plan_option_changes_the_dataset_and_tokenizer_fingerprints_only_when_on():
+    from uvjax.config import base_config
+    from uvjax.stages.specs import data_fp_parts, train_split_spec
+    from uvjax.evaluation.run import t2i_text_budget
+    c = base_config()
+    assert "generation_plan" not in data_fp_parts(c.stages) and not train_split_spec(c.stages).generation_plan
+    assert t2i_text_budget(c) == (24, 32)  # text-to-image decoding: <boi> forced after 24 text tokens
+    c.stages.data.generation_plan = True
+    assert t2i_text_budget(c) == (40, 48)  # room for the ~20-token layout sentence
+    assert data_fp_parts(c.stages)["generation_plan"] is True
+    assert data_fp_parts(c.stages, for_tokenizer=True)["generation_plan"] is True  # its corpus has the layout sentences
+    assert train_split_spec(c.stages).generation_plan

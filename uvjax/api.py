@@ -26,16 +26,16 @@ from PIL import Image
 from uvjax.data import images as image_io
 from uvjax.data.records import Record, Segment
 from uvjax.data.tokenizer import get_template
-from uvjax.evaluation.run import _image_size
+from uvjax.evaluation.run import _image_size, t2i_text_budget
 from uvjax.inference.decode import DecodeSettings, Generator, SpecialIds, encode_prompt, find_vq, null_prompt
 from uvjax.inference.loading import is_export_dir, load_trained
 from uvjax.stages.features import TowerEncoder, evaluation_kwargs
 from uvjax.towers import encoders
 from uvjax.towers.vq_codec import VQCodec
 
-# text-to-image: the evaluation's settings (uvjax/evaluate.py), so run.generate draws what the judge scored
-T2I_TEXT_BUDGET = 32
-T2I_FORCE_WITHIN = 24
+# text-to-image: the evaluation's settings (uvjax/evaluate.py, evaluation.run.t2i_text_budget), so run.generate
+# draws what the judge scored; a model trained to write its layout first (generation_plan) gets more room
+T2I_FORCE_WITHIN, T2I_TEXT_BUDGET = t2i_text_budget({})  # a model without a layout plan: 24, 32
 
 
 @dataclasses.dataclass
@@ -164,8 +164,9 @@ class Model:
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
         N = self.image_tokens
-        settings = DecodeSettings(max_new_tokens=T2I_TEXT_BUDGET + N + 2, image_tokens=N, max_images=1,
-                                  force_image_within=T2I_FORCE_WITHIN, image_temperature=float(temperature),
+        force_within, text_budget = t2i_text_budget(self.cfg)
+        settings = DecodeSettings(max_new_tokens=text_budget + N + 2, image_tokens=N, max_images=1,
+                                  force_image_within=force_within, image_temperature=float(temperature),
                                   image_top_k=int(top_k))
         rec = Record("prompt", "generation", [Segment("user", "text", text=str(prompt))])
         out = self._decode([rec] * int(n), settings, cfg_scale=cfg_scale, seed=seed)

@@ -155,6 +155,9 @@ def stages_config() -> mlc.ConfigDict:
     # the share of *train* generation prompts that name every attribute (the test split keeps its random
     # subsets, time always and each other attribute with probability 0.5); 0 = all random subsets
     c.data.generation_mention_all = 0.0
+    # the *train* generation answers spell out the layout (weather, battery and their corners) before the
+    # image (uvjax/data/smartwatch.py plan_text); False = a canned answer ("Here is the image.")
+    c.data.generation_plan = False
     # UnifiedVisual-style reasoning records (uvjax/data/reasoning.py) pre-tokenised into the interleaved
     # stream when num_scenes > 0; rationale=False is the ablation (same prompts and images, no rationale)
     c.reasoning = mlc.ConfigDict(dict(num_scenes=0, rationale=True, tasks=("gen_reasoning",)))

@@ -77,6 +77,11 @@ class SmartWatchSpec:
     # instead of a random subset (time always, the others with probability 0.5 each): a lever of issue #30.
     # True = 1.0; between 0 and 1 a per-image coin of its own stream decides (the other draws never shift)
     generation_mention_all: float = 0.0
+    # the generation answer spells out the image's layout before the image (``plan_text``): the weather and
+    # its corner, the battery and its corner. A prompt that names a subset leaves the model to choose the
+    # others in text first, so every image it draws follows a full specification (UnifiedVisual's point:
+    # text written before an image guides it). A lever of issue #30; it replaces the canned answer.
+    generation_plan: bool = False
 
     def __post_init__(self):
         for k, r in self.understanding_keep:
@@ -146,6 +151,13 @@ def answer(attribute: str, attrs: dict[str, Any], time_seconds: bool = False) ->
     if attribute in ("weather", "weather_pos", "battery_pos"):
         return str(attrs[attribute])
     raise ValueError(f"unknown attribute {attribute!r}; expected one of {VQA_ATTRIBUTES}")
+
+
+def plan_text(attrs: dict[str, Any]) -> str:
+    """The layout written before a generated image (``generation_plan``): one fixed template, no
+    phrasing variants, so what varies in it is only the attributes themselves."""
+    return (f"Layout: {attrs['weather']} weather at the {attrs['weather_pos']}, "
+            f"battery {attrs['battery']}% at the {attrs['battery_pos']}.")
 
 
 # ----------------------------------------------------------------------------------------- rendering
@@ -289,6 +301,8 @@ def records_for_image(index: int, spec: SmartWatchSpec) -> tuple[dict[str, Any],
         gen_chosen = list(FRAGMENT_ORDER)
     gen_text = _sentence(gen_prefix, attrs, gen_chosen, g_rng, ts)
     gen_ans = GENERATION_ANSWERS[int(g_rng.integers(len(GENERATION_ANSWERS)))]
+    if spec.generation_plan:  # drawn above either way: the other records never shift
+        gen_ans = plan_text(attrs)
 
     und = u_draw < spec.understanding_fraction
     if und and "vqa" in spec.tasks and turns:

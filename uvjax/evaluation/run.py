@@ -54,6 +54,14 @@ QUICK_IMAGES = 16
 
 
 
+def t2i_text_budget(cfg) -> tuple[int, int]:
+    """(force_image_within, text tokens before the image) of text-to-image decoding: a model trained to write
+    its layout before the image (``stages.data.generation_plan``, ~20 tokens) gets room for it; the others
+    keep 24 / 32 (their answers are ~6 tokens, the cap only stops a rambling row)."""
+    sd = _stages_data(cfg)
+    return (40, 48) if sd is not None and bool(sd.get("generation_plan", False)) else (24, 32)
+
+
 def _stages_data(cfg):
     st = cfg.get("stages") if hasattr(cfg, "get") else None
     return st.get("data") if st is not None and hasattr(st, "get") else None
@@ -278,8 +286,9 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
         elif n_codes == 0:
             gen_rep["skipped"] = "no image token count known (no encoded test image)"
         else:
-            settings = DecodeSettings(max_new_tokens=32 + n_codes + 2, image_tokens=n_codes, max_images=1,
-                                      force_image_within=24, image_temperature=image_temperature,
+            force_within, text_budget = t2i_text_budget(cfg)
+            settings = DecodeSettings(max_new_tokens=text_budget + n_codes + 2, image_tokens=n_codes, max_images=1,
+                                      force_image_within=force_within, image_temperature=image_temperature,
                                       image_top_k=image_top_k)
             sel, res = decode("generation", settings, cfg_scale=cfg_scale)
             made = [i for i, r in enumerate(res) if r["images"] and len(r["images"][0]) == n_codes]

@@ -33,7 +33,8 @@ _log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ stages
 def build_tokenizer(sc, template_name: str, out: str) -> dict:
     spec = sw.SmartWatchSpec(name="train", seed=int(sc.data.seed), num_images=int(sc.data.num_train),
-                             image_size=16, time_seconds=bool(sc.data.time_seconds))
+                             image_size=16, time_seconds=bool(sc.data.time_seconds),
+                             generation_plan=bool(sc.data.get("generation_plan", False)))
     texts = list(sw.corpus_texts(spec, num_images=int(sc.tokenizer.corpus_images))) + template_texts()
     if reasoning_enabled(sc):  # the reasoning phrasings (with rationales, whatever the switch says)
         texts += list(rs.corpus_texts(_reasoning_spec(sc, 16), num_scenes=min(500, int(sc.reasoning.num_scenes))))

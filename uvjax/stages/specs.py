@@ -19,6 +19,10 @@ def data_fp_parts(sc, *, for_tokenizer: bool = False) -> dict:
         d.pop("generation_mention_all", None)
     else:  # True and 1.0 are the same data
         d["generation_mention_all"] = float(d["generation_mention_all"])
+    if not d.get("generation_plan", False):
+        d.pop("generation_plan", None)
+    else:
+        d["generation_plan"] = True
     return d
 
 
@@ -34,7 +38,8 @@ def train_split_spec(sc):
                              image_size=int(d.image_size))["train"]
     keep = tuple(sorted((str(k), float(r)) for k, r in (d.get("understanding_keep") or ())))
     return dataclasses.replace(spec, understanding_keep=keep, time_seconds=bool(d.time_seconds),
-                               generation_mention_all=float(d.get("generation_mention_all", 0.0)))
+                               generation_mention_all=float(d.get("generation_mention_all", 0.0)),
+                               generation_plan=bool(d.get("generation_plan", False)))
 
 
 def _reasoning_spec(sc, image_size: int | None = None):
