@@ -72,23 +72,24 @@ def test_tiny_long_reuses_the_paper_recipes_stages_and_model():
 
 
 def test_the_first_run_differs_from_the_paper_recipe_only_in_issue_30s_levers():
-    """``tiny`` (README line 1) = ``tiny_paper`` + image loss at full weight, an even mix, train prompts naming
-    every attribute, 136-token rows, learning curves; same model, VQ and test split. The other architectures'
-    ``tiny`` keep the paper's recipe."""
+    """``tiny`` (README line 1) = ``tiny_paper`` + image loss at full weight, an even mix, a generation answer
+    that writes the layout before the image, a learned image cell embedding, 136-token rows, learning curves;
+    same decoder, VQ, prompts and test split. The other architectures' ``tiny`` keep the paper's recipe."""
     tiny, paper = _cfg("tiny"), _cfg("tiny_paper")
     from flax.traverse_util import flatten_dict
     fa, fb = (flatten_dict(c.to_dict(), sep=".") for c in (tiny, paper))
     diff = {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
     assert diff == {"name", "loss.w_image", "data.streams.understanding.weight",
-                    "stages.data.generation_mention_all", "train.seq_len", "train.eval_every"}
+                    "stages.data.generation_plan", "model.image.image_positions", "train.seq_len", "train.eval_every"}
     assert (paper.loss.w_image, paper.data.streams.understanding.weight, paper.data.streams.generation.weight,
-            paper.stages.data.generation_mention_all, paper.train.seq_len, paper.train.eval_every) == (0.2, 2.0, 1.0, 0.0, 128, 0)
+            paper.stages.data.generation_plan, paper.train.seq_len, paper.train.eval_every) == (0.2, 2.0, 1.0, False, 128, 0)
     assert (tiny.loss.w_image, tiny.data.streams.understanding.weight, tiny.data.streams.generation.weight,
-            tiny.stages.data.generation_mention_all, tiny.train.seq_len) == (1.0, 1.0, 1.0, 1.0, 136)
+            tiny.stages.data.generation_plan, tiny.stages.data.generation_mention_all, tiny.train.seq_len,
+            tiny.model.image.image_positions, paper.model.image.image_positions) == (1.0, 1.0, 1.0, True, 0.0, 136, 64, 0)
     from uvjax.config import load_config_file
     for arch in ("siglipvq", "siglipsiglip", "vqsiglip"):
         c = load_config_file(arch, "tiny")
-        assert (c.data.streams.understanding.weight, c.stages.data.generation_mention_all, c.train.seq_len) == (2.0, 0.0, 128)
+        assert (c.data.streams.understanding.weight, c.stages.data.generation_plan, c.train.seq_len) == (2.0, False, 128)
 
 
 def test_attention_kernel_and_layer_unrolling_are_not_part_of_the_lm_fingerprint():

@@ -23,7 +23,7 @@ from PIL import Image
 from helpers import tiny_config
 from test_evaluation import toy_decode, toy_encode
 
-PAD, TEXT_W, RECON_TEXT_W = 4, 360, 200  # uvjax.evaluate.grid_image's layout
+PAD, TEXT_W, RECON_TEXT_W = 4, 520, 200  # uvjax.evaluate.grid_image's layout (generations: prompt + model text)
 EVAL_EVERY, STEPS, QUICK_IMAGES, SIZE = 2, 4, 2, 32
 
 
@@ -144,8 +144,8 @@ def test_quick_eval_logs_grids_and_table_at_the_eval_step_only(wandb_run):
     gen = acc.Images("eval/generations")
     rec = acc.Images("eval/vq_reconstructions")
     assert [e.step for e in gen] == [EVAL_EVERY] and [e.step for e in rec] == [EVAL_EVERY]  # not every log step
-    h, w = _grid_hw(QUICK_IMAGES, SIZE)  # 2 prompts x (64 + 4) + 4 = 140; 2 x 68 + 360 + 4 = 500
-    assert (gen[0].height, gen[0].width) == (h, w) == (140, 500)
+    h, w = _grid_hw(QUICK_IMAGES, SIZE)  # 2 prompts x (64 + 4) + 4 = 140; 2 x 68 + 520 + 4 = 660
+    assert (gen[0].height, gen[0].width) == (h, w) == (140, 660)
     h, w = _grid_hw(QUICK_IMAGES, SIZE, RECON_TEXT_W)
     assert (rec[0].height, rec[0].width) == (h, w) == (140, 340)
     g, r = _decoded(gen[0]), _decoded(rec[0])

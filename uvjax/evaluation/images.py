@@ -31,7 +31,9 @@ def grid_image(rows: list[tuple[np.ndarray, np.ndarray | None, str]], cell: int 
                 d.text((x + 8, y + cell // 2), "no image", fill=(200, 0, 0), font=font)
             else:
                 canvas.paste(Image.fromarray(img).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
-        d.multiline_text((2 * (cell + pad) + pad, y + 4), "\n".join(textwrap.wrap(text, 52)[:8]),
+        # wrapped to the text column (~7 px per character) and cut to the row's height (13 px a line)
+        lines = [w for para in text.split("\n") for w in textwrap.wrap(para, max(20, text_w // 7))]
+        d.multiline_text((2 * (cell + pad) + pad, y + 4), "\n".join(lines[:max(1, (cell + pad - 8) // 13)]),
                          fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
 

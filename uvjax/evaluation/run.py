@@ -357,9 +357,11 @@ def evaluate_run(workdir: str, *, quick: bool = False, num_images: int | None = 
                                    "image": i in set(made)} for i, it in enumerate(sel[:10])]
             if sel and grid_rows > 0:
                 pos = {i: k for k, i in enumerate(made)}
-                rows = [(real[i], gen_imgs[pos[i]] if i in pos else None, it.truth)
+                # the prompt, then what the model wrote before its image (a layout plan, or a canned answer)
+                rows = [(real[i], gen_imgs[pos[i]] if i in pos else None,
+                         it.truth + (f"\nwrote: {res[i]['text'].strip()}" if res[i]["text"].strip() else ""))
                         for i, it in enumerate(sel[:grid_rows])]
-                report.images["generations"] = grid_image(rows, grid_cell(size))
+                report.images["generations"] = grid_image(rows, grid_cell(size), text_w=520)
                 if write:
                     files["grid"] = os.path.join(out_dir, "generations.png")
                     write_png(report.images["generations"], files["grid"])
